@@ -1,0 +1,41 @@
+"""Run infrastructure shared by the training scripts: configs, Accelerate, checkpoints, logs."""
+
+from training.config import (
+    ConfigError,
+    build_config,
+    config_to_dict,
+    make_parser,
+    parse_config,
+    save_config,
+)
+from training.runtime import (
+    CheckpointManager,
+    DivergenceError,
+    JsonlLogger,
+    TrainConfig,
+    batches,
+    check_finite,
+    configure_threads,
+    make_accelerator,
+    step_generator,
+    warmup_cosine,
+)
+
+__all__ = [
+    "CheckpointManager",
+    "ConfigError",
+    "DivergenceError",
+    "JsonlLogger",
+    "TrainConfig",
+    "batches",
+    "build_config",
+    "check_finite",
+    "config_to_dict",
+    "configure_threads",
+    "make_accelerator",
+    "make_parser",
+    "parse_config",
+    "save_config",
+    "step_generator",
+    "warmup_cosine",
+]
