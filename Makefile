@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m demo --output_dir runs/demo
+	$(PY) demo.py --output_dir runs/demo
 
 ablation: setup
 	$(PY) -m ablation --output_dir runs/ablation

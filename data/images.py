@@ -1,0 +1,94 @@
+"""Image decoding to RGB (any mode, alpha on white), resizing, and the deterministic flip."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+WHITE = (255, 255, 255)
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def _refuse_truncated_images() -> None:
+    # Some libraries switch this global on; it makes PIL grey-fill truncated files
+    # silently, which would train on garbage instead of skipping and counting them.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logging.warning("PIL LOAD_TRUNCATED_IMAGES was on; data/ turns it off so that "
+                        "truncated images are skipped and counted, not grey-filled")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """I;16*, I and F images hold more than 8 bits: rescale instead of clipping."""
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+        values = values / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become white."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _high_bit_depth_to_8bit(image)
+    has_alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, WHITE)
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def open_rgb(path_or_bytes: str | os.PathLike | bytes) -> Image.Image:
+    """Open and fully decode an image as RGB; raises on corrupt, truncated or empty files."""
+    _refuse_truncated_images()
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        image.load()  # decode now, so truncation raises here and not later
+        return to_rgb(image)
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to `resolution` (antialiased), then a centered square crop.
+
+    Follows ADM's center_crop_arr (box halving, then bicubic), the preprocessing
+    behind the ImageNet FID reference statistics, so our numbers stay comparable.
+    """
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(side // 2 for side in image.size), Image.Resampling.BOX)
+    scale = resolution / min(image.size)
+    size = tuple(max(resolution, round(side * scale)) for side in image.size)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1]."""
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def flip_bit(seed: int, epoch: int, index: int) -> bool:
+    """A fair coin that depends only on (seed, epoch, index): resumed runs and any
+    number of workers see the same flips, unlike a stateful RNG."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=1).digest()
+    return bool(digest[0] & 1)
+
+
+def split_bucket(key: str) -> float:
+    """Stable position in [0, 1) of a string key (sha1, the same on every machine)."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
