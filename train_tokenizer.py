@@ -1,0 +1,312 @@
+"""Stage 1: train a ProVQ tokenizer with Accelerate (arXiv 2603.22304).
+
+    accelerate launch train_tokenizer.py --config configs/emoji32.yaml --output_dir runs/tok
+    python train_tokenizer.py --config configs/emoji32.yaml --output_dir runs/tok --max_steps 100
+
+Hardness h(step) anneals the quantizer from a continuous autoencoder (h=0) to
+hard VQ (h=1); the run ends by exporting ``<output_dir>/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from data import DataConfig, SkipTracker, collate, load_split
+from tokenizer import ProVQTokenizer, TokenizerConfig
+from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
+from tokenizer.losses import (
+    LossConfig,
+    adaptive_gan_weight,
+    gan_active,
+    hinge_d_loss,
+    hinge_g_loss,
+    make_perceptual_loss,
+    reconstruction_loss,
+)
+from tokenizer.schedule import hardness
+from training import (
+    CheckpointManager,
+    JsonlLogger,
+    TrainConfig,
+    batches,
+    check_finite,
+    configure_threads,
+    make_accelerator,
+    make_parser,
+    parse_config,
+    save_config,
+    step_generator,
+    warmup_cosine,
+)
+from training.config import config_to_dict
+from training.images import save_image_grid
+from training.runtime import flat_hparams, grad_norm_is_finite
+
+logger = logging.getLogger("train_tokenizer")
+
+
+@dataclass
+class TokenizerTrainConfig(TrainConfig):
+    disc_lr: float = 1e-4
+    eval_batches: int = 8  # test batches for the PSNR/usage evaluation
+
+
+@dataclass
+class TokenizerStage:
+    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+
+@dataclass
+class TokenizerRun:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+
+
+def build_dataloaders(config: TokenizerRun, train: TokenizerTrainConfig):
+    train_set = load_split(config.data, config.data.train_split, train=True, seed=train.seed)
+    test_set = load_split(config.data, config.data.test_split, train=False)
+    common = dict(batch_size=train.batch_size, num_workers=train.num_workers, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **common)
+    test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
+    return train_loader, test_loader
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, max_batches: int) -> dict:
+    """Hard-quantized PSNR and codebook usage on the first test batches."""
+    model.eval()
+    tok = accelerator.unwrap_model(model)
+    size = tok.config.quantizer.codebook_size
+    counts = torch.zeros(size, device=accelerator.device)
+    se, n = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        images = batch["image"]
+        codes = tok.encode(images)
+        recon = tok.decode(codes).clamp(-1, 1)
+        counts += torch.bincount(codes.flatten(), minlength=size).float()
+        mse = ((recon - images) / 2).pow(2).flatten(1).mean(1)
+        se += (10 * torch.log10(1 / mse.clamp_min(1e-10))).sum()
+        n += images.shape[0]
+    counts, se, n = (accelerator.reduce(t, "sum") for t in (counts, se, n))
+    model.train()
+    p = counts / counts.sum().clamp_min(1)
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return {
+        "eval/psnr": (se / n.clamp_min(1)).item(),
+        "eval/usage": (counts > 0).float().mean().item(),
+        "eval/perplexity": perplexity.item(),
+    }
+
+
+def main(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
+    output_dir = Path(output_dir)
+    train = config.tokenizer.train
+    threads = configure_threads()
+    accelerator = make_accelerator(train, output_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+        accelerator.init_trackers("tokenizer", config=flat_hparams(config_to_dict(config)))
+    torch.manual_seed(train.seed)  # identical initial weights on every process
+
+    model = ProVQTokenizer(config.tokenizer.model)
+    train_loader, test_loader = build_dataloaders(config, train)
+    opt_g = make_optimizer(model.parameters(), train, train.lr)
+    model, opt_g, train_loader, test_loader = accelerator.prepare(model, opt_g, train_loader, test_loader)
+    loss_config = config.tokenizer.loss
+    gan = build_gan(config.tokenizer, accelerator) if loss_config.gan_weight > 0 else None
+    perceptual = make_perceptual_loss(loss_config.perceptual_weight, loss_config.perceptual_net)
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
+    ema = build_ema(model, train.ema_decay, accelerator)
+    accelerator.register_for_checkpointing(accelerator.unwrap_model(model).quantizer.training_state)
+
+    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
+    metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
+    step = 0
+    resume_path = manager.resolve(resume)
+    if resume_path is not None:
+        step = manager.load(accelerator, resume_path)
+        metrics_log.truncate_after(step)
+        logger.info("resumed from %s at step %d", resume_path, step)
+
+    skips = SkipTracker()
+    schedule = config.tokenizer.model.quantizer.schedule
+    progress = tqdm(total=train.max_steps, initial=step, desc="tokenizer", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process)
+    logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
+                accelerator.device, accelerator.num_processes, threads, train.mixed_precision)
+    t0 = time.time()
+    micro_batches = batches(train_loader, accelerator, step, train.grad_accum_steps)
+    while step < train.max_steps:
+        batch = next(micro_batches)
+        skips.update(batch)
+        h = hardness(step, schedule, train.max_steps)
+        with accelerator.accumulate(model):
+            terms = train_step(model, gan, perceptual, opt_g, batch["image"], h, step,
+                               config.tokenizer, accelerator)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+        progress.update(1)
+        if step % train.log_every == 0 or step == train.max_steps:
+            logs = {k: v.item() if torch.is_tensor(v) else v for k, v in terms.items()}
+            seen = (step - progress.initial) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
+            logs.update(lr=opt_g.param_groups[0]["lr"], images_per_s=seen / max(1e-9, time.time() - t0))
+            metrics_log.log(step, logs)
+            progress.set_postfix(h=f"{h:.2f}", rec=f"{logs['loss/reconstruction']:.4f}",
+                                 usage=f"{logs.get('quantizer/usage', 0):.2f}")
+        if train.eval_every and step % train.eval_every == 0:
+            metrics_log.log(step, evaluate(model, test_loader, accelerator, train.eval_batches))
+        if step % train.image_every == 0 or step == train.max_steps:
+            write_reconstructions(model, test_loader, accelerator, output_dir / "images" / f"recon_{step:08d}.png")
+        if step % train.save_every == 0 or step == train.max_steps:
+            manager.save(accelerator, step)
+    progress.close()
+    skips.report()
+    final = evaluate(model, test_loader, accelerator, train.eval_batches)
+    metrics_log.log(step, final)
+    export = export_tokenizer(model, ema, accelerator, output_dir / "tokenizer")
+    accelerator.end_training()
+    return export
+
+
+def make_optimizer(params, train: TokenizerTrainConfig, lr: float):
+    return torch.optim.AdamW(params, lr=lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+
+
+def set_lr(optimizer, base_lr: float, step: int, train: TrainConfig) -> None:
+    # The LR is a pure function of the step (no scheduler state): resuming and the
+    # number of processes cannot change it (Accelerate's prepared schedulers step
+    # once per process).
+    factor = warmup_cosine(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor
+
+
+@dataclass
+class GAN:
+    disc: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def build_gan(stage: TokenizerStage, accelerator) -> GAN:
+    disc = PatchDiscriminator(stage.discriminator)
+    optimizer = make_optimizer(disc.parameters(), stage.train, stage.train.disc_lr)
+    disc, optimizer = accelerator.prepare(disc, optimizer)
+    return GAN(disc, optimizer)
+
+
+def build_ema(model, decay: float, accelerator):
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerStage, accelerator) -> dict:
+    """One micro-batch: generator update, then (after disc_start) discriminator update."""
+    train, weights = stage.train, stage.loss
+    generator = step_generator(train.seed, step, accelerator.process_index)
+    out = model(images, hardness=h, generator=generator)
+    recon = out.reconstruction
+    rec = reconstruction_loss(recon, images, weights.reconstruction)
+    nll = weights.reconstruction_weight * rec
+    terms = {"loss/reconstruction": rec.detach(), "loss/vq": out.quantizer.vq_loss.detach()}
+    if perceptual is not None:
+        perc = perceptual(recon, images).mean()
+        nll = nll + weights.perceptual_weight * perc
+        terms["loss/perceptual"] = perc.detach()
+    loss = nll + out.quantizer.vq_loss
+    gan_on = gan is not None and gan_active(step, weights.disc_start)
+    if gan_on:
+        g_loss = hinge_g_loss(gan.disc(recon))
+        weight = torch.ones((), device=images.device)
+        if weights.adaptive_gan_weight:
+            last = accelerator.unwrap_model(model).last_layer
+            weight = adaptive_gan_weight(nll, g_loss, last, max_weight=weights.max_adaptive_weight)
+        loss = loss + weights.gan_weight * weight * g_loss
+        terms.update({"loss/gan_g": g_loss.detach(), "loss/gan_weight": weight.detach()})
+    check_finite(step, **terms, total=loss)
+    set_lr(opt_g, train.lr, step, train)
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and train.grad_clip > 0:
+        grad_norm_is_finite(step, accelerator.clip_grad_norm_(model.parameters(), train.grad_clip))
+    opt_g.step()
+    opt_g.zero_grad(set_to_none=True)
+    if gan_on:
+        terms["loss/gan_d"] = discriminator_step(gan, images, recon.detach(), step, train, accelerator)
+    terms["loss/total"] = loss.detach()
+    terms.update({f"quantizer/{k}": v for k, v in out.quantizer.stats.items()})
+    return terms
+
+
+def discriminator_step(gan: GAN, real, fake, step, train, accelerator):
+    d_loss = hinge_d_loss(gan.disc(real), gan.disc(fake))
+    check_finite(step, discriminator=d_loss)
+    set_lr(gan.optimizer, train.disc_lr, step, train)
+    accelerator.backward(d_loss)
+    if accelerator.sync_gradients and train.grad_clip > 0:
+        accelerator.clip_grad_norm_(gan.disc.parameters(), train.grad_clip)
+    gan.optimizer.step()
+    gan.optimizer.zero_grad(set_to_none=True)
+    return d_loss.detach()
+
+
+@torch.no_grad()
+def write_reconstructions(model, loader, accelerator, path: Path, count: int = 8) -> None:
+    """Originals over their hard-quantized reconstructions (the same images every time)."""
+    dataset = loader.dataset
+    batch = collate([dataset[i] for i in range(min(count, len(dataset)))])
+    images = batch["image"].to(accelerator.device)
+    tok = accelerator.unwrap_model(model)
+    was_training = tok.training
+    tok.eval()
+    recon = tok.decode(tok.encode(images)).clamp(-1, 1)
+    tok.train(was_training)
+    if accelerator.is_main_process:
+        save_image_grid(torch.cat([images, recon]), path, nrow=images.shape[0])
+
+
+def export_tokenizer(model, ema, accelerator, path: Path) -> Path:
+    """Write config.json + model.safetensors (the EMA weights when EMA is on)."""
+    accelerator.wait_for_everyone()
+    tok = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(tok.parameters())
+        ema.copy_to(tok.parameters())
+    if accelerator.is_main_process:
+        tok.save_pretrained(path)
+        logger.info("tokenizer written to %s (fingerprint %s)", path, tok.fingerprint()[:12])
+    if ema is not None:
+        ema.restore(tok.parameters())
+    accelerator.wait_for_everyone()
+    return path
+
+
+def cli(argv=None) -> None:
+    parser = make_parser(__doc__.splitlines()[0])
+    config, args = parse_config(parser, TokenizerRun, "tokenizer", argv)
+    main(config, args.output_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    cli()
