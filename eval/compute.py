@@ -1,0 +1,152 @@
+"""The evaluation loops: Inception statistics of an image source, and reconstruction metrics of a tokenizer."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from eval.fid import FeatureStats, InceptionScoreAccumulator, StatsAccumulator
+from eval.inception import FIDInception, InceptionOutput, preprocess, protocol, to_uint8
+from eval.metrics import codebook_usage, psnr, ssim
+
+
+@dataclass
+class Processes:
+    """Rank, world size and device: from Accelerate under `accelerate launch`, else one process."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls, device: str | None = None) -> Processes:
+        from accelerate import PartialState
+
+        # Without cpu=True, Accelerate never forms a process group on a machine with no GPU.
+        state = PartialState(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
+        return cls(state.process_index, state.num_processes, torch.device(device or state.device))
+
+    def sum(self, tensors: list[torch.Tensor]) -> None:
+        """In-place sum over processes (sums are what every accumulator here keeps)."""
+        if self.world > 1:
+            for tensor in tensors:
+                torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def extract(model: FIDInception, images: torch.Tensor, bf16: bool = False) -> InceptionOutput:
+    """Features (and logits) of uint8 images, in fp32.
+
+    bf16 (the trunk under autocast; the resize stays fp32) is for bench/fid.py only: it moved FID
+    by 0.21% on emoji (bench/results/fid.json), over the 0.1% the project allows, so no command offers it.
+    """
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        x = preprocess(images.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            features = model.trunk(x).float()
+        logits = model.fc(features) if model.fc is not None else None
+    return InceptionOutput(features, logits)
+
+
+def _progress(total: int, procs: Processes, desc: str):
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not procs.is_main, leave=False)
+
+
+@dataclass
+class StatsResult:
+    stats: FeatureStats
+    inception_score: tuple[float, float] | None  # (mean, std) over 10 splits, when the weights give logits
+    skipped: int
+
+
+def source_stats(source, model: FIDInception, procs: Processes, batch_size: int = 64,
+                 num_workers: int = 0, desc: str = "inception") -> StatsResult:
+    """Streamed float64 statistics of every image of `source`, each counted once over all processes."""
+    features = StatsAccumulator(device=procs.device)
+    scores = InceptionScoreAccumulator(len(source), device=procs.device) if model.fc is not None else None
+    skipped = torch.zeros((), dtype=torch.float64, device=procs.device)
+    with _progress(source.num_batches(batch_size, procs.rank, procs.world), procs, desc) as bar:
+        for batch in source.batches(batch_size, procs.rank, procs.world, num_workers):
+            skipped += batch.skipped
+            if len(batch.indices):
+                out = extract(model, batch.images)
+                features.update(out.features)
+                if scores is not None:
+                    scores.update(out.logits, batch.indices)
+            bar.update()
+    procs.sum(features.tensors() + [skipped] + (scores.tensors() if scores else []))
+    stats = features.finalize(model.checksum, protocol(model))
+    return StatsResult(stats, scores.finalize() if scores else None,
+                       int(skipped.item()) + len(getattr(source, "unreadable", [])))
+
+
+@dataclass
+class ReconstructionResult:
+    originals: FeatureStats | None  # None when the caller passed originals_known
+    reconstructions: FeatureStats
+    metrics: dict  # psnr, ssim, lpips (when available), codebook usage and perplexity
+
+
+def _reconstruct(tokenizer, floats: torch.Tensor):
+    codes = tokenizer.encode(floats)  # hard indices: evaluation is always fully discrete
+    return codes, tokenizer.decode(codes).float().clamp(-1, 1)
+
+
+def reconstruction_stats(source, tokenizer, model: FIDInception, procs: Processes, batch_size: int = 64,
+                         num_workers: int = 0, lpips_model=None,
+                         originals_known: bool = False) -> ReconstructionResult:
+    """Encode and decode every image of a DatasetSource; FID inputs, PSNR, SSIM, LPIPS on uint8 pixels.
+
+    ``originals_known``: the caller has the originals' statistics already (they
+    do not depend on the tokenizer), so only the reconstructions go through
+    Inception: half the cost of an rFID.
+    """
+    originals, reconstructions = StatsAccumulator(device=procs.device), StatsAccumulator(device=procs.device)
+    codebook_size = tokenizer.config.quantizer.codebook_size
+    counts = torch.zeros(codebook_size, dtype=torch.float64, device=procs.device)
+    # psnr, ssim, lpips sums, images, skipped: one tensor so a single reduction sums them all
+    sums = torch.zeros(5, dtype=torch.float64, device=procs.device)
+    with _progress(source.num_batches(batch_size, procs.rank, procs.world), procs, "rfid") as bar:
+        for batch in source.batches(batch_size, procs.rank, procs.world, num_workers):
+            sums[4] += batch.skipped
+            bar.update()
+            if not len(batch.indices):
+                continue
+            with torch.inference_mode():
+                codes, recon = _reconstruct(tokenizer, batch.floats.to(procs.device))
+            counts += torch.bincount(codes.flatten().to(procs.device), minlength=codebook_size).double()
+            real, fake = batch.images.to(procs.device), to_uint8(recon)
+            if originals_known:
+                reconstructions.update(extract(model, fake).features)
+            else:
+                out = extract(model, torch.cat([real, fake]))
+                originals.update(out.features[: len(real)])
+                reconstructions.update(out.features[len(real):])
+            sums[:4] += _pixel_metric_sums(real, fake, lpips_model)
+    procs.sum(originals.tensors() + reconstructions.tensors() + [counts, sums])
+    n = max(sums[3].item(), 1.0)
+    metrics = {"psnr": sums[0].item() / n, "ssim": sums[1].item() / n, **codebook_usage(counts),
+               "skipped": int(sums[4].item())}
+    if lpips_model is not None:
+        metrics["lpips"] = sums[2].item() / n
+    proto = protocol(model)
+    return ReconstructionResult(None if originals_known else originals.finalize(model.checksum, proto),
+                                reconstructions.finalize(model.checksum, proto), metrics)
+
+
+def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model) -> torch.Tensor:
+    """Sums over the batch of PSNR, SSIM, LPIPS, and the image count."""
+    x, y = real.double() / 255, fake.double() / 255
+    lpips_sum = 0.0
+    if lpips_model is not None:
+        with torch.inference_mode():
+            lpips_sum = lpips_model(x.float() * 2 - 1, y.float() * 2 - 1).sum().item()
+    return torch.tensor([psnr(x, y).double().sum().item(), ssim(x, y).double().sum().item(), lpips_sum,
+                         float(len(real))], dtype=torch.float64, device=real.device)

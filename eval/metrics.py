@@ -1,0 +1,80 @@
+"""Per-image reconstruction metrics: PSNR, SSIM (Wang et al. 2004), LPIPS, and codebook usage."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+PSNR_MAX_DB = 100.0  # identical images would give +inf; a cap keeps means finite
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (N, C, H, W) images in [0, 1]."""
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_MAX_DB / 10)))).float()
+
+
+def _gaussian_window(channels: int, device) -> torch.Tensor:
+    coords = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    return torch.outer(g, g).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).contiguous()
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (N, C, H, W) images in [0, 1]: 11x11 gaussian window (sigma 1.5),
+
+    K1 = 0.01, K2 = 0.03, 'valid' filtering, mean over channels and positions: the reference
+    MATLAB code's settings, which skimage (gaussian_weights=True) and pytorch-msssim also use.
+    """
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW} px, got {tuple(x.shape[-2:])}")
+    x, y = x.double(), y.double()
+    C = x.shape[1]
+    window = _gaussian_window(C, x.device)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=C)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov_xy = blur(x * y) - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return ssim_map.flatten(1).mean(1).float()
+
+
+def load_lpips(net: str = "alex", device="cpu"):
+    """(model, None), or (None, why) when its trunk weights cannot be had (e.g. offline)."""
+    try:
+        import lpips
+
+        # lpips prints its own banner; results go to stdout as JSON, so keep it quiet.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = lpips.LPIPS(net=net, verbose=False)
+    except Exception as error:  # ImportError, or the torchvision trunk download failing offline
+        return None, f"lpips ({net}) could not load its weights: {type(error).__name__}: {error}"
+    return model.eval().requires_grad_(False).to(device), None
+
+
+def codebook_usage(counts: torch.Tensor) -> dict:
+    """Fraction of codes used and perplexity exp(H(p)) of the code frequencies over a split."""
+    counts = counts.double()
+    total = counts.sum()
+    if total == 0:
+        return {"codebook_usage": 0.0, "codebook_perplexity": 0.0, "codes_used": 0}
+    p = counts[counts > 0] / total
+    entropy = float(-(p * p.log()).sum())
+    return {
+        "codebook_usage": float((counts > 0).double().mean()),
+        "codebook_perplexity": math.exp(entropy),
+        "codes_used": int((counts > 0).sum()),
+    }
