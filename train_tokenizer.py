@@ -109,7 +109,7 @@ def evaluate(model, loader, accelerator, max_batches: int) -> dict:
     }
 
 
-def main(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
+def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
     output_dir = Path(output_dir)
     train = config.tokenizer.train
     threads = configure_threads()
@@ -155,8 +155,10 @@ def main(config: TokenizerRun, output_dir: str | Path, resume: str | None = None
         skips.update(batch)
         h = hardness(step, schedule, train.max_steps)
         with accelerator.accumulate(model):
-            terms = train_step(model, gan, perceptual, opt_g, batch["image"], h, step,
-                               config.tokenizer, accelerator)
+            terms, codebook_reset = train_step(model, gan, perceptual, opt_g, batch["image"], h, step,
+                                               config.tokenizer, accelerator)
+        if ema is not None and codebook_reset:
+            sync_ema_codebook(ema, accelerator.unwrap_model(model))
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -222,8 +224,12 @@ def build_ema(model, decay: float, accelerator):
     return ema
 
 
-def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerStage, accelerator) -> dict:
-    """One micro-batch: generator update, then (after disc_start) discriminator update."""
+def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerStage,
+               accelerator) -> tuple[dict, bool]:
+    """One micro-batch: generator update, then (after disc_start) discriminator update.
+
+    Returns the logged terms and whether the k-means init replaced the codebook.
+    """
     train, weights = stage.train, stage.loss
     generator = step_generator(train.seed, step, accelerator.process_index)
     out = model(images, hardness=h, generator=generator)
@@ -256,7 +262,14 @@ def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerS
         terms["loss/gan_d"] = discriminator_step(gan, images, recon.detach(), step, train, accelerator)
     terms["loss/total"] = loss.detach()
     terms.update({f"quantizer/{k}": v for k, v in out.quantizer.stats.items()})
-    return terms
+    return terms, out.quantizer.initialized_now
+
+
+def sync_ema_codebook(ema, tok) -> None:
+    """The k-means init replaces the live codebook; the EMA must not keep averaging the random one."""
+    for (name, param), shadow in zip(tok.named_parameters(), ema.shadow_params, strict=True):
+        if name.startswith("quantizer."):
+            shadow.data.copy_(param.data)
 
 
 def discriminator_step(gan: GAN, real, fake, step, train, accelerator):
@@ -302,11 +315,11 @@ def export_tokenizer(model, ema, accelerator, path: Path) -> Path:
     return path
 
 
-def cli(argv=None) -> None:
+def main(argv=None) -> Path:
     parser = make_parser(__doc__.splitlines()[0])
     config, args = parse_config(parser, TokenizerRun, "tokenizer", argv)
-    main(config, args.output_dir, resume=args.resume)
+    return train(config, args.output_dir, resume=args.resume)
 
 
 if __name__ == "__main__":
-    cli()
+    main()
