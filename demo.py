@@ -31,7 +31,7 @@ def stages(args) -> list[tuple[str, list[str], Path]]:
     return [
         ("data", pipeline.data_describe("--dataset", "emoji"), out / "data.json"),
         ("tokenizer", pipeline.train_tokenizer(cfg, tok), tok / "tokenizer" / "model.safetensors"),
-        ("codes", pipeline.extract_codes(tok / "tokenizer", cfg, codes), codes / "manifest.json"),
+        ("codes", pipeline.extract_codes(tok / "tokenizer", cfg, codes), codes / "tokenizer.json"),
         ("prior", pipeline.train_prior(cfg, codes, prior), prior / "prior" / "model.safetensors"),
         ("samples", pipeline.sample(tok / "tokenizer", prior / "prior", cfg, samples,
                                     args.num_samples, args.cfg_scale), samples / "samples.npz"),

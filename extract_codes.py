@@ -1,0 +1,99 @@
+"""Encode dataset splits once with a trained tokenizer into code shards bound to its fingerprint.
+
+    python extract_codes.py --tokenizer runs/tok/tokenizer --config configs/emoji32.yaml --output_dir runs/codes
+    accelerate launch extract_codes.py ...     (each process encodes its own shards)
+
+Finished shards are kept: rerunning resumes at shard level. The manifest of
+each split records the tokenizer fingerprint, code grid and codebook size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from data import DataConfig, collate, load_split
+from generator.codes import CodeShardWriter, CodesManifest
+from tokenizer import ProVQTokenizer
+from training import configure_threads, make_parser, parse_config
+
+logger = logging.getLogger("extract_codes")
+TOKENIZER_RECORD = "tokenizer.json"  # where the codes came from, for sample grids during training
+
+
+@dataclass
+class ExtractRun:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@torch.no_grad()
+def encode_items(tok, dataset, items: range, batch_size: int, flip_copies: bool, device):
+    """Codes (n, copies, h, w) and labels (n,) of dataset items, in order."""
+    codes, labels = [], []
+    for start in range(items.start, items.stop, batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, items.stop))])
+        if batch["skipped"]:
+            raise ValueError(
+                f"unreadable images {batch['skipped'][:5]}: code shards need every image of the split; "
+                "repair or remove them, then delete the codes folder and extract again")
+        images = batch["image"].to(device)
+        copies = [tok.encode(images)]
+        if flip_copies:
+            copies.append(tok.encode(images.flip(-1)))
+        codes.append(torch.stack(copies, dim=1).cpu())
+        labels.append(batch["label"])
+    return torch.cat(codes), torch.cat(labels)
+
+
+def extract_split(tok, config: ExtractRun, split: str, args, state: PartialState) -> CodesManifest:
+    dataset = load_split(config.data, split, train=False)
+    manifest = CodesManifest(
+        tokenizer_fingerprint=tok.fingerprint(), code_shape=tuple(tok.code_shape),
+        codebook_size=tok.config.quantizer.codebook_size, num_classes=dataset.num_classes,
+        split=split, num_items=len(dataset), flip_copies=args.flip_copies,
+        label_names=list(dataset.label_names), shard_size=args.shard_size,
+    )
+    writer = CodeShardWriter(args.output_dir, manifest)
+    pending = writer.pending_shards(state.process_index, state.num_processes)
+    done = manifest.num_shards - len(writer.pending_shards(0, 1))
+    if done:
+        logger.info("%s: %d of %d shards already written, resuming", split, done, manifest.num_shards)
+    for index in tqdm(pending, desc=f"codes {split}", disable=not state.is_main_process):
+        codes, labels = encode_items(tok, dataset, manifest.shard_items(index), args.batch_size,
+                                     args.flip_copies, state.device)
+        writer.write_shard(index, codes, labels)
+    state.wait_for_everyone()
+    return writer.finalize() if state.is_main_process else writer.manifest
+
+
+def main(argv=None) -> None:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or hub id)")
+    parser.add_argument("--splits", default="train,test", help="comma-separated: train, test or split names")
+    parser.add_argument("--flip_copies", action="store_true", help="also store codes of flipped images")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
+    config, args = parse_config(parser, ExtractRun, None, argv)
+    logging.basicConfig(level=logging.INFO)
+    configure_threads()
+    state = PartialState()
+    tok = ProVQTokenizer.from_pretrained(args.tokenizer, device=state.device)
+    if config.data.resolution != tok.config.resolution:
+        raise ValueError(f"data.resolution is {config.data.resolution} but the tokenizer was trained at "
+                         f"{tok.config.resolution}: pass --data.resolution {tok.config.resolution}")
+    for split in args.splits.split(","):
+        manifest = extract_split(tok, config, split, args, state)
+        logger.info("%s: %d images -> %s codes", split, manifest.num_items, manifest.code_shape)
+    if state.is_main_process:
+        record = {"tokenizer": str(args.tokenizer), "fingerprint": tok.fingerprint()}
+        (Path(args.output_dir) / TOKENIZER_RECORD).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

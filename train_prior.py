@@ -1,0 +1,217 @@
+"""Stage 2: train the class-conditional AR prior (LlamaGen-style) over cached tokenizer codes.
+
+    accelerate launch train_prior.py --config configs/emoji32.yaml --codes runs/codes --output_dir runs/prior
+    python train_prior.py --config configs/emoji32.yaml --codes runs/codes --output_dir runs/prior
+
+The codebook size, code grid and classes come from the codes' manifest; the
+run refuses codes of another tokenizer than the one its config names. It
+ends by exporting ``<output_dir>/prior`` (config.json + model.safetensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from generator import ARPrior, CodeDataset, PriorConfig, check_fingerprint, load_manifest
+from generator.sampling import sample
+from training import (
+    CheckpointManager,
+    JsonlLogger,
+    TrainConfig,
+    batches,
+    check_finite,
+    configure_threads,
+    make_accelerator,
+    make_parser,
+    parse_config,
+    save_config,
+    step_generator,
+)
+from training.config import config_to_dict
+from training.images import save_image_grid
+from training.runtime import build_ema, export_pretrained, flat_hparams, grad_norm_is_finite, set_lr
+
+logger = logging.getLogger("train_prior")
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    val_batches: int = 0  # test-split batches for the validation loss; 0 = all
+    grid_cfg_scale: float = 2.0  # CFG of the sample grids written during training
+
+
+@dataclass
+class PriorStage:
+    model: PriorConfig = field(default_factory=PriorConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+
+@dataclass
+class PriorRun:
+    prior: PriorStage = field(default_factory=PriorStage)
+
+
+def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
+    """The prior's vocabulary and grid are the codes'; a configured fingerprint must match theirs."""
+    manifest = load_manifest(codes, "train")
+    if model.tokenizer_fingerprint:
+        check_fingerprint(manifest, model.tokenizer_fingerprint)
+    return dataclasses.replace(
+        model, codebook_size=manifest.codebook_size, code_height=manifest.code_shape[0],
+        code_width=manifest.code_shape[1], num_classes=manifest.num_classes,
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint,
+    )
+
+
+def build_dataloaders(codes: Path, train: PriorTrainConfig, fingerprint: str):
+    train_set = CodeDataset(codes, "train", expected_fingerprint=fingerprint)
+    common = dict(batch_size=train.batch_size, num_workers=train.num_workers)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **common)
+    val_loader = None
+    if (Path(codes) / "test").is_dir():
+        val_set = CodeDataset(codes, "test", expected_fingerprint=fingerprint)
+        val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
+    return train_set, train_loader, val_loader
+
+
+@torch.no_grad()
+def validate(model, loader, accelerator, max_batches: int) -> dict:
+    """Mean loss and token accuracy on the test split's codes (labels kept: no dropout)."""
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        out = accelerator.unwrap_model(model)(batch["codes"], batch["label"])
+        n = batch["codes"].shape[0]
+        sums += torch.stack([out.loss.float() * n, out.accuracy.float() * n, torch.tensor(float(n))])
+    sums = accelerator.reduce(sums, "sum")
+    model.train()
+    return {"val/loss": (sums[0] / sums[2]).item(), "val/accuracy": (sums[1] / sums[2]).item()}
+
+
+def load_grid_tokenizer(codes: Path, fingerprint: str, device):
+    """The tokenizer that made the codes (recorded by extract_codes.py), to draw sample grids."""
+    record = Path(codes) / "tokenizer.json"
+    if not record.is_file():
+        return None
+    info = json.loads(record.read_text())
+    try:
+        from tokenizer import ProVQTokenizer
+
+        tok = ProVQTokenizer.from_pretrained(info["tokenizer"], device=device)
+    except (OSError, ValueError) as err:
+        logger.warning("no sample grids: cannot load the tokenizer %s (%s)", info["tokenizer"], err)
+        return None
+    if tok.fingerprint() != fingerprint:
+        logger.warning("no sample grids: %s has changed since the codes were extracted", info["tokenizer"])
+        return None
+    return tok
+
+
+@torch.no_grad()
+def write_samples(model, tok, accelerator, path: Path, cfg_scale: float, per_class: int = 4) -> None:
+    prior = accelerator.unwrap_model(model)
+    classes = max(1, min(prior.config.num_classes, 10))
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    codes = sample(prior, labels, cfg_scale=cfg_scale, seed=0)
+    if accelerator.is_main_process:
+        save_image_grid(tok.decode(codes), path, nrow=per_class)
+
+
+def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: str | None = None) -> Path:
+    output_dir, codes, train = Path(output_dir), Path(codes), config.prior.train
+    threads = configure_threads()
+    accelerator = make_accelerator(train, output_dir)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    model_config = bind_to_codes(config.prior.model, codes)
+    config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "config.yaml")
+        accelerator.init_trackers("prior", config=flat_hparams(config_to_dict(config)))
+    torch.manual_seed(train.seed)
+    model = ARPrior(model_config)
+    train_set, train_loader, val_loader = build_dataloaders(codes, train, model_config.tokenizer_fingerprint)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
+                                  weight_decay=train.weight_decay)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    ema = build_ema(model, train.ema_decay, accelerator)
+    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
+    metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
+    step = 0
+    resume_path = manager.resolve(resume)
+    if resume_path is not None:
+        step = manager.load(accelerator, resume_path)
+        metrics_log.truncate_after(step)
+        logger.info("resumed from %s at step %d", resume_path, step)
+    grid_tok = load_grid_tokenizer(codes, model_config.tokenizer_fingerprint, accelerator.device)
+    logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
+                accelerator.unwrap_model(model).num_parameters() / 1e6, len(train_set),
+                train.mixed_precision, accelerator.device, accelerator.num_processes, threads)
+    progress = tqdm(total=train.max_steps, initial=step, desc="prior", dynamic_ncols=True,
+                    disable=not accelerator.is_main_process)
+    micro_batches, t0 = batches(train_loader, accelerator, step, train.grad_accum_steps), time.time()
+    while step < train.max_steps:
+        batch = next(micro_batches)
+        with accelerator.accumulate(model):
+            terms = train_step(model, optimizer, batch, step, train, accelerator)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+        progress.update(1)
+        if step % train.log_every == 0 or step == train.max_steps:
+            seen = (step - progress.initial) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
+            logs = {**{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
+                    "codes_per_s": seen / max(1e-9, time.time() - t0)}
+            metrics_log.log(step, logs)
+            progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}")
+        if val_loader is not None and ((train.eval_every and step % train.eval_every == 0)
+                                       or step == train.max_steps):
+            metrics_log.log(step, validate(model, val_loader, accelerator, train.val_batches))
+        if grid_tok is not None and (step % train.image_every == 0 or step == train.max_steps):
+            write_samples(model, grid_tok, accelerator, output_dir / "images" / f"samples_{step:08d}.png",
+                          train.grid_cfg_scale)
+        if step % train.save_every == 0 or step == train.max_steps:
+            manager.save(accelerator, step)
+    progress.close()
+    export = export_pretrained(model, ema, accelerator, output_dir / "prior")
+    accelerator.end_training()
+    return export
+
+
+def train_step(model, optimizer, batch, step: int, train: PriorTrainConfig, accelerator) -> dict:
+    # Label dropout draws from a generator that is a function of the step: resume replays it.
+    generator = step_generator(train.seed, step, accelerator.process_index)
+    out = model(batch["codes"], batch["label"], generator=generator)
+    check_finite(step, loss=out.loss)
+    set_lr(optimizer, train.lr, step, train)
+    accelerator.backward(out.loss)
+    if accelerator.sync_gradients and train.grad_clip > 0:
+        grad_norm_is_finite(step, accelerator.clip_grad_norm_(model.parameters(), train.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": out.loss.detach(), "accuracy": out.accuracy.detach()}
+
+
+def main(argv=None) -> Path:
+    parser = make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--codes", required=True, help="folder written by extract_codes.py")
+    config, args = parse_config(parser, PriorRun, "prior", argv)
+    return train(config, args.codes, args.output_dir, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
