@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from generator import ARPrior, CodeDataset, PriorConfig, check_fingerprint, load_manifest
 from generator.sampling import sample
 from training import (
     CheckpointManager,
+    DivergenceError,
     JsonlLogger,
     TrainConfig,
     batches,
@@ -33,11 +35,19 @@ from training import (
     make_parser,
     parse_config,
     save_config,
+    seed_step,
     step_generator,
 )
 from training.config import config_to_dict
 from training.images import save_image_grid
-from training.runtime import build_ema, export_pretrained, flat_hparams, grad_norm_is_finite, set_lr
+from training.runtime import (
+    build_ema,
+    clip_and_check,
+    export_pretrained,
+    flat_hparams,
+    global_terms,
+    set_lr,
+)
 
 logger = logging.getLogger("train_prior")
 
@@ -133,12 +143,14 @@ def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: s
     accelerator = make_accelerator(train, output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
+    resume_path = manager.resolve(resume)  # refuse a newer/unreadable checkpoint before writing anything
     model_config = bind_to_codes(config.prior.model, codes)
     config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
         accelerator.init_trackers("prior", config=flat_hparams(config_to_dict(config)))
-    torch.manual_seed(train.seed)
+    set_seed(train.seed)  # identical initial weights on every process; every RNG seeded
     model = ARPrior(model_config)
     train_set, train_loader, val_loader = build_dataloaders(codes, train, model_config.tokenizer_fingerprint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
@@ -147,10 +159,8 @@ def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: s
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     ema = build_ema(model, train.ema_decay, accelerator)
-    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
     metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
     step = 0
-    resume_path = manager.resolve(resume)
     if resume_path is not None:
         step = manager.load(accelerator, resume_path)
         metrics_log.truncate_after(step)
@@ -162,10 +172,13 @@ def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: s
     progress = tqdm(total=train.max_steps, initial=step, desc="prior", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
     micro_batches, t0 = batches(train_loader, accelerator, step, train.grad_accum_steps), time.time()
+    start_step, micro_step = step, step * train.grad_accum_steps
     while step < train.max_steps:
         batch = next(micro_batches)
+        seed_step(train.seed, micro_step, accelerator.process_index)
         with accelerator.accumulate(model):
-            terms = train_step(model, optimizer, batch, step, train, accelerator)
+            terms = train_step(model, optimizer, batch, step, micro_step, train, accelerator)
+        micro_step += 1
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -173,11 +186,11 @@ def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: s
             ema.step(accelerator.unwrap_model(model).parameters())
         progress.update(1)
         if step % train.log_every == 0 or step == train.max_steps:
-            seen = (step - progress.initial) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
-            logs = {**{k: v.item() for k, v in terms.items()}, "lr": optimizer.param_groups[0]["lr"],
+            seen = (step - start_step) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
+            logs = {**global_terms(terms, accelerator), "lr": optimizer.param_groups[0]["lr"],
                     "codes_per_s": seen / max(1e-9, time.time() - t0)}
             metrics_log.log(step, logs)
-            progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['accuracy']:.3f}")
+            progress.set_postfix(loss=f"{logs['loss/ce']:.3f}", acc=f"{logs['loss/accuracy']:.3f}")
         if val_loader is not None and ((train.eval_every and step % train.eval_every == 0)
                                        or step == train.max_steps):
             metrics_log.log(step, validate(model, val_loader, accelerator, train.val_batches))
@@ -192,25 +205,29 @@ def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: s
     return export
 
 
-def train_step(model, optimizer, batch, step: int, train: PriorTrainConfig, accelerator) -> dict:
-    # Label dropout draws from a generator that is a function of the step: resume replays it.
-    generator = step_generator(train.seed, step, accelerator.process_index)
+def train_step(model, optimizer, batch, step: int, micro_step: int, train: PriorTrainConfig,
+               accelerator) -> dict:
+    # Label dropout draws from a generator that is a function of the micro-step: resume replays it.
+    generator = step_generator(train.seed, micro_step, accelerator.process_index)
     out = model(batch["codes"], batch["label"], generator=generator)
-    check_finite(step, loss=out.loss)
+    check_finite(step, cross_entropy=out.loss)
     set_lr(optimizer, train.lr, step, train)
     accelerator.backward(out.loss)
-    if accelerator.sync_gradients and train.grad_clip > 0:
-        grad_norm_is_finite(step, accelerator.clip_grad_norm_(model.parameters(), train.grad_clip))
+    clip_and_check(model, train, step, accelerator, "prior")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": out.loss.detach(), "accuracy": out.accuracy.detach()}
+    # "loss/" terms are averaged over processes when logged
+    return {"loss/ce": out.loss.detach(), "loss/accuracy": out.accuracy.detach()}
 
 
 def main(argv=None) -> Path:
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--codes", required=True, help="folder written by extract_codes.py")
     config, args = parse_config(parser, PriorRun, "prior", argv)
-    return train(config, args.codes, args.output_dir, resume=args.resume)
+    try:
+        return train(config, args.codes, args.output_dir, resume=args.resume)
+    except DivergenceError as error:
+        raise SystemExit(f"train_prior.py: {error}") from error
 
 
 if __name__ == "__main__":

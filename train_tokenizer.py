@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from data import DataConfig, SkipTracker, collate, load_split
@@ -32,6 +33,7 @@ from tokenizer.losses import (
 from tokenizer.schedule import hardness
 from training import (
     CheckpointManager,
+    DivergenceError,
     JsonlLogger,
     TrainConfig,
     batches,
@@ -41,12 +43,20 @@ from training import (
     make_parser,
     parse_config,
     save_config,
+    seed_step,
     step_generator,
-    warmup_cosine,
 )
 from training.config import config_to_dict
 from training.images import save_image_grid
-from training.runtime import flat_hparams, grad_norm_is_finite
+from training.runtime import (
+    NonPersistentBuffers,
+    build_ema,
+    clip_and_check,
+    export_pretrained,
+    flat_hparams,
+    global_terms,
+    set_lr,
+)
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -116,10 +126,14 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
     accelerator = make_accelerator(train, output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
+    resume_path = manager.resolve(resume)  # refuse a newer/unreadable checkpoint before writing anything
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
         accelerator.init_trackers("tokenizer", config=flat_hparams(config_to_dict(config)))
-    torch.manual_seed(train.seed)  # identical initial weights on every process
+    # Identical initial weights on every process; python/numpy RNGs seeded too, so every RNG
+    # state a checkpoint holds is a function of the seed and the step.
+    set_seed(train.seed)
 
     model = ProVQTokenizer(config.tokenizer.model)
     train_loader, test_loader = build_dataloaders(config, train)
@@ -131,12 +145,13 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
     ema = build_ema(model, train.ema_decay, accelerator)
-    accelerator.register_for_checkpointing(accelerator.unwrap_model(model).quantizer.training_state)
+    quantizer = accelerator.unwrap_model(model).quantizer
+    accelerator.register_for_checkpointing(quantizer.training_state)
+    # steps_since_used (dead codes) is kept out of the weights; a resumed run still needs it.
+    accelerator.register_for_checkpointing(NonPersistentBuffers(quantizer))
 
-    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
     metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
     step = 0
-    resume_path = manager.resolve(resume)
     if resume_path is not None:
         step = manager.load(accelerator, resume_path)
         metrics_log.truncate_after(step)
@@ -148,15 +163,18 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
                     disable=not accelerator.is_main_process)
     logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
                 accelerator.device, accelerator.num_processes, threads, train.mixed_precision)
-    t0 = time.time()
+    t0, start_step = time.time(), step
     micro_batches = batches(train_loader, accelerator, step, train.grad_accum_steps)
+    micro_step = step * train.grad_accum_steps  # randomness is a function of it: resume replays it
     while step < train.max_steps:
         batch = next(micro_batches)
+        seed_step(train.seed, micro_step, accelerator.process_index)
         skips.update(batch)
         h = hardness(step, schedule, train.max_steps)
         with accelerator.accumulate(model):
             terms, codebook_reset = train_step(model, gan, perceptual, opt_g, batch["image"], h, step,
-                                               config.tokenizer, accelerator)
+                                               config.tokenizer, accelerator, micro_step)
+        micro_step += 1
         if ema is not None and codebook_reset:
             sync_ema_codebook(ema, accelerator.unwrap_model(model))
         if not accelerator.sync_gradients:
@@ -166,13 +184,15 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
             ema.step(accelerator.unwrap_model(model).parameters())
         progress.update(1)
         if step % train.log_every == 0 or step == train.max_steps:
-            logs = {k: v.item() if torch.is_tensor(v) else v for k, v in terms.items()}
-            seen = (step - progress.initial) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
+            logs = global_terms(terms, accelerator)
+            seen = (step - start_step) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
             logs.update(lr=opt_g.param_groups[0]["lr"], images_per_s=seen / max(1e-9, time.time() - t0))
             metrics_log.log(step, logs)
             progress.set_postfix(h=f"{h:.2f}", rec=f"{logs['loss/reconstruction']:.4f}",
                                  usage=f"{logs.get('quantizer/usage', 0):.2f}")
-        if train.eval_every and step % train.eval_every == 0:
+        # The final evaluation comes before the final checkpoint, like every line of the
+        # log: a run resumed from any checkpoint then never logs a step twice.
+        if (train.eval_every and step % train.eval_every == 0) or step == train.max_steps:
             metrics_log.log(step, evaluate(model, test_loader, accelerator, train.eval_batches))
         if step % train.image_every == 0 or step == train.max_steps:
             write_reconstructions(model, test_loader, accelerator, output_dir / "images" / f"recon_{step:08d}.png")
@@ -180,24 +200,13 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
             manager.save(accelerator, step)
     progress.close()
     skips.report()
-    final = evaluate(model, test_loader, accelerator, train.eval_batches)
-    metrics_log.log(step, final)
-    export = export_tokenizer(model, ema, accelerator, output_dir / "tokenizer")
+    export = export_pretrained(model, ema, accelerator, output_dir / "tokenizer")
     accelerator.end_training()
     return export
 
 
 def make_optimizer(params, train: TokenizerTrainConfig, lr: float):
     return torch.optim.AdamW(params, lr=lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
-
-
-def set_lr(optimizer, base_lr: float, step: int, train: TrainConfig) -> None:
-    # The LR is a pure function of the step (no scheduler state): resuming and the
-    # number of processes cannot change it (Accelerate's prepared schedulers step
-    # once per process).
-    factor = warmup_cosine(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * factor
 
 
 @dataclass
@@ -213,25 +222,16 @@ def build_gan(stage: TokenizerStage, accelerator) -> GAN:
     return GAN(disc, optimizer)
 
 
-def build_ema(model, decay: float, accelerator):
-    if decay <= 0:
-        return None
-    from diffusers.training_utils import EMAModel
-
-    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=decay)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
-    return ema
-
-
 def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerStage,
-               accelerator) -> tuple[dict, bool]:
+               accelerator, micro_step: int | None = None) -> tuple[dict, bool]:
     """One micro-batch: generator update, then (after disc_start) discriminator update.
 
     Returns the logged terms and whether the k-means init replaced the codebook.
     """
     train, weights = stage.train, stage.loss
-    generator = step_generator(train.seed, step, accelerator.process_index)
+    # Per micro-batch, so the micro-batches of one accumulated step get different masks.
+    micro_step = step if micro_step is None else micro_step
+    generator = step_generator(train.seed, micro_step, accelerator.process_index)
     out = model(images, hardness=h, generator=generator)
     recon = out.reconstruction
     rec = reconstruction_loss(recon, images, weights.reconstruction)
@@ -254,8 +254,7 @@ def train_step(model, gan, perceptual, opt_g, images, h, step, stage: TokenizerS
     check_finite(step, **terms, total=loss)
     set_lr(opt_g, train.lr, step, train)
     accelerator.backward(loss)
-    if accelerator.sync_gradients and train.grad_clip > 0:
-        grad_norm_is_finite(step, accelerator.clip_grad_norm_(model.parameters(), train.grad_clip))
+    clip_and_check(model, train, step, accelerator, "generator")
     opt_g.step()
     opt_g.zero_grad(set_to_none=True)
     if gan_on:
@@ -277,8 +276,7 @@ def discriminator_step(gan: GAN, real, fake, step, train, accelerator):
     check_finite(step, discriminator=d_loss)
     set_lr(gan.optimizer, train.disc_lr, step, train)
     accelerator.backward(d_loss)
-    if accelerator.sync_gradients and train.grad_clip > 0:
-        accelerator.clip_grad_norm_(gan.disc.parameters(), train.grad_clip)
+    clip_and_check(gan.disc, train, step, accelerator, "discriminator")
     gan.optimizer.step()
     gan.optimizer.zero_grad(set_to_none=True)
     return d_loss.detach()
@@ -299,26 +297,13 @@ def write_reconstructions(model, loader, accelerator, path: Path, count: int = 8
         save_image_grid(torch.cat([images, recon]), path, nrow=images.shape[0])
 
 
-def export_tokenizer(model, ema, accelerator, path: Path) -> Path:
-    """Write config.json + model.safetensors (the EMA weights when EMA is on)."""
-    accelerator.wait_for_everyone()
-    tok = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.store(tok.parameters())
-        ema.copy_to(tok.parameters())
-    if accelerator.is_main_process:
-        tok.save_pretrained(path)
-        logger.info("tokenizer written to %s (fingerprint %s)", path, tok.fingerprint()[:12])
-    if ema is not None:
-        ema.restore(tok.parameters())
-    accelerator.wait_for_everyone()
-    return path
-
-
 def main(argv=None) -> Path:
     parser = make_parser(__doc__.splitlines()[0])
     config, args = parse_config(parser, TokenizerRun, "tokenizer", argv)
-    return train(config, args.output_dir, resume=args.resume)
+    try:
+        return train(config, args.output_dir, resume=args.resume)
+    except DivergenceError as error:
+        raise SystemExit(f"train_tokenizer.py: {error}") from error
 
 
 if __name__ == "__main__":

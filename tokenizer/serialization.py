@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "config.json"
@@ -41,14 +42,24 @@ def config_from_dict(cls, data: dict, prefix: str = ""):
         if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
             value = config_from_dict(hints[name], value, f"{prefix}{name}.")
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:  # a value the config's own checks refuse
+        raise PretrainedError(f"config {prefix.rstrip('.') or cls.__name__}: {error}") from error
 
 
 def read_config(path: Path, cls):
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise PretrainedError(f"{path} is not a JSON config ({error})") from error
+    if not isinstance(data, dict):
+        raise PretrainedError(f"{path}: expected a JSON object, got {type(data).__name__}")
     version = data.pop("config_version", None)
-    if not isinstance(version, int):
-        raise PretrainedError(f"{path} has no integer 'config_version'")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PretrainedError(f"{path} has no integer 'config_version' (got {version!r})")
+    if version < 1:
+        raise PretrainedError(f"{path} has an unknown config_version {version}")
     if version > CONFIG_VERSION:
         raise PretrainedError(
             f"{path} has config_version {version}, newer than this library's "
@@ -68,8 +79,18 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
-    """Load safetensors into `module`, naming the first missing, unexpected or mismatched tensor."""
-    tensors = load_file(str(path))
+    """Load safetensors into `module`, naming the first missing, unexpected or mismatched tensor.
+
+    Only the safetensors format is read (no pickle, so nothing in the file is ever executed):
+    a truncated file, or a pickle / torch.save file under this name, is refused.
+    """
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as error:
+        raise PretrainedError(
+            f"{path} is not a complete safetensors file ({error}); it may be truncated, or a "
+            "pickle/.bin checkpoint renamed (those are never loaded: convert with safetensors)"
+        ) from error
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -17,6 +17,7 @@ from training.runtime import (
     check_finite,
     configure_threads,
     make_accelerator,
+    seed_step,
     step_generator,
     warmup_cosine,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "make_parser",
     "parse_config",
     "save_config",
+    "seed_step",
     "step_generator",
     "warmup_cosine",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,24 @@ import yaml
 
 class ConfigError(ValueError):
     """A config field that does not exist, or a value of the wrong type."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false, so ``mixed_precision: no`` stays "no"."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load(text):
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
 
 
 def make_parser(description: str) -> argparse.ArgumentParser:
@@ -61,7 +80,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     with path.open() as f:
-        mapping = yaml.safe_load(f) or {}
+        mapping = _load(f) or {}
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return mapping
@@ -80,7 +99,7 @@ def _pairs(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
                 parser.error(f"{token} needs a value")
             i += 1
             value = rest[i]
-        pairs[key] = yaml.safe_load(value) if value != "" else ""
+        pairs[key] = _load(value) if value != "" else ""
         i += 1
     return pairs
 

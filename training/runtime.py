@@ -74,7 +74,11 @@ def configure_threads() -> int:
 
 def make_accelerator(train: TrainConfig, output_dir: str | Path):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        ProjectConfiguration,
+    )
 
     log_with = None
     try:
@@ -83,15 +87,38 @@ def make_accelerator(train: TrainConfig, output_dir: str | Path):
         log_with = "tensorboard"
     except ImportError:
         pass
-    return Accelerator(
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        # Without cpu=True, Accelerate on a machine with no accelerator ignores the
+        # torchrun / `accelerate launch --multi_gpu` environment and makes every process
+        # a separate one-process run; with it, the processes form one gloo group.
+        cpu=launched > 1 and not _has_accelerator(),
         mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.grad_accum_steps,
+        # A step is always grad_accum_steps micro-batches, also across an epoch's end
+        # (Accelerate would otherwise force a short step there): `batches` can then
+        # find a resumed step's place in the data from the step number alone.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=train.grad_accum_steps, sync_with_dataloader=False
+        ),
         # The sampler's order is a function of (seed, epoch): every process agrees,
         # and a resumed run replays the same order.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
         log_with=log_with,
     )
+    if launched > 1 and accelerator.num_processes == 1:
+        # Every process would train alone and overwrite the others' files.
+        raise RuntimeError(
+            f"launched as {launched} processes, but Accelerate set up a single-process run; "
+            "on CPUs start them with `torchrun --nproc_per_node N script.py ...`"
+        )
+    return accelerator
+
+
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):  # torch >= 2.6: CUDA, XPU, MPS, ...
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -117,9 +144,34 @@ def check_finite(step: int, **terms) -> None:
             )
 
 
-def grad_norm_is_finite(step: int, norm) -> None:
+def grad_norm_is_finite(step: int, norm, name: str = "model") -> None:
     if norm is not None and not math.isfinite(float(norm)):
-        raise DivergenceError(f"step {step}: the gradient norm is {float(norm)}; stopping.")
+        raise DivergenceError(
+            f"step {step}: the {name}'s gradient norm is {float(norm)}; stopping before the update. "
+            "The last good checkpoint is untouched: lower the LR or use fp32, then --resume latest."
+        )
+
+
+class NonPersistentBuffers:
+    """A module's non-persistent buffers (statistics kept out of its weights) as a checkpointable
+    object: ``accelerator.register_for_checkpointing(NonPersistentBuffers(module))``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.names = [f"{prefix}.{name}" if prefix else name
+                      for prefix, sub in module.named_modules()
+                      for name in sorted(sub._non_persistent_buffers_set)]
+
+    def _buffer(self, dotted: str) -> torch.Tensor:
+        return self.module.get_buffer(dotted)  # looked up each time: .to() replaces buffers
+
+    def state_dict(self) -> dict:
+        return {name: self._buffer(name).detach().cpu().clone() for name in self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                self._buffer(name).copy_(state[name])
 
 
 def batches(dataloader, accelerator, start_step: int, grad_accum_steps: int = 1):
@@ -137,15 +189,40 @@ def batches(dataloader, accelerator, start_step: int, grad_accum_steps: int = 1)
         epoch, skip = epoch + 1, 0
 
 
+def _step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1)
+
+
 def step_generator(seed: int, step: int, rank: int, device="cpu") -> torch.Generator:
     """Training randomness as a pure function of (seed, step, rank): resume replays it."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1))
+    gen.manual_seed(_step_seed(seed, step, rank))
     return gen
 
 
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the global RNGs (torch, numpy, python) from (seed, step, rank) before a step.
+
+    Anything that draws from them (dropout, a library's augmentation) is then replayed
+    exactly by a resumed run, although the data loader draws from the global torch RNG
+    each time it starts an epoch and a resumed run starts one more.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(_step_seed(seed, step, rank, stream=1) % 2**32)
+
+
 class CheckpointManager:
-    """Atomic ``save_state`` folders under ``<output_dir>/checkpoints``, pruned to ``keep``."""
+    """Atomic ``save_state`` folders under ``<output_dir>/checkpoints``, pruned to ``keep`` (0 = all).
+
+    A save writes ``.tmp_step_N``, fsyncs it, writes the ``checkpoint.json`` marker last and
+    renames the folder to ``step_N``: a kill at any moment leaves either the whole new
+    checkpoint or none of it, and the previous ones untouched.
+
+    Accelerate stores optimizer, RNG and custom states as pickles and loads them with
+    ``weights_only=False``: resume only from checkpoints you wrote. What users exchange is
+    the exported ``model.safetensors`` (``from_pretrained`` never unpickles).
+    """
 
     def __init__(self, output_dir: str | Path, keep: int = 2):
         self.root = Path(output_dir) / "checkpoints"
@@ -161,22 +238,29 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            _fsync_tree(tmp)  # the files are on disk before the marker says they are
             marker = {"step": step, "format": CHECKPOINT_FORMAT, "time": time.time()}
             _write_json_synced(tmp / CHECKPOINT_MARKER, marker)
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():  # only a marker-less leftover can be in the way
+                _remove(final)
             os.replace(tmp, final)  # the checkpoint appears whole or not at all
+            _fsync_dir(self.root)
             self._prune()
         accelerator.wait_for_everyone()
         return final
 
     def _prune(self) -> None:
+        for leftover in self.root.glob(".tmp_step_*"):  # saves interrupted by a kill
+            shutil.rmtree(leftover, ignore_errors=True)
         for old in self.complete()[: -self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first; incomplete ones are skipped with a warning."""
         if not self.root.is_dir():
             return []
+        for leftover in sorted(self.root.glob(".tmp_step_*")):
+            logger.warning("ignoring %s: left by an interrupted save or deletion", leftover)
         found = []
         for path in sorted(self.root.glob("step_*")):
             if (path / CHECKPOINT_MARKER).is_file():
@@ -194,22 +278,71 @@ class CheckpointManager:
             if not found:
                 logger.warning("--resume latest: no complete checkpoint in %s; starting fresh", self.root)
                 return None
-            return found[-1]
-        path = Path(resume)
-        if not (path / CHECKPOINT_MARKER).is_file():
-            raise FileNotFoundError(
-                f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_MARKER}); "
-                "use --resume latest or a folder under checkpoints/"
-            )
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / CHECKPOINT_MARKER).is_file():
+                raise FileNotFoundError(
+                    f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_MARKER}); "
+                    "use --resume latest or a folder under checkpoints/"
+                )
+        read_marker(path)  # refuse an unreadable or newer checkpoint before building anything
         return path
 
     @staticmethod
     def load(accelerator, path: Path) -> int:
-        marker = json.loads((path / CHECKPOINT_MARKER).read_text())
-        if marker.get("format", 0) > CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} was written by a newer version (format {marker['format']})")
+        marker = read_marker(path)
         accelerator.load_state(str(path))
         return int(marker["step"])
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint this version cannot read: a newer format or a damaged marker."""
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        marker = json.loads((Path(path) / CHECKPOINT_MARKER).read_text())
+        fmt, step = marker["format"], marker["step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointFormatError(f"{path}: unreadable {CHECKPOINT_MARKER} ({error})") from error
+    if not isinstance(fmt, int) or not isinstance(step, int) or fmt < 1:
+        raise CheckpointFormatError(f"{path}: {CHECKPOINT_MARKER} has an unknown format {fmt!r}")
+    if fmt > CHECKPOINT_FORMAT:
+        raise CheckpointFormatError(
+            f"{path} has checkpoint format {fmt}, newer than this version's {CHECKPOINT_FORMAT}: "
+            "upgrade provq to resume from it"
+        )
+    return marker
+
+
+def _remove(path: Path) -> None:
+    # Out of the step_* namespace in one rename, then deleted: a kill half-way through
+    # the deletion can never leave a partial folder that still looks complete.
+    doomed = path.with_name(f".tmp_step_deleting_{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_json_synced(path: Path, payload: dict) -> None:
@@ -229,11 +362,14 @@ class JsonlLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so no step appears twice."""
+        """On resume, drop lines logged after the checkpoint so no step appears twice
+        (and a line cut short by the kill)."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)  # a kill during the rewrite keeps the old log
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
@@ -241,6 +377,13 @@ class JsonlLogger:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **clean}) + "\n")
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a partial or foreign line: dropped
 
 
 def flat_hparams(mapping: dict, prefix: str = "") -> dict:
@@ -255,3 +398,66 @@ def flat_hparams(mapping: dict, prefix: str = "") -> dict:
         else:
             flat[name] = str(value)
     return flat
+
+
+def set_lr(optimizer, base_lr: float, step: int, train: TrainConfig) -> None:
+    """Warmup + cosine LR as a pure function of the step.
+
+    No scheduler state: resuming and the number of processes cannot change it
+    (Accelerate's prepared schedulers step once per process).
+    """
+    factor = warmup_cosine(step, train.warmup_steps, train.max_steps, train.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor
+
+
+def build_ema(model, decay: float, accelerator):
+    """diffusers' EMAModel of the weights, saved with the checkpoints; None when decay is 0."""
+    if decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+def export_pretrained(model, ema, accelerator, path: Path) -> Path:
+    """``save_pretrained`` of the unwrapped model on the main process, with the EMA weights when on."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(path)
+        logger.info("written %s", path)
+    if ema is not None:
+        ema.restore(unwrapped.parameters())
+    accelerator.wait_for_everyone()
+    return Path(path)
+
+
+def global_terms(terms: dict, accelerator) -> dict:
+    """Logged numbers for the global batch: the losses averaged over processes (one collective);
+    the quantizer statistics are global already."""
+    names = [k for k, v in terms.items() if k.startswith("loss/") and torch.is_tensor(v)]
+    logs = {k: v.item() if torch.is_tensor(v) else v for k, v in terms.items()}
+    if names and accelerator.num_processes > 1:
+        losses = accelerator.reduce(torch.stack([terms[k].float() for k in names]), "mean")
+        logs.update(zip(names, losses.tolist(), strict=True))
+    return logs
+
+
+def clip_and_check(module, train: TrainConfig, step: int, accelerator, name: str) -> None:
+    """Clip the gradients (grad_clip 0: measure only) and stop on a NaN/inf norm before the update.
+
+    Under fp16 the loss scaler owns non-finite gradients (it skips that step), so no check there.
+    """
+    if not accelerator.sync_gradients:
+        return
+    max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
+    norm = accelerator.clip_grad_norm_(module.parameters(), max_norm)
+    if accelerator.scaler is None:
+        grad_norm_is_finite(step, norm, name)

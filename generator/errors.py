@@ -1,0 +1,30 @@
+"""Errors of the stage-2 prior that callers may want to catch by type."""
+
+
+class CodeRangeError(ValueError):
+    """Image codes (or labels) outside the range a prior or a shard was built for."""
+
+
+class FingerprintMismatchError(ValueError):
+    """Codes or a prior that belong to a different tokenizer than the one in use."""
+
+
+class PriorFormatError(ValueError):
+    """A saved prior or code folder this version of the code cannot read."""
+
+
+def check_fingerprints(
+    found: str | None, expected: str | None, what: str, expected_from: str = "the tokenizer in use"
+) -> None:
+    """Raise FingerprintMismatchError naming both fingerprints when they differ.
+
+    `None` on either side means "not bound to a tokenizer", which is not checked:
+    a prior built by hand has no fingerprint until it is trained on codes.
+    """
+    if found is None or expected is None or found == expected:
+        return
+    raise FingerprintMismatchError(
+        f"tokenizer fingerprint mismatch: {what} was made with tokenizer {found}, "
+        f"but {expected_from} is {expected}; they do not belong together "
+        "(re-extract the codes or retrain the prior with the right tokenizer)"
+    )

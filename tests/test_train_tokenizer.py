@@ -1,0 +1,68 @@
+"""train_tokenizer.py end to end on a tiny image folder: a 20-step run, then a resumed run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from training_helpers import logged_steps, run_in_process, tiny_tokenizer_argv
+
+import train_tokenizer
+from tokenizer import ProVQTokenizer
+from training import ConfigError
+
+
+@pytest.mark.slow
+def test_twenty_steps_then_resume(image_folder, tmp_path, caplog):
+    out = tmp_path / "run"
+    # h = 0 for 4 steps, then a ramp to hard VQ by step 12: the k-means init runs mid-run.
+    argv = tiny_tokenizer_argv(image_folder, out, 20, quantizer__schedule__warmup=4,
+                               quantizer__schedule__transition=8, train__image_every=10,
+                               train__eval_every=10, train__ema_decay=0.9)
+    export = run_in_process(train_tokenizer.main, argv)
+
+    tok = ProVQTokenizer.from_pretrained(export)
+    assert bool(tok.quantizer.initialized)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    codes = tok.encode(images)
+    assert codes.shape == (2, 8, 8) and codes.dtype == torch.long
+    assert int(codes.max()) < 32
+    assert tok.decode(codes).shape == images.shape
+
+    rows = logged_steps(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 21))
+    for name in ("quantizer/hardness", "quantizer/usage", "quantizer/perplexity", "loss/reconstruction"):
+        assert all(name in r for r in train_rows), name
+    assert train_rows[0]["quantizer/hardness"] == 0.0 and train_rows[-1]["quantizer/hardness"] == 1.0
+    evals = [r for r in rows if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(r["eval/psnr"] > 0 and 0 < r["eval/usage"] <= 1 for r in evals)
+    assert (out / "images" / "recon_00000010.png").is_file()
+    assert (out / "images" / "recon_00000020.png").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["tokenizer"]["model"]["quantizer"]["codebook_size"] == 32
+    assert saved["tokenizer"]["train"]["mixed_precision"] == "no"  # not YAML 1.1's False
+    assert saved["data"]["dataset"] == str(image_folder)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000015", "step_00000020"]
+
+    # Resumed to a longer run: it continues from step 20, logs each step once, exports again.
+    caplog.set_level("INFO")
+    run_in_process(train_tokenizer.main, argv[:argv.index("--max_steps")] + ["--max_steps", "24"]
+                   + argv[argv.index("--max_steps") + 2:] + ["--resume", "latest"])
+    assert "resumed from" in caplog.text and "at step 20" in caplog.text
+    steps = [r["step"] for r in logged_steps(out / "metrics.jsonl") if "loss/total" in r]
+    assert steps == list(range(1, 25))
+    assert ProVQTokenizer.from_pretrained(export).fingerprint() != tok.fingerprint()
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("--tokenizer.model.quantizer.codebok_size", "3", "tokenizer.model.quantizer.codebok_size"),
+    ("--tokenizer.train.batch_size", "big", "tokenizer.train.batch_size"),
+    ("--tokenizer.train.mixed_precision", "fp8", "tokenizer.train: mixed_precision"),
+])
+def test_bad_dotted_field_is_an_error_naming_it(image_folder, tmp_path, field, value, named):
+    argv = tiny_tokenizer_argv(image_folder, tmp_path / "run", 2) + [field, value]
+    with pytest.raises(ConfigError, match=named):
+        run_in_process(train_tokenizer.main, argv)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
