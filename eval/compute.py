@@ -48,7 +48,7 @@ def extract(model: FIDInception, images: torch.Tensor, bf16: bool = False) -> In
     """
     device = next(model.parameters()).device
     with torch.inference_mode():
-        x = preprocess(images.to(device))
+        x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             features = model.trunk(x).float()
         logits = model.fc(features) if model.fc is not None else None

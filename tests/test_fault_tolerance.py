@@ -276,11 +276,16 @@ def test_two_processes_match_one_with_twice_the_batch(image_folder, tmp_path):
     overall = max(abs(loss_one[s] - loss_two[s]) / loss_one[s] for s in loss_one)
     print(f"1 vs 2 processes: max |loss difference| {continuous:.2e} while continuous, "
           f"max relative {overall:.2e} over the run")
-    # While h == 0 only the order of float sums differs (measured ~6e-6). Once codes are
-    # hard, an argmin that flips on a near-tie amplifies that drift, and the k-means init
-    # sees the same latents in another row order (rank-major): measured ~2% at most.
+    # While h == 0 only the order of float sums differs (measured ~6e-6). The k-means init
+    # sees the same latents in the same (global step) order, ~4e-4 apart: its 10 Lloyd
+    # iterations amplify that to ~1e-2 in the codes (1.4 with the former rank-major order),
+    # and once codes are hard an argmin that flips on a near-tie does the same to the loss:
+    # measured 3.1e-3 relative at most (1.8e-2 with rank-major order).
+    init_gap = (single["codebook_at_init"] - rank0["codebook_at_init"]).abs().max().item()
+    print(f"1 vs 2 processes: max |codebook difference| at the k-means init {init_gap:.2e}")
+    assert init_gap < 0.1
     assert continuous < 1e-4
-    assert overall < 0.05
+    assert overall < 1e-2
 
     # A 2-process run resumed from a checkpoint ends bit-identical to the uninterrupted one.
     resumed = tmp_path / "resumed"

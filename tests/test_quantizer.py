@@ -187,9 +187,25 @@ def test_latent_buffer_state_round_trip():
     buffer.add(torch.arange(12.0).reshape(4, 3))
     buffer.add(torch.arange(12.0, 18.0).reshape(2, 3))
     assert len(buffer) == 5 and buffer.rows[0, 0] == 3.0  # keeps the most recent rows
+    assert buffer.sizes == [3, 2]  # the oldest add trimmed to its newest rows
     other = LatentBuffer(capacity=5)
     other.load_state_dict(buffer.state_dict())
-    assert torch.equal(other.rows, buffer.rows)
+    assert torch.equal(other.rows, buffer.rows) and other.sizes == buffer.sizes
+
+
+def test_latent_buffer_from_two_ranks_loads_step_major_on_one():
+    # A 2-rank checkpoint: two adds, rows tagged 10 * step + rank, stored in step order.
+    rows = torch.tensor([[0.0], [0.0], [1.0], [10.0], [11.0], [11.0]])
+    state = {"rows": rows, "sizes": [[2, 1], [1, 2]], "capacity": 3}
+    one = LatentBuffer(capacity=6)
+    one.load_state_dict(state)  # world size 1: each add's rows of both ranks, in step order
+    assert torch.equal(one.rows, rows) and one.sizes == [3, 3]
+    small = LatentBuffer(capacity=4)
+    small.load_state_dict(state)
+    assert torch.equal(small.rows, rows[2:]) and small.sizes == [1, 3]
+    old = LatentBuffer(capacity=6)  # a checkpoint from before per-add sizes: rank-major, counts
+    old.load_state_dict({"rows": rows, "counts": [4, 2], "capacity": 3})
+    assert torch.equal(old.rows, rows) and old.sizes == [6]
 
 
 # ---- identical on every process --------------------------------------------------------------
@@ -204,6 +220,13 @@ def _kmeans_worker(rank: int, world: int, init_file: str, results) -> None:
         saved = quantizer.training_state.state_dict()  # a collective, as in accelerate's save_state
         resumed = LatentBuffer(40)
         resumed.load_state_dict(saved)
+        # Rows tagged 10 * add + rank; rank 1 adds more rows: gathered in global step order.
+        tagged = LatentBuffer(7)
+        for step in range(3):
+            tagged.add(torch.full((2 + rank, 1), 10.0 * step + rank))
+        gathered, table = tagged.gather()
+        tagged_back = LatentBuffer(7)
+        tagged_back.load_state_dict(tagged.state_dict())
         out = ddp(torch.randn(1, 6, 4, 4) - 3 * rank, hardness=0.2)
         (out.vq_loss + out.z_out.mean()).backward()
         results[rank] = {
@@ -212,6 +235,9 @@ def _kmeans_worker(rank: int, world: int, init_file: str, results) -> None:
             "stats": {k: v.item() for k, v in out.stats.items()},
             "own_rows_back": torch.equal(resumed.rows, saved["rows"][40 * rank : 40 * (rank + 1)]),
             "saved_rows": saved["rows"].shape[0],
+            "gathered": gathered.flatten().tolist(),
+            "table": table,
+            "tagged_back": torch.equal(tagged_back.rows, tagged.rows) and tagged_back.sizes == tagged.sizes,
         }
     finally:
         dist.destroy_process_group()
@@ -228,3 +254,7 @@ def test_kmeans_init_identical_on_two_processes(tmp_path):
     assert (means > 1.5).any() and (means < 1.5).any()
     assert first["stats"] == second["stats"]
     assert first["saved_rows"] == 80 and first["own_rows_back"] and second["own_rows_back"]
+    # Rank 0 keeps all 2 + 2 + 2 rows, rank 1 the newest 1 + 3 + 3: per add, rank 0 then rank 1.
+    assert first["table"] == second["table"] == [[2, 1], [2, 3], [2, 3]]
+    assert first["gathered"] == second["gathered"] == [0, 0, 1, 10, 10, 11, 11, 11, 20, 20, 21, 21, 21]
+    assert first["tagged_back"] and second["tagged_back"]

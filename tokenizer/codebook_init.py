@@ -31,19 +31,28 @@ def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
 class LatentBuffer:
     """The most recent `capacity` rows of z_e on this process, for the k-means init.
 
+    It remembers how many rows each `add` (one micro-batch) brought, so that
+    `gather()` can put every rank's rows in global step order: for each
+    micro-batch, rank 0's rows, then rank 1's, ... This is the order of the
+    global batch under Accelerate's even sharding, so k-means sees exactly the
+    buffer that one process with the whole batch would hold, in the same order.
+
     Training state, not weights: it is not a module buffer, so it never reaches
     `state_dict()` of the model or an exported `model.safetensors`. Register it
     for checkpoints (`accelerator.register_for_checkpointing(buffer)`).
 
     With torch.distributed initialized, `state_dict()` is a collective (every
     process must call it, as `accelerator.save_state` does): it returns the rows
-    of all ranks, so the file that the main process writes holds everyone's data,
-    and `load_state_dict()` hands each rank back its own contiguous share.
+    of all ranks in step order with each rank's share of each micro-batch, so the
+    file that the main process writes holds everyone's data, and
+    `load_state_dict()` hands each rank back its own rows (the same world size)
+    or an even split of each micro-batch (another world size).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.rows: torch.Tensor | None = None
+        self.sizes: list[int] = []  # rows per add, oldest first (the oldest may be trimmed)
 
     def __len__(self) -> int:
         return 0 if self.rows is None else self.rows.shape[0]
@@ -51,36 +60,72 @@ class LatentBuffer:
     @torch.no_grad()
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.detach().float().reshape(-1, rows.shape[-1])
+        sizes = [*self.sizes, rows.shape[0]]
         if self.rows is not None:
             rows = torch.cat([self.rows.to(rows.device), rows])
-        self.rows = rows[-self.capacity :].clone()
+        self._set(rows, sizes)
+
+    def _set(self, rows: torch.Tensor, sizes: list[int]) -> None:
+        # Keep the newest `capacity` rows; trim the sizes of the oldest adds to match.
+        excess = rows.shape[0] - self.capacity
+        while excess > 0:
+            cut = min(excess, sizes[0])
+            sizes[0] -= cut
+            excess -= cut
+            if sizes[0] == 0:
+                sizes.pop(0)
+        self.rows = rows[-self.capacity :].clone() if rows.shape[0] else None
+        self.sizes = [s for s in sizes if s] if self.rows is not None else []
 
     def clear(self) -> None:
-        self.rows = None
+        self.rows, self.sizes = None, []
 
-    def state_dict(self) -> dict:
+    def gather(self) -> tuple[torch.Tensor, list[list[int]]]:
+        """All ranks' rows in global step order, and per add the rows of each rank.
+
+        A collective under torch.distributed. Adds are aligned from the newest, since
+        every rank adds once per micro-batch but trimming may drop old ones unevenly.
+        """
         if not distributed_ready() or dist.get_world_size() == 1:
             rows = self.rows if self.rows is not None else torch.zeros(0, 0)
-            return {"rows": rows.cpu(), "counts": [rows.shape[0]], "capacity": self.capacity}
+            return rows, [[s] for s in self.sizes]
         device = _collective_device()
         local = self.rows.to(device) if self.rows is not None else None
         width = torch.tensor([0 if local is None else local.shape[1]], device=device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)  # a rank with no rows yet learns the width
         if local is None:
             local = torch.zeros(0, int(width.item()), device=device)
-        counts = _gather_counts(local.shape[0], device)
-        rows = all_gather_rows(local) if sum(counts) else torch.zeros(0, 0)
-        return {"rows": rows.cpu(), "counts": counts, "capacity": self.capacity}
+        sizes = _gather_lists(self.sizes, device)
+        rows = all_gather_rows(local)
+        per_rank = torch.split(rows, [sum(s) for s in sizes])
+        steps = max(len(s) for s in sizes)
+        # Pad at the front (oldest side) so that index j is the same micro-batch on every rank.
+        shares = [[0] * (steps - len(s)) + s for s in sizes]
+        pieces = [list(torch.split(r, s)) for r, s in zip(per_rank, shares, strict=True)]
+        table = [[share[j] for share in shares] for j in range(steps)]
+        ordered = [pieces[r][j] for j in range(steps) for r in range(len(pieces))]
+        return (torch.cat(ordered) if ordered else rows), table
+
+    def state_dict(self) -> dict:
+        rows, table = self.gather()
+        return {"rows": rows.cpu(), "sizes": table, "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
-        rows, counts = state["rows"], list(state["counts"])
+        rows = state["rows"]
+        # Checkpoints before per-add sizes hold rows rank-major with "counts": one add per rank.
+        table = state["sizes"] if "sizes" in state else [list(state["counts"])]
         rank = dist.get_rank() if distributed_ready() else 0
         world = dist.get_world_size() if distributed_ready() else 1
-        if world == len(counts):
-            share = torch.split(rows, counts)[rank]  # exact resume: each rank gets its own rows
-        else:
-            share = torch.tensor_split(rows, world)[rank]  # world size changed: split evenly
-        self.rows = share.clone() if share.numel() else None
+        mine, sizes = [], []
+        for step_rows, shares in zip(torch.split(rows, [sum(t) for t in table]), table, strict=True):
+            if world == len(shares):  # exact resume: each rank gets its own rows back
+                piece = torch.split(step_rows, shares)[rank]
+            else:  # world size changed: split each micro-batch evenly, as the sharding would
+                piece = torch.tensor_split(step_rows, world)[rank]
+            mine.append(piece)
+            sizes.append(piece.shape[0])
+        width = rows.shape[1] if rows.dim() == 2 else 0
+        self._set(torch.cat(mine) if mine else torch.zeros(0, width), sizes)
 
 
 def _collective_device() -> torch.device:
@@ -95,6 +140,16 @@ def _gather_counts(count: int, device: torch.device) -> list[int]:
     counts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, local)
     return [int(c.item()) for c in counts]
+
+
+def _gather_lists(values: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's list of ints (lengths may differ), in rank order."""
+    lengths = _gather_counts(len(values), device)
+    padded = torch.zeros(max(lengths), dtype=torch.long, device=device)
+    padded[: len(values)] = torch.tensor(values, dtype=torch.long)
+    gathered = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(gathered, padded)
+    return [g[:n].tolist() for g, n in zip(gathered, lengths, strict=True)]
 
 
 def nearest_code(data: torch.Tensor, codes: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -158,10 +213,12 @@ def _reseed_empty(
 def kmeans_codebook(
     buffer: LatentBuffer, num_clusters: int, iters: int, seed: int, spherical: bool
 ) -> torch.Tensor:
-    """k-means over the union of every rank's buffer; the result is bitwise the same on all ranks."""
-    data = buffer.rows
-    if distributed_ready() and dist.get_world_size() > 1:
-        data = all_gather_rows(data)
+    """k-means over every rank's buffer in global step order; bitwise the same on all ranks.
+
+    Step order (not rank order) makes the data, row for row, what one process with the
+    whole global batch would hold, so a multi-process run initializes like a single one.
+    """
+    data, _ = buffer.gather()
     centroids = kmeans(data, num_clusters, iters, seed, spherical)
     if distributed_ready() and dist.get_world_size() > 1:
         # Same data and seed give the same result in exact arithmetic; the broadcast

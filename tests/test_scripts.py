@@ -1,0 +1,172 @@
+"""The stage-2 scripts end to end, in-process: extract_codes.py, sample.py, train_prior.py's refusal.
+
+Untrained tiny models (a 16 px tokenizer with 8x8 codes of 16, a 2-layer prior): the scripts'
+files, bindings and errors are under test here, not image quality.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file
+from training_helpers import REPO, run_in_process, tiny_prior_argv
+
+import extract_codes
+import sample
+import train_prior
+from generator import ARPrior, FingerprintMismatchError, PriorConfig, load_manifest
+from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+
+CLASSES = 4  # of the image_folder fixture
+
+
+def save_tiny_tokenizer(folder, seed: int):
+    torch.manual_seed(seed)
+    config = TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
+                             latent_channels=8, norm_num_groups=4,
+                             quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4))
+    tok = ProVQTokenizer(config)
+    tok.save_pretrained(folder)
+    return folder, tok.fingerprint()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """(folder, fingerprint) of a tiny untrained tokenizer."""
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer", seed=0)
+
+
+@pytest.fixture(scope="module")
+def prior(tokenizer, tmp_path_factory):
+    """A tiny untrained prior bound to `tokenizer` (the fingerprint train_prior.py would record)."""
+    torch.manual_seed(0)
+    config = PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=CLASSES,
+                         hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                         tokenizer_fingerprint=tokenizer[1])
+    folder = tmp_path_factory.mktemp("prior") / "prior"
+    ARPrior(config).save_pretrained(folder)
+    return folder
+
+
+def extract_argv(tokenizer_folder, dataset, out, *extra) -> list[str]:
+    return ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", str(out),
+            "--tokenizer", str(tokenizer_folder), "--data.dataset", str(dataset),
+            "--data.resolution", "16", "--batch_size", "32", *extra]
+
+
+@pytest.fixture(scope="module")
+def codes(tokenizer, image_folder, tmp_path_factory):
+    """Codes of the tiny image folder in shards of 32 images (3 train shards, 1 test shard)."""
+    out = tmp_path_factory.mktemp("codes")
+    run_in_process(extract_codes.main, extract_argv(tokenizer[0], image_folder, out, "--shard_size", "32"))
+    return out
+
+
+def sample_argv(tokenizer_folder, prior_folder, out, *extra) -> list[str]:
+    return ["--tokenizer", str(tokenizer_folder), "--prior", str(prior_folder),
+            "--output_dir", str(out), "--num_images", "8", "--batch_size", "4", *extra]
+
+
+# ---- extract_codes.py -----------------------------------------------------------------------
+def test_extract_codes_manifest_records_the_tokenizer(codes, tokenizer):
+    sizes = {}
+    for split in ("train", "test"):
+        manifest = load_manifest(codes, split)
+        assert manifest.tokenizer_fingerprint == tokenizer[1]
+        assert manifest.code_shape == (8, 8) and manifest.codebook_size == 16
+        assert manifest.num_classes == CLASSES and manifest.shard_size == 32
+        assert len(manifest.shards) == manifest.num_shards == -(-manifest.num_items // 32)
+        sizes[split] = manifest.num_items
+    assert sum(sizes.values()) == 96 and sizes["train"] > 64  # 3 train shards
+
+
+def test_extract_codes_rerun_keeps_finished_shards(codes, tokenizer, image_folder, tmp_path):
+    work = tmp_path / "codes"
+    shutil.copytree(codes, work)
+    shards = sorted((work / "train").glob("shard-*.safetensors"))
+    assert len(shards) == 3
+    shards[1].unlink()  # as if the run had been killed before writing it
+    before = {p.name: p.stat().st_mtime_ns for p in shards if p.exists()}
+    run_in_process(extract_codes.main, extract_argv(tokenizer[0], image_folder, work, "--shard_size", "32"))
+    after = {p.name: p.stat().st_mtime_ns for p in (work / "train").glob("shard-*.safetensors")}
+    assert {name: after[name] for name in before} == before  # finished shards were not rewritten
+    assert set(after) == {p.name for p in shards}  # the missing one was
+    rewritten, original = (load_file(str(root / "train" / shards[1].name)) for root in (work, codes))
+    assert all(np.array_equal(rewritten[k], original[k]) for k in ("codes", "labels"))
+
+
+def test_extract_codes_refuses_another_resolution(tokenizer, image_folder, tmp_path):
+    argv = extract_argv(tokenizer[0], image_folder, tmp_path / "codes")
+    argv[argv.index("--data.resolution") + 1] = "32"
+    with pytest.raises(ValueError, match=r"data.resolution is 32 but the tokenizer was trained at 16"):
+        run_in_process(extract_codes.main, argv)
+
+
+# ---- train_prior.py -------------------------------------------------------------------------
+def test_train_prior_refuses_codes_of_another_tokenizer(codes, tokenizer, tmp_path):
+    configured = "f" * 64
+    argv = tiny_prior_argv(codes, tmp_path / "run", 2, model__tokenizer_fingerprint=configured)
+    with pytest.raises(FingerprintMismatchError) as error:
+        run_in_process(train_prior.main, argv)
+    assert tokenizer[1] in str(error.value) and configured in str(error.value)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before writing anything
+
+
+# ---- sample.py ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def samples(tokenizer, prior, tmp_path_factory):
+    """Two runs with the same seed."""
+    runs = [tmp_path_factory.mktemp(f"samples{i}") for i in range(2)]
+    for out in runs:
+        run_in_process(sample.main, sample_argv(tokenizer[0], prior, out, "--seed", "3"))
+    return runs
+
+
+def test_sample_writes_pngs_grid_and_npz(samples):
+    out = samples[0]
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(8)]
+    assert (out / "grid.png").is_file()
+    with np.load(out / "samples.npz") as npz:
+        images, labels = npz["arr_0"], npz["labels"]
+    assert images.dtype == np.uint8 and images.shape == (8, 16, 16, 3)  # NHWC, the ADM layout
+    assert np.array_equal(images[5], np.asarray(Image.open(pngs[5]).convert("RGB")))
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # class-balanced, grouped by class
+
+
+def test_sample_same_seed_gives_identical_npz(samples, tokenizer, prior, tmp_path):
+    first, second = (np.load(out / "samples.npz") for out in samples)
+    assert np.array_equal(first["arr_0"], second["arr_0"])
+    assert np.array_equal(first["labels"], second["labels"])
+    run_in_process(sample.main, sample_argv(tokenizer[0], prior, tmp_path, "--seed", "4"))
+    assert not np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], first["arr_0"])
+
+
+def test_sample_honours_labels(tokenizer, prior, tmp_path):
+    run_in_process(sample.main, sample_argv(tokenizer[0], prior, tmp_path, "--labels", "0,1",
+                                            "--num_images", "4"))
+    assert np.load(tmp_path / "samples.npz")["labels"].tolist() == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--labels", f"0,{CLASSES}"], rf"--labels \[{CLASSES}\] outside the prior's classes \[0, {CLASSES}\)"),
+    (["--cfg_scale", "-0.5"], r"cfg_scale must be >= 0, got -0.5"),
+    (["--top_p", "0"], r"top_p must be in \(0, 1\], got 0\.0"),
+    (["--top_p", "1.5"], r"top_p must be in \(0, 1\], got 1.5"),
+])
+def test_sample_bad_settings_are_clear_errors(tokenizer, prior, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        run_in_process(sample.main, sample_argv(tokenizer[0], prior, tmp_path, *extra))
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_sample_refuses_a_prior_of_another_tokenizer(tokenizer, prior, tmp_path):
+    other, other_fingerprint = save_tiny_tokenizer(tmp_path / "other", seed=1)
+    assert other_fingerprint != tokenizer[1]
+    with pytest.raises(FingerprintMismatchError) as error:
+        run_in_process(sample.main, sample_argv(other, prior, tmp_path / "out"))
+    assert tokenizer[1] in str(error.value) and other_fingerprint in str(error.value)
