@@ -103,3 +103,25 @@ def test_checkpoints_are_atomic_pruned_and_resolved(tmp_path):
     assert manager.load(accelerator, manager.resolve("latest")) == 3
     assert torch.equal(model.weight, before)
     assert CheckpointManager(tmp_path / "empty").resolve("latest") is None
+
+
+def test_preset_base_is_deep_merged(tmp_path):
+    (tmp_path / "a.yaml").write_text("stage:\n  model:\n    size: 2\n    rate: 0.25\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nstage:\n  model:\n    size: 9\n")
+    cfg, _ = parse_config(make_parser("t"), Run, "stage", ["--config", str(tmp_path / "b.yaml"),
+                                                            "--output_dir", "o"])
+    assert (cfg.stage.model.size, cfg.stage.model.rate) == (9, 0.25)
+
+
+def test_repository_presets_build():
+    """Every preset in configs/ builds into the scripts' typed configs."""
+    from pathlib import Path
+
+    import train_prior
+    import train_tokenizer
+    from training.config import load_yaml
+
+    for preset in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        mapping = load_yaml(preset)
+        build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
+        build_config(train_prior.PriorRun, {"prior": mapping["prior"]})

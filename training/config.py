@@ -75,15 +75,31 @@ def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | Non
     return build_config(schema, mapping), args
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A preset; ``base: other.yaml`` (relative to this file) is loaded first and deep-merged under it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' files include each other")
     with path.open() as f:
         mapping = _load(f) or {}
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = mapping.pop("base", None)
+    if base is not None:
+        mapping = _merge(load_yaml(path.parent / base, (*_seen, path.resolve())), mapping)
     return mapping
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _pairs(rest: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
