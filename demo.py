@@ -31,7 +31,8 @@ def stages(args) -> list[tuple[str, list[str], Path]]:
     return [
         ("data", pipeline.data_describe("--dataset", "emoji"), out / "data.json"),
         ("tokenizer", pipeline.train_tokenizer(cfg, tok), tok / "tokenizer" / "model.safetensors"),
-        ("codes", pipeline.extract_codes(tok / "tokenizer", cfg, codes), codes / "tokenizer.json"),
+        ("codes", pipeline.extract_codes(tok / "tokenizer", cfg, codes, "--flip_copies"),
+         codes / "tokenizer.json"),
         ("prior", pipeline.train_prior(cfg, codes, prior), prior / "prior" / "model.safetensors"),
         ("samples", pipeline.sample(tok / "tokenizer", prior / "prior", cfg, samples,
                                     args.num_samples, args.cfg_scale), samples / "samples.npz"),
@@ -75,10 +76,11 @@ def write_report(args, timings: dict) -> Path:
     sample_rows(out / "samples" / "samples.npz", label_names, 10, out / "samples_by_class.png")
     recon = sorted((out / "tok" / "images").glob("recon_*.png"))[-1]
     m, g = rfid["metrics"], gfid["metrics"]
+    stage_times = {k: v for k, v in timings.items() if k != "peak_rss_gib"}
     row = {"rFID": m.get("rfid"), "PSNR (dB)": m.get("psnr"), "SSIM": m.get("ssim"),
-           "codebook usage": m.get("usage"), "perplexity": m.get("perplexity"),
-           "gFID": g.get("fid"), "IS": g.get("inception_score")}
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+           "codebook usage": m.get("codebook_usage"), "perplexity": m.get("codebook_perplexity"),
+           "gFID": g.get("fid"), "IS": g.get("inception_score", "n/a")}
+    peak = timings.get("peak_rss_gib", 0.0)
     lines = [
         "# ProVQ demo report", "",
         f"Config: `{args.config}` (the resolved configs are in `tok/config.yaml` and "
@@ -86,13 +88,14 @@ def write_report(args, timings: dict) -> Path:
         f"samples: {args.num_samples}, CFG scale {args.cfg_scale}.", "",
         "## Metrics", "",
         markdown_table([row], list(row)), "",
-        f"rFID on the test split ({rfid['num_images']} images); gFID of {gfid['num_images']} "
-        "samples against the training split. FID on a few thousand 32 px images is biased upward; "
+        f"rFID on the test split ({rfid['num_images']} images); gFID of {gfid['num_images']['samples']} "
+        f"samples against the training split ({gfid['num_images']['ref']} images). FID on a few thousand 32 px images is biased upward; "
         "compare runs with each other, not with published 50k-sample FIDs. "
-        f"LPIPS: {m.get('lpips', rfid.get('lpips_unavailable', 'n/a'))}.", "",
+        f"LPIPS: {m.get('lpips', m.get('lpips_unavailable', 'n/a'))}. "
+        f"IS: {g.get('inception_score', g.get('inception_score_unavailable', 'n/a'))}.", "",
         "## Time per stage (seconds)", "",
-        markdown_table([timings], list(timings)) if timings else "(all stages were already done)", "",
-        f"Peak memory of a stage (max RSS): {peak:.2f} GiB.", "",
+        markdown_table([stage_times], list(stage_times)) if stage_times else "(no stage ran)", "",
+        f"Peak memory of a stage (max RSS of the stage processes): {peak:.2f} GiB.", "",
         "## Reconstructions (originals over reconstructions, test split)", "",
         f"![reconstructions]({recon.relative_to(out)})", "",
         "## Samples, one row per class", "",
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/emoji32.yaml")
     parser.add_argument("--output_dir", default="runs/demo")
-    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
@@ -120,6 +123,9 @@ def main(argv=None) -> None:
     for name, command, done in stages(args):
         capture = done if name == "data" else None  # describe prints its JSON: keep it for the report
         pipeline.run_once(name, command, done, timings, capture_to=capture)
+        # ru_maxrss of waited-for children: the largest stage process so far (KiB on Linux)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+        timings["peak_rss_gib"] = round(max(peak, timings.get("peak_rss_gib", 0.0)), 2)
         timings_path.write_text(json.dumps(timings, indent=1))
     report = write_report(args, timings)
     print(f"\n[demo] done in {time.time() - start:.0f} s; report: {report}", flush=True)

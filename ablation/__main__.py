@@ -81,7 +81,7 @@ class Ablation:
         tok = run / "tok" / "tokenizer"
         data = ("--data.dataset", self.args.dataset, "--data.resolution", str(self.args.resolution))
         self.run(f"{variant.name} seed {seed}: codes",
-                 pipeline.extract_codes(tok, cfg, run / "codes", *data), run / "codes" / "tokenizer.json")
+                 pipeline.extract_codes(tok, cfg, run / "codes", "--flip_copies", *data), run / "codes" / "tokenizer.json")
         self.run(f"{variant.name} seed {seed}: prior", pipeline.train_prior(
             cfg, run / "codes", run / "prior", "--seed", str(seed), "--max_steps", str(s.prior_steps),
             "--prior.train.image_every", str(s.prior_steps), "--prior.train.save_every",

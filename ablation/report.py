@@ -12,8 +12,8 @@ from training.report import markdown_table, plot_panels, read_jsonl, series
 METRICS = [
     ("rfid", "rFID", False),
     ("psnr", "PSNR (dB)", True),
-    ("usage", "usage", True),
-    ("perplexity", "perplexity", True),
+    ("codebook_usage", "usage", True),
+    ("codebook_perplexity", "perplexity", True),
 ]
 
 

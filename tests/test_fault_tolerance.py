@@ -35,9 +35,8 @@ from training_helpers import (
 
 import train_tokenizer
 from tokenizer import PretrainedError, ProVQTokenizer, QuantizerConfig, TokenizerConfig
+from training.checkpoint import CheckpointFormatError, CheckpointManager
 from training.runtime import (
-    CheckpointFormatError,
-    CheckpointManager,
     JsonlLogger,
     TrainConfig,
     make_accelerator,
@@ -60,7 +59,7 @@ VARIANTS = {
 
 DRIVER = """
 import importlib, os, signal, sys, time
-import training, training.runtime as runtime
+import training, training.checkpoint as checkpoint, training.runtime as runtime
 script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's SIGKILL lands mid-run
     batches = runtime.batches
@@ -71,12 +70,12 @@ if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's SIGKILL
             yield batch
     training.batches = runtime.batches = paced
 elif mode == "kill_in_save":  # SIGKILL itself after save_state wrote step `at`, before its marker
-    write = runtime._write_json_synced
+    write = checkpoint._write_json_synced
     def killing(path, payload):
         if payload.get("step") == at:
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, payload)
-    runtime._write_json_synced = killing
+    checkpoint._write_json_synced = killing
 importlib.import_module(script).main(sys.argv[4:])
 """
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from training.checkpoint import CheckpointManager
 from training.config import ConfigError, build_config, make_parser, parse_config
 from training.runtime import (
-    CheckpointManager,
     DivergenceError,
     TrainConfig,
     check_finite,

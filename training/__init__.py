@@ -1,5 +1,6 @@
 """Run infrastructure shared by the training scripts: configs, Accelerate, checkpoints, logs."""
 
+from training.checkpoint import CheckpointManager
 from training.config import (
     ConfigError,
     build_config,
@@ -9,7 +10,6 @@ from training.config import (
     save_config,
 )
 from training.runtime import (
-    CheckpointManager,
     DivergenceError,
     JsonlLogger,
     TrainConfig,
