@@ -97,7 +97,8 @@ def write_report(out: Path, variants, results, generation, info: dict) -> Path:
         "# ProVQ ablation", "",
         f"Dataset `{info['dataset']}`, preset `{info['config']}`; {s['seeds']} seed(s); "
         f"{s['tokenizer_steps']} tokenizer steps per run; gFID from a prior of {s['prior_steps']} steps "
-        f"and {s['num_samples']} samples ({'every seed' if info['full'] else 'seed 0'}). "
+        f"and {s['num_samples']} samples ({'every seed' if info['full'] else 'seed 0'}) against the "
+        f"{info['gfid_reference']}. "
         f"Wall time of the last invocation: {info['minutes']} min.", "",
         "All metrics use hard quantization. Mean ± std over seeds. Strongest variants are chosen "
         "by mean PSNR. A difference counts as real only when it is larger than the seed spread "

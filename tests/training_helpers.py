@@ -79,10 +79,19 @@ def reset_accelerate() -> None:
 
 
 def run_in_process(main, argv: list[str]):
+    """Run a script's main in this process with one torch thread, like the subprocess runs:
+    bit-identical comparisons need the same thread count (float sums depend on it)."""
     reset_accelerate()
+    saved_env, saved_threads = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = "1"
     try:
         return main(argv)
     finally:
+        if saved_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_env
+        torch.set_num_threads(saved_threads)
         reset_accelerate()
 
 
