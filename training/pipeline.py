@@ -8,7 +8,6 @@ file exists is not run again.
 from __future__ import annotations
 
 import importlib
-import json
 import subprocess
 import sys
 import time
@@ -87,7 +86,3 @@ def run_once(name: str, step: Step, done: Path, timings: dict | None = None,
     if timings is not None:
         timings[name] = round(time.time() - start, 1)
     return True
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
