@@ -13,38 +13,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from generator import ARPrior, CodeDataset, PriorConfig, check_fingerprint, load_manifest
 from generator.sampling import sample
 from training import (
-    CheckpointManager,
     DivergenceError,
-    JsonlLogger,
     TrainConfig,
     batches,
     check_finite,
-    configure_threads,
-    make_accelerator,
     make_parser,
     parse_config,
-    save_config,
     seed_step,
     step_generator,
 )
-from training.config import config_to_dict
 from training.images import save_image_grid
+from training.loop import Run, due, start_run
 from training.runtime import (
     build_ema,
     clip_and_check,
     export_pretrained,
-    flat_hparams,
     global_terms,
     set_lr,
 )
@@ -137,72 +129,83 @@ def write_samples(model, tok, accelerator, path: Path, cfg_scale: float, per_cla
         save_image_grid(tok.decode(codes), path, nrow=per_class)
 
 
-def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: str | None = None) -> Path:
-    output_dir, codes, train = Path(output_dir), Path(codes), config.prior.train
-    threads = configure_threads()
-    accelerator = make_accelerator(train, output_dir)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
-    resume_path = manager.resolve(resume)  # refuse a newer/unreadable checkpoint before writing anything
-    model_config = bind_to_codes(config.prior.model, codes)
-    config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-        accelerator.init_trackers("prior", config=flat_hparams(config_to_dict(config)))
-    set_seed(train.seed)  # identical initial weights on every process; every RNG seeded
+@dataclass
+class Parts:
+    """The prepared prior and what trains, validates and pictures it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    ema: object | None
+    grid_tokenizer: object | None  # decodes the sample grids; None when the tokenizer is not there
+    num_grids: int  # training code grids
+
+
+def build_parts(model_config: PriorConfig, codes: Path, train: PriorTrainConfig, accelerator) -> Parts:
     model = ARPrior(model_config)
-    train_set, train_loader, val_loader = build_dataloaders(codes, train, model_config.tokenizer_fingerprint)
+    fingerprint = model_config.tokenizer_fingerprint
+    train_set, train_loader, val_loader = build_dataloaders(codes, train, fingerprint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
                                   weight_decay=train.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     ema = build_ema(model, train.ema_decay, accelerator)
-    metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
-    step = 0
-    if resume_path is not None:
-        step = manager.load(accelerator, resume_path)
-        metrics_log.truncate_after(step)
-        logger.info("resumed from %s at step %d", resume_path, step)
-    grid_tok = load_grid_tokenizer(codes, model_config.tokenizer_fingerprint, accelerator.device)
+    grid_tokenizer = load_grid_tokenizer(codes, fingerprint, accelerator.device)
+    return Parts(model, optimizer, train_loader, val_loader, ema, grid_tokenizer, len(train_set))
+
+
+def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: str | None = None) -> Path:
+    output_dir, codes, train = Path(output_dir), Path(codes), config.prior.train
+    model_config = bind_to_codes(config.prior.model, codes)
+    config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
+    run = start_run(config, train, output_dir, "prior", resume)
+    accelerator = run.accelerator
+    parts = build_parts(model_config, codes, train, accelerator)
+    step = run.resume()
     logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
-                accelerator.unwrap_model(model).num_parameters() / 1e6, len(train_set),
-                train.mixed_precision, accelerator.device, accelerator.num_processes, threads)
+                accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
+                train.mixed_precision, accelerator.device, accelerator.num_processes, run.threads)
     progress = tqdm(total=train.max_steps, initial=step, desc="prior", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
-    micro_batches, t0 = batches(train_loader, accelerator, step, train.grad_accum_steps), time.time()
-    start_step, micro_step = step, step * train.grad_accum_steps
+    micro_batches = batches(parts.train_loader, accelerator, step, train.grad_accum_steps)
+    micro_step = step * train.grad_accum_steps
     while step < train.max_steps:
         batch = next(micro_batches)
         seed_step(train.seed, micro_step, accelerator.process_index)
-        with accelerator.accumulate(model):
-            terms = train_step(model, optimizer, batch, step, micro_step, train, accelerator)
+        with accelerator.accumulate(parts.model):
+            terms = train_step(parts.model, parts.optimizer, batch, step, micro_step, train, accelerator)
         micro_step += 1
         if not accelerator.sync_gradients:
             continue
         step += 1
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(model).parameters())
+        if parts.ema is not None:
+            parts.ema.step(accelerator.unwrap_model(parts.model).parameters())
         progress.update(1)
-        if step % train.log_every == 0 or step == train.max_steps:
-            seen = (step - start_step) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
-            logs = {**global_terms(terms, accelerator), "lr": optimizer.param_groups[0]["lr"],
-                    "codes_per_s": seen / max(1e-9, time.time() - t0)}
-            metrics_log.log(step, logs)
-            progress.set_postfix(loss=f"{logs['loss/ce']:.3f}", acc=f"{logs['loss/accuracy']:.3f}")
-        if val_loader is not None and ((train.eval_every and step % train.eval_every == 0)
-                                       or step == train.max_steps):
-            metrics_log.log(step, validate(model, val_loader, accelerator, train.val_batches))
-        if grid_tok is not None and (step % train.image_every == 0 or step == train.max_steps):
-            write_samples(model, grid_tok, accelerator, output_dir / "images" / f"samples_{step:08d}.png",
-                          train.grid_cfg_scale)
-        if step % train.save_every == 0 or step == train.max_steps:
-            manager.save(accelerator, step)
+        after_step(run, parts, step, terms, train, output_dir, progress)
     progress.close()
-    export = export_pretrained(model, ema, accelerator, output_dir / "prior")
+    export = export_pretrained(parts.model, parts.ema, accelerator, output_dir / "prior")
     accelerator.end_training()
     return export
+
+
+def after_step(run: Run, parts: Parts, step: int, terms: dict, train: PriorTrainConfig, output_dir: Path,
+               progress) -> None:
+    """The periodic work after an optimizer step: log, validate, sample grid, checkpoint (in that order)."""
+    accelerator = run.accelerator
+    if due(step, train.log_every, train.max_steps):
+        logs = {**global_terms(terms, accelerator), "lr": parts.optimizer.param_groups[0]["lr"],
+                "codes_per_s": run.items_per_s(step, train)}
+        run.metrics_log.log(step, logs)
+        progress.set_postfix(loss=f"{logs['loss/ce']:.3f}", acc=f"{logs['loss/accuracy']:.3f}")
+    if parts.val_loader is not None and due(step, train.eval_every, train.max_steps):
+        run.metrics_log.log(step, validate(parts.model, parts.val_loader, accelerator, train.val_batches))
+    if parts.grid_tokenizer is not None and due(step, train.image_every, train.max_steps):
+        write_samples(parts.model, parts.grid_tokenizer, accelerator,
+                      output_dir / "images" / f"samples_{step:08d}.png", train.grid_cfg_scale)
+    if due(step, train.save_every, train.max_steps):
+        run.manager.save(accelerator, step)
 
 
 def train_step(model, optimizer, batch, step: int, micro_step: int, train: PriorTrainConfig,

@@ -10,12 +10,10 @@ hard VQ (h=1); the run ends by exporting ``<output_dir>/tokenizer``.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from data import DataConfig, SkipTracker, collate, load_split
@@ -32,28 +30,22 @@ from tokenizer.losses import (
 )
 from tokenizer.schedule import hardness
 from training import (
-    CheckpointManager,
     DivergenceError,
-    JsonlLogger,
     TrainConfig,
     batches,
     check_finite,
-    configure_threads,
-    make_accelerator,
     make_parser,
     parse_config,
-    save_config,
     seed_step,
     step_generator,
 )
-from training.config import config_to_dict
 from training.images import save_image_grid
+from training.loop import Run, due, start_run
 from training.runtime import (
     NonPersistentBuffers,
     build_ema,
     clip_and_check,
     export_pretrained,
-    flat_hparams,
     global_terms,
     set_lr,
 )
@@ -119,27 +111,26 @@ def evaluate(model, loader, accelerator, max_batches: int) -> dict:
     }
 
 
-def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
-    output_dir = Path(output_dir)
-    train = config.tokenizer.train
-    threads = configure_threads()
-    accelerator = make_accelerator(train, output_dir)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    manager = CheckpointManager(output_dir, keep=train.keep_checkpoints)
-    resume_path = manager.resolve(resume)  # refuse a newer/unreadable checkpoint before writing anything
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-        accelerator.init_trackers("tokenizer", config=flat_hparams(config_to_dict(config)))
-    # Identical initial weights on every process; python/numpy RNGs seeded too, so every RNG
-    # state a checkpoint holds is a function of the seed and the step.
-    set_seed(train.seed)
+@dataclass
+class Parts:
+    """The prepared model and everything that trains or evaluates it."""
 
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    gan: GAN | None
+    perceptual: torch.nn.Module | None
+    ema: object | None
+
+
+def build_parts(config: TokenizerRun, accelerator) -> Parts:
+    """Model, data, optimizer, GAN, perceptual loss and EMA, prepared and registered for checkpoints."""
+    train, loss_config = config.tokenizer.train, config.tokenizer.loss
     model = ProVQTokenizer(config.tokenizer.model)
     train_loader, test_loader = build_dataloaders(config, train)
-    opt_g = make_optimizer(model.parameters(), train, train.lr)
-    model, opt_g, train_loader, test_loader = accelerator.prepare(model, opt_g, train_loader, test_loader)
-    loss_config = config.tokenizer.loss
+    optimizer = make_optimizer(model.parameters(), train, train.lr)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     gan = build_gan(config.tokenizer, accelerator) if loss_config.gan_weight > 0 else None
     perceptual = make_perceptual_loss(loss_config.perceptual_weight, loss_config.perceptual_net)
     if perceptual is not None:
@@ -149,60 +140,67 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
     accelerator.register_for_checkpointing(quantizer.training_state)
     # steps_since_used (dead codes) is kept out of the weights; a resumed run still needs it.
     accelerator.register_for_checkpointing(NonPersistentBuffers(quantizer))
+    return Parts(model, optimizer, train_loader, test_loader, gan, perceptual, ema)
 
-    metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
-    step = 0
-    if resume_path is not None:
-        step = manager.load(accelerator, resume_path)
-        metrics_log.truncate_after(step)
-        logger.info("resumed from %s at step %d", resume_path, step)
 
+def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
+    output_dir, train = Path(output_dir), config.tokenizer.train
+    run = start_run(config, train, output_dir, "tokenizer", resume)
+    accelerator = run.accelerator
+    parts = build_parts(config, accelerator)
+    step = run.resume()
     skips = SkipTracker()
     schedule = config.tokenizer.model.quantizer.schedule
     progress = tqdm(total=train.max_steps, initial=step, desc="tokenizer", dynamic_ncols=True,
                     disable=not accelerator.is_main_process)
     logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
-                accelerator.device, accelerator.num_processes, threads, train.mixed_precision)
-    t0, start_step = time.time(), step
-    micro_batches = batches(train_loader, accelerator, step, train.grad_accum_steps)
+                accelerator.device, accelerator.num_processes, run.threads, train.mixed_precision)
+    micro_batches = batches(parts.train_loader, accelerator, step, train.grad_accum_steps)
     micro_step = step * train.grad_accum_steps  # randomness is a function of it: resume replays it
     while step < train.max_steps:
         batch = next(micro_batches)
         seed_step(train.seed, micro_step, accelerator.process_index)
         skips.update(batch)
         h = hardness(step, schedule, train.max_steps)
-        with accelerator.accumulate(model):
-            terms, codebook_reset = train_step(model, gan, perceptual, opt_g, batch["image"], h, step,
-                                               config.tokenizer, accelerator, micro_step)
+        with accelerator.accumulate(parts.model):
+            terms, codebook_reset = train_step(parts.model, parts.gan, parts.perceptual, parts.optimizer,
+                                               batch["image"], h, step, config.tokenizer, accelerator, micro_step)
         micro_step += 1
-        if ema is not None and codebook_reset:
-            sync_ema_codebook(ema, accelerator.unwrap_model(model))
+        if parts.ema is not None and codebook_reset:
+            sync_ema_codebook(parts.ema, accelerator.unwrap_model(parts.model))
         if not accelerator.sync_gradients:
             continue
         step += 1
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(model).parameters())
+        if parts.ema is not None:
+            parts.ema.step(accelerator.unwrap_model(parts.model).parameters())
         progress.update(1)
-        if step % train.log_every == 0 or step == train.max_steps:
-            logs = global_terms(terms, accelerator)
-            seen = (step - start_step) * train.batch_size * train.grad_accum_steps * accelerator.num_processes
-            logs.update(lr=opt_g.param_groups[0]["lr"], images_per_s=seen / max(1e-9, time.time() - t0))
-            metrics_log.log(step, logs)
-            progress.set_postfix(h=f"{h:.2f}", rec=f"{logs['loss/reconstruction']:.4f}",
-                                 usage=f"{logs.get('quantizer/usage', 0):.2f}")
-        # The final evaluation comes before the final checkpoint, like every line of the
-        # log: a run resumed from any checkpoint then never logs a step twice.
-        if (train.eval_every and step % train.eval_every == 0) or step == train.max_steps:
-            metrics_log.log(step, evaluate(model, test_loader, accelerator, train.eval_batches))
-        if step % train.image_every == 0 or step == train.max_steps:
-            write_reconstructions(model, test_loader, accelerator, output_dir / "images" / f"recon_{step:08d}.png")
-        if step % train.save_every == 0 or step == train.max_steps:
-            manager.save(accelerator, step)
+        after_step(run, parts, step, h, terms, train, output_dir, progress)
     progress.close()
     skips.report()
-    export = export_pretrained(model, ema, accelerator, output_dir / "tokenizer")
+    export = export_pretrained(parts.model, parts.ema, accelerator, output_dir / "tokenizer")
     accelerator.end_training()
     return export
+
+
+def after_step(run: Run, parts: Parts, step: int, h: float, terms: dict, train: TokenizerTrainConfig,
+               output_dir: Path, progress) -> None:
+    """The periodic work after an optimizer step: log, evaluate, pictures, checkpoint (in that order)."""
+    accelerator = run.accelerator
+    if due(step, train.log_every, train.max_steps):
+        logs = global_terms(terms, accelerator)
+        logs.update(lr=parts.optimizer.param_groups[0]["lr"], images_per_s=run.items_per_s(step, train))
+        run.metrics_log.log(step, logs)
+        progress.set_postfix(h=f"{h:.2f}", rec=f"{logs['loss/reconstruction']:.4f}",
+                             usage=f"{logs.get('quantizer/usage', 0):.2f}")
+    # The final evaluation comes before the final checkpoint, like every line of the
+    # log: a run resumed from any checkpoint then never logs a step twice.
+    if due(step, train.eval_every, train.max_steps):
+        run.metrics_log.log(step, evaluate(parts.model, parts.test_loader, accelerator, train.eval_batches))
+    if due(step, train.image_every, train.max_steps):
+        write_reconstructions(parts.model, parts.test_loader, accelerator,
+                              output_dir / "images" / f"recon_{step:08d}.png")
+    if due(step, train.save_every, train.max_steps):
+        run.manager.save(accelerator, step)
 
 
 def make_optimizer(params, train: TokenizerTrainConfig, lr: float):
