@@ -82,7 +82,19 @@ def usage_plot(out: Path, variants) -> Path:
             steps = curves[0][0]
             lines[v.name] = (steps, [statistics.fmean(c[1][i] for c in curves if i < len(c[1]))
                                      for i in range(len(steps))])
-    return plot_panels([("codebook usage (test split, mean over seeds)", lines)], out / "usage.png")
+    # hard VQ dashed, AE warm-up then hard dotted, the smooth ramps solid
+    styles = {v.name: {"linestyle": "--" if v.hard else ":" if not v.smooth else "-"} for v in variants}
+    return plot_panels([("codebook usage (test split, mean over seeds)", lines)], out / "usage.png",
+                       styles=styles)
+
+
+def time_line(info: dict) -> str:
+    """The ablation's time: its stages' own times summed (resumes included), and this invocation's."""
+    line = (f"Time: {info['stage_minutes']} min summed over the {info['stages']} stages, each timed "
+            f"when it ran; this invocation: {info['minutes']} min.")
+    if info["untimed_stages"]:
+        line += f" ({info['untimed_stages']} stages ran without a recorded time.)"
+    return line
 
 
 def write_report(out: Path, variants, results, generation, info: dict) -> Path:
@@ -99,7 +111,7 @@ def write_report(out: Path, variants, results, generation, info: dict) -> Path:
         f"{s['tokenizer_steps']} tokenizer steps per run; gFID from a prior of {s['prior_steps']} steps "
         f"and {s['num_samples']} samples ({'every seed' if info['full'] else 'seed 0'}) against the "
         f"{info['gfid_reference']}. "
-        f"Wall time of the last invocation: {info['minutes']} min.", "",
+        f"{time_line(info)}", "",
         "All metrics use hard quantization. Mean ± std over seeds. Strongest variants are chosen "
         "by mean PSNR. A difference counts as real only when it is larger than the seed spread "
         "(std of one + std of the other).", "",

@@ -20,28 +20,39 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_panels(panels: list[tuple[str, dict[str, tuple[list, list]]]], path: str | Path,
-                title: str = "") -> Path:
-    """One subplot per (ylabel, {legend: (steps, values)}); written as a PNG."""
+                title: str = "", styles: dict[str, dict] | None = None) -> Path:
+    """One subplot per (ylabel, {legend: (steps, values)}); written as a PNG.
+
+    ``styles`` maps a legend entry to extra ``plot`` keywords (e.g. a line style per family).
+    Past 10 lines the colours come from tab20 and the legend moves outside, so no two lines
+    share a look and the legend hides no curve.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    many = max((len(lines) for _, lines in panels), default=0) > 10
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + (2.4 if many else 0), 3.4),
+                             squeeze=False)
+    colors = plt.get_cmap("tab20").colors if many else plt.get_cmap("tab10").colors
     for ax, (ylabel, lines) in zip(axes[0], panels, strict=True):
-        for label, (xs, ys) in lines.items():
-            ax.plot(xs, ys, label=label, linewidth=1.4)
+        for i, (label, (xs, ys)) in enumerate(lines.items()):
+            style = {"linewidth": 1.4, "color": colors[i % len(colors)], **(styles or {}).get(label, {})}
+            ax.plot(xs, ys, label=label, **style)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if many:
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        elif len(lines) > 1:
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
