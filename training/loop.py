@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate.utils import set_seed
+
 from training.checkpoint import CheckpointManager
 from training.config import config_to_dict, save_config
 from training.runtime import (
@@ -66,8 +68,6 @@ def start_run(config, train: TrainConfig, output_dir: Path, project: str, resume
     if accelerator.is_main_process:
         save_config(config, output_dir / "config.yaml")
         accelerator.init_trackers(project, config=flat_hparams(config_to_dict(config)))
-    from accelerate.utils import set_seed
-
     # Identical initial weights on every process; python/numpy RNGs seeded too, so every RNG
     # state a checkpoint holds is a function of the seed and the step.
     set_seed(train.seed)
