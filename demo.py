@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training import pipeline
-from training.images import save_image_grid
-from training.report import markdown_table, plot_panels, read_jsonl, series
+from data.pixels import from_hwc, save_image_grid, to_float
+from pipeline import commands
+from pipeline.report import markdown_table, plot_panels, read_jsonl, series
 
 
 def stages(args) -> list[tuple[str, list[str], Path]]:
@@ -29,18 +29,18 @@ def stages(args) -> list[tuple[str, list[str], Path]]:
     tok, codes, prior = out / "tok", out / "codes", out / "prior"
     samples, ref = out / "samples", out / "ref" / "train_stats.npz"
     return [
-        ("data", pipeline.data_describe("--dataset", "emoji"), out / "data.json"),
-        ("tokenizer", pipeline.train_tokenizer(cfg, tok), tok / "tokenizer" / "model.safetensors"),
-        ("codes", pipeline.extract_codes(tok / "tokenizer", cfg, codes, "--flip_copies"),
+        ("data", commands.data_describe("--dataset", "emoji"), out / "data.json"),
+        ("tokenizer", commands.train_tokenizer(cfg, tok), tok / "tokenizer" / "model.safetensors"),
+        ("codes", commands.extract_codes(tok / "tokenizer", cfg, codes, "--flip_copies"),
          codes / "tokenizer.json"),
-        ("prior", pipeline.train_prior(cfg, codes, prior), prior / "prior" / "model.safetensors"),
-        ("samples", pipeline.sample(tok / "tokenizer", prior / "prior", cfg, samples,
-                                    args.num_samples, args.cfg_scale), samples / "samples.npz"),
-        ("reference stats", pipeline.evaluate("stats", "--dataset", "emoji", "--split", "train",
+        ("prior", commands.train_prior(cfg, codes, prior), prior / "prior" / "model.safetensors"),
+        ("samples", commands.sample(tok / "tokenizer", prior / "prior", cfg, samples, args.num_samples,
+                                    "--cfg_scale", str(args.cfg_scale)), samples / "samples.npz"),
+        ("reference stats", commands.evaluate("stats", "--dataset", "emoji", "--split", "train",
                                               "--resolution", "32", "--out", str(ref)), ref),
-        ("rFID", pipeline.evaluate("rfid", "--tokenizer", str(tok / "tokenizer"), "--dataset", "emoji",
+        ("rFID", commands.evaluate("rfid", "--tokenizer", str(tok / "tokenizer"), "--dataset", "emoji",
                                    "--split", "test", "--out", str(out / "rfid.json")), out / "rfid.json"),
-        ("gFID", pipeline.evaluate("gfid", "--samples", str(samples / "samples.npz"), "--ref", str(ref),
+        ("gFID", commands.evaluate("gfid", "--samples", str(samples / "samples.npz"), "--ref", str(ref),
                                    "--out", str(out / "gfid.json")), out / "gfid.json"),
     ]
 
@@ -55,8 +55,7 @@ def sample_rows(samples_npz: Path, label_names: list[str], per_class: int, path:
         if len(picked):
             rows.append(picked)
     picked = np.concatenate(rows)
-    tensor = torch.from_numpy(picked).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return save_image_grid(tensor, path, nrow=per_class)
+    return save_image_grid(to_float(from_hwc(picked)), path, nrow=per_class)
 
 
 def write_report(args, timings: dict) -> Path:
@@ -122,7 +121,7 @@ def main(argv=None) -> None:
     start = time.time()
     for name, command, done in stages(args):
         capture = done if name == "data" else None  # describe prints its JSON: keep it for the report
-        pipeline.run_once(name, command, done, timings, capture_to=capture)
+        commands.run_unless_done(name, command, done, timings, capture_to=capture)
         # ru_maxrss of waited-for children: the largest stage process so far (KiB on Linux)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         timings["peak_rss_gib"] = round(max(peak, timings.get("peak_rss_gib", 0.0)), 2)

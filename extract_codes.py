@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from common.cli import run_command
+from common.errors import ConfigError, UserError
 from data import DataConfig, collate, load_split
-from generator.codes import CodeShardWriter, CodesManifest
+from generator import TOKENIZER_RECORD, CodeShardWriter, CodesManifest
 from tokenizer import ProVQTokenizer
-from training import configure_threads, make_parser, parse_config
+from training import configure_threads, make_parser, parse_config, process_state
 
 logger = logging.getLogger("extract_codes")
-TOKENIZER_RECORD = "tokenizer.json"  # where the codes came from, for sample grids during training
 
 
 @dataclass
@@ -39,7 +39,7 @@ def encode_items(tok, dataset, items: range, batch_size: int, flip_copies: bool,
     for start in range(items.start, items.stop, batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, items.stop))])
         if batch["skipped"]:
-            raise ValueError(
+            raise UserError(
                 f"unreadable images {batch['skipped'][:5]}: code shards need every image of the split; "
                 "repair or remove them, then delete the codes folder and extract again")
         images = batch["image"].to(device)
@@ -51,7 +51,7 @@ def encode_items(tok, dataset, items: range, batch_size: int, flip_copies: bool,
     return torch.cat(codes), torch.cat(labels)
 
 
-def extract_split(tok, config: ExtractRun, split: str, args, state: PartialState) -> CodesManifest:
+def extract_split(tok, config: ExtractRun, split: str, args, state) -> CodesManifest:
     dataset = load_split(config.data, split, train=False)
     manifest = CodesManifest(
         tokenizer_fingerprint=tok.fingerprint(), code_shape=tuple(tok.code_shape),
@@ -82,10 +82,10 @@ def main(argv=None) -> None:
     config, args = parse_config(parser, ExtractRun, None, argv)
     logging.basicConfig(level=logging.INFO)
     configure_threads()
-    state = PartialState()
+    state = process_state()
     tok = ProVQTokenizer.from_pretrained(args.tokenizer, device=state.device)
     if config.data.resolution != tok.config.resolution:
-        raise ValueError(f"data.resolution is {config.data.resolution} but the tokenizer was trained at "
+        raise ConfigError(f"data.resolution is {config.data.resolution} but the tokenizer was trained at "
                          f"{tok.config.resolution}: pass --data.resolution {tok.config.resolution}")
     for split in args.splits.split(","):
         manifest = extract_split(tok, config, split, args, state)
@@ -96,4 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("extract_codes.py", main)

@@ -14,22 +14,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.cli import run_command
+from common.errors import ConfigError
+from common.typed_config import build_config
+from data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
 from generator import ARPrior
-from generator.sampling import sample
+from generator.sampling import SamplingConfig, sample
 from tokenizer import ProVQTokenizer
-from training import configure_threads
+from training import configure_threads, process_state
 from training.config import load_yaml
-from training.images import save_image_grid, to_uint8
 
 logger = logging.getLogger("sample")
+# The command's defaults (CFG on, as LlamaGen samples); the preset's `sample:` section and the
+# flags override them field by field.
 DEFAULTS = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
@@ -53,7 +58,7 @@ def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.T
         chosen = [int(x) for x in spec.split(",") if x.strip()]
         bad = [c for c in chosen if not 0 <= c < num_classes]
         if bad:
-            raise ValueError(f"--labels {bad} outside the prior's classes [0, {num_classes})")
+            raise ConfigError(f"--labels {bad} outside the prior's classes [0, {num_classes})")
     else:
         chosen = list(range(max(1, num_classes)))
     labels = torch.tensor([chosen[i % len(chosen)] for i in range(num_images)])
@@ -61,6 +66,8 @@ def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.T
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; ``args.sampling`` is the SamplingConfig of flags over the preset's ``sample:``
+    section over the defaults, checked before anything is loaded or written."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--prior", required=True)
@@ -74,14 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}")
     args = parser.parse_args(argv)
     section = load_yaml(args.config).get("sample", {}) if args.config else {}
-    unknown = sorted(set(section) - set(DEFAULTS))
-    if unknown:
-        parser.error(f"unknown field 'sample.{unknown[0]}' in {args.config}")
-    for name, value in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, type(value)(section.get(name, value)))
+    flags = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name) is not None}
+    args.sampling = build_config(SamplingConfig, {**DEFAULTS, **section, **flags}, prefix="sample.")
     if args.num_images < 1:
-        parser.error("--num_images must be >= 1")
+        raise ConfigError(f"--num_images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     return args
 
 
@@ -89,20 +94,18 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     configure_threads()
-    state = PartialState()
+    state = process_state()
     tok, prior = load_pair(args.tokenizer, args.prior, state.device)
     labels = class_labels(args.labels, args.num_images, prior.config.num_classes)
     out = Path(args.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    sampling = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p)
     starts = list(range(0, args.num_images, args.batch_size))
     mine = starts[state.process_index::state.num_processes]
     for b, start in tqdm([(starts.index(s), s) for s in mine], desc="sampling",
                          disable=not state.is_main_process):
         chunk = labels[start:start + args.batch_size]
-        images = to_uint8(generate(tok, prior, chunk, seed=args.seed * 1_000_003 + b, **sampling))
-        for i, image in enumerate(images):
+        images = generate(tok, prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
+        for i, image in enumerate(to_hwc(to_uint8(images))):
             Image.fromarray(image).save(out / "images" / f"{start + i:06d}.png")
     state.wait_for_everyone()
     if state.is_main_process:
@@ -117,10 +120,9 @@ def write_collection(out: Path, labels: torch.Tensor) -> None:
     tmp = out / "samples.tmp.npz"
     np.savez(tmp, arr_0=arrays, labels=labels.numpy())
     tmp.replace(out / "samples.npz")  # the demo and the ablation take samples.npz as "done"
-    shown = torch.from_numpy(arrays[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_image_grid(shown, out / "grid.png", nrow=10)
+    save_image_grid(to_float(from_hwc(arrays[:100])), out / "grid.png", nrow=10)
     logger.info("%d samples -> %s", len(labels), out / "samples.npz")
 
 
 if __name__ == "__main__":
-    main()
+    run_command("sample.py", main)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ablation.report import write_report
 from ablation.variants import Variant, base_variants, derived_variants
-from training import pipeline
+from pipeline import commands
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ class Ablation:
     def folder(self, variant: Variant, seed: int) -> Path:
         return self.out / variant.name / f"seed{seed}"
 
-    def run(self, name, step, done) -> None:
+    def run(self, name, command, done) -> None:
         self.stages.append(name)
-        if pipeline.run_once(name, step, done, self.timings, in_process=not self.args.subprocess):
+        if commands.run_unless_done(name, command, done, self.timings, in_process=not self.args.subprocess):
             self.timings_path.parent.mkdir(parents=True, exist_ok=True)
             self.timings_path.write_text(json.dumps(self.timings, indent=1))
 
@@ -70,7 +70,7 @@ class Ablation:
                 "minutes": round((time.time() - started) / 60, 1)}
 
     def reference(self) -> None:
-        self.run("reference stats", pipeline.evaluate(
+        self.run("reference stats", commands.evaluate(
             "stats", "--dataset", self.args.dataset, "--split", self.ref_split, "--resolution",
             str(self.args.resolution), "--out", str(self.ref)), self.ref)
 
@@ -88,9 +88,9 @@ class Ablation:
         )
         tok = run / "tok" / "tokenizer"
         self.run(f"{variant.name} seed {seed}: tokenizer",
-                 pipeline.train_tokenizer(self.args.config, run / "tok", *overrides),
+                 commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")
-        self.run(f"{variant.name} seed {seed}: rFID", pipeline.evaluate(
+        self.run(f"{variant.name} seed {seed}: rFID", commands.evaluate(
             "rfid", "--tokenizer", str(tok), "--dataset", self.args.dataset, "--split", "test",
             "--lpips_net", "none", "--ref_stats", str(self.test_stats),
             "--out", str(run / "rfid.json")), run / "rfid.json")
@@ -101,15 +101,15 @@ class Ablation:
         tok = run / "tok" / "tokenizer"
         data = ("--data.dataset", self.args.dataset, "--data.resolution", str(self.args.resolution))
         self.run(f"{variant.name} seed {seed}: codes",
-                 pipeline.extract_codes(tok, cfg, run / "codes", "--flip_copies", *data), run / "codes" / "tokenizer.json")
-        self.run(f"{variant.name} seed {seed}: prior", pipeline.train_prior(
+                 commands.extract_codes(tok, cfg, run / "codes", "--flip_copies", *data), run / "codes" / "tokenizer.json")
+        self.run(f"{variant.name} seed {seed}: prior", commands.train_prior(
             cfg, run / "codes", run / "prior", "--seed", str(seed), "--max_steps", str(s.prior_steps),
             "--prior.train.image_every", str(s.prior_steps), "--prior.train.save_every",
             str(s.prior_steps)), run / "prior" / "prior" / "model.safetensors")
-        self.run(f"{variant.name} seed {seed}: samples", pipeline.sample(
-            tok, run / "prior" / "prior", cfg, run / "samples", s.num_samples, self.args.cfg_scale,
-            "--seed", str(seed)), run / "samples" / "samples.npz")
-        self.run(f"{variant.name} seed {seed}: gFID", pipeline.evaluate(
+        self.run(f"{variant.name} seed {seed}: samples", commands.sample(
+            tok, run / "prior" / "prior", cfg, run / "samples", s.num_samples,
+            "--cfg_scale", str(self.args.cfg_scale), "--seed", str(seed)), run / "samples" / "samples.npz")
+        self.run(f"{variant.name} seed {seed}: gFID", commands.evaluate(
             "gfid", "--samples", str(run / "samples" / "samples.npz"), "--ref", str(self.ref),
             "--out", str(run / "gfid.json")), run / "gfid.json")
         return json.loads((run / "gfid.json").read_text())

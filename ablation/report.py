@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from ablation.variants import Variant
-from training.report import markdown_table, plot_panels, read_jsonl, series
+from pipeline.report import markdown_table, plot_panels, read_jsonl, series
 
 # (key in the eval JSON, column name, higher is better)
 METRICS = [

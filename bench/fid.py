@@ -28,7 +28,7 @@ BF16_MAX_RELATIVE_FID_CHANGE = 1e-3  # the issue's bar: bf16 only if FID moves b
 def emoji_images(split: str, count: int) -> torch.Tensor:
     """uint8 (N, 3, 32, 32) from the built-in emoji set: real images, the project's own data."""
     from data import DataConfig, load_split
-    from eval.inception import to_uint8
+    from data.pixels import to_uint8
 
     dataset = load_split(DataConfig(dataset="emoji", resolution=32), split, train=False)
     return torch.stack([to_uint8(dataset[i]["image"]) for i in range(min(count, len(dataset)))])

@@ -25,7 +25,15 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from generator import ARPrior, preset, sample  # noqa: E402
+from generator import ARPrior, sample  # noqa: E402
+from pipeline.presets import preset_models  # noqa: E402
+
+# The priors benchmarked: the demo's (emoji, 10 classes) and GPT-B of the ImageNet recipe.
+PRIORS = {"demo": ("emoji32", 10), "gpt_b": ("imagenet256", 1000)}
+
+
+def prior_config(name: str):
+    return preset_models(*PRIORS[name])[1]
 
 SETTINGS = dict(temperature=1.0, top_k=0, top_p=1.0)  # the same for our sampler and generate
 CFG_SCALE = 2.0
@@ -84,7 +92,7 @@ def recompute_estimate(prior: ARPrior, labels: torch.Tensor, repeats: int) -> fl
 def bench_model(name: str, batch: int, compare: int, no_cache: int, repeats: int) -> dict:
     """All figures for one preset; compare/no_cache: codes timed for those runs (<= N)."""
     torch.manual_seed(0)
-    prior = ARPrior(preset(name)).eval()
+    prior = ARPrior(prior_config(name)).eval()
     n = prior.config.num_tokens
     labels = torch.arange(batch) % prior.config.num_classes
     sample(first_tokens(prior, 4), labels)  # warm-up: allocator, thread pool, lazy imports
@@ -152,7 +160,7 @@ def main(argv=None) -> dict:
         "settings": SETTINGS, "load_average_before": os.getloadavg(), "models": {},
     }
     for name in args.presets.split(","):
-        n = preset(name).num_tokens
+        n = prior_config(name).num_tokens
         if name == "demo":
             result = bench_model(name, args.batch, n, n, args.demo_repeats)
         else:

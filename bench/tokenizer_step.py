@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from pipeline.presets import preset_models  # noqa: E402
 from tokenizer import (  # noqa: E402
     DiscriminatorConfig,
     PatchDiscriminator,
@@ -33,7 +34,6 @@ from tokenizer import (  # noqa: E402
     adaptive_gan_weight,
     hinge_d_loss,
     hinge_g_loss,
-    preset,
     reconstruction_loss,
 )
 
@@ -41,7 +41,7 @@ VARIANTS = {"provq": 0.5, "hard_vq": 1.0}  # hardness: mid-ramp for ProVQ, sched
 
 
 def build(variant: str, gan: bool, disc_channels: int):
-    config = preset("demo32")
+    config = preset_models("emoji32", num_classes=10)[0]
     if variant == "hard_vq":
         config.quantizer.schedule = ScheduleConfig(kind="none")
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def main() -> None:
     if args.child:
         return peak_rss_child(args)
     result = {
-        "benchmark": "tokenizer_step", "preset": "demo32", "batch": args.batch,
+        "benchmark": "tokenizer_step", "preset": "emoji32", "batch": args.batch,
         "step": "forward + L1 + VQ loss"
         + (f" + hinge GAN (adaptive weight) + D step (PatchGAN, 2 layers, {args.disc_channels} ch)"
            if args.gan else "")

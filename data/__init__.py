@@ -3,10 +3,11 @@
 from .config import DataConfig
 from .dataset import ImageDataset, SkipTracker, collate, load_split, resolve_source
 from .images import open_rgb
-from .sources import DatasetNotFoundError
+from .sources import DatasetError, DatasetNotFoundError
 
 __all__ = [
     "DataConfig",
+    "DatasetError",
     "DatasetNotFoundError",
     "ImageDataset",
     "SkipTracker",

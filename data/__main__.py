@@ -1,7 +1,8 @@
 """Entry point of `python -m data` (see data/describe.py)."""
 
-import sys
+from common.cli import run_command
 
 from .describe import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    raise SystemExit(run_command("python -m data", main))

@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.errors import ConfigError
+
 from .config import DataConfig
-from .images import flip_bit, open_rgb, resize_center_crop, to_float, to_uint8_chw
+from .images import flip_bit, open_rgb, resize_center_crop, to_uint8_chw
+from .pixels import to_float
 from .sources import (
+    DatasetError,
     DatasetNotFoundError,
     SelectedPayloads,
     Source,
@@ -40,7 +44,7 @@ def resolve_source(config: DataConfig, split: str) -> Source:
     if config.class_subset:
         source = keep_classes(source, config.class_subset)
     if len(source) == 0:
-        raise ValueError(f"dataset {config.dataset!r}, split {name!r} has no images "
+        raise DatasetError(f"dataset {config.dataset!r}, split {name!r} has no images "
                          "(an image folder needs .jpg/.jpeg/.png/... files, directly or in "
                          "one sub-folder per class)")
     return source
@@ -60,10 +64,10 @@ def keep_classes(source: Source, subset_file: str) -> Source:
     """Only the classes listed in `subset_file`, relabelled 0..K-1 in file order."""
     wanted = read_class_subset(subset_file)
     if not source.label_names:
-        raise ValueError(f"class_subset {subset_file} given, but the dataset is unlabelled")
+        raise DatasetError(f"class_subset {subset_file} given, but the dataset is unlabelled")
     unknown = [name for name in wanted if name not in source.label_names]
     if unknown:
-        raise ValueError(f"class_subset {subset_file}: {len(unknown)} unknown class names, "
+        raise DatasetError(f"class_subset {subset_file}: {len(unknown)} unknown class names, "
                          f"e.g. {unknown[:5]}; known classes start {source.label_names[:5]}")
     new_label = {source.label_names.index(name): i for i, name in enumerate(wanted)}
     keep = [i for i, label in enumerate(source.labels) if label in new_label]
@@ -77,7 +81,7 @@ def _wants_in_memory(in_memory: bool | str, count: int, resolution: int) -> bool
     if isinstance(in_memory, str):
         options = {"auto": None, "true": True, "false": False}
         if in_memory.lower() not in options:
-            raise ValueError(f"in_memory must be true, false or 'auto', not {in_memory!r}")
+            raise ConfigError(f"in_memory must be true, false or 'auto', not {in_memory!r}")
         in_memory = options[in_memory.lower()]
     if in_memory is None:
         return count * 3 * resolution * resolution < IN_MEMORY_LIMIT_BYTES

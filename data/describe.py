@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .dataset import resolve_source
 from .images import open_rgb
-from .sources import DatasetNotFoundError, Source
+from .sources import DatasetError, DatasetNotFoundError, Source
 
 
 def scan_sizes(source: Source, desc: str) -> tuple[list[tuple[int, int]], list[str]]:
@@ -62,7 +62,7 @@ def describe(config: DataConfig) -> dict:
             splits[role], names, sizes = describe_split(config, role)
         except DatasetNotFoundError:
             raise
-        except ValueError as error:  # e.g. a hub dataset without a test split
+        except DatasetError as error:  # e.g. a hub dataset without a test split
             splits[role] = {"split": getattr(config, f"{role}_split"), "error": str(error)}
             continue
         label_names = label_names or names
@@ -93,9 +93,5 @@ def main(argv: list[str] | None = None) -> int:
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     config = DataConfig(**{k: v for k, v in vars(args).items() if k in fields})
     config.in_memory = False  # describing never needs decoded tensors
-    try:
-        print(json.dumps(describe(config), indent=2, ensure_ascii=False))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    print(json.dumps(describe(config), indent=2, ensure_ascii=False))
     return 0

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import WHITE, open_rgb, split_bucket
+from common.errors import MissingFileError
+
+from .images import WHITE, in_test_split, open_rgb
 
 FONT_PATH = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST_PATH = Path("/usr/share/unicode/emoji/emoji-test.txt")
 EMOJI_DATA_PATH = Path("/usr/share/unicode/emoji/emoji-data.txt")
 APT_FIX = "sudo apt-get install fonts-noto-color-emoji unicode-data"
 CACHE_VERSION = "v1"  # bump when the build changes, so stale caches are not reused
-TEST_FRACTION = 0.1
 ZWJ, VS16 = 0x200D, 0xFE0F
 SKIN_TONES = range(0x1F3FB, 0x1F400)
 COMPONENT = "Component"  # emoji-test.txt's own group for skin tones and hair styles
@@ -29,7 +30,7 @@ COMPONENT = "Component"  # emoji-test.txt's own group for skin tones and hair st
 def check_inputs() -> None:
     missing = [str(p) for p in (FONT_PATH, EMOJI_TEST_PATH, EMOJI_DATA_PATH) if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the built-in emoji dataset needs {', '.join(missing)}; install it with: {APT_FIX}")
 
 
@@ -175,7 +176,7 @@ def build_emoji(target: Path):
     for record in records:
         record["width"], record["height"] = record["image"].size
         # Keyed on the code points, not the glyph id, so the split survives font rebuilds.
-        split = "test" if split_bucket(record["codepoints"]) < TEST_FRACTION else "train"
+        split = "test" if in_test_split(record["codepoints"]) else "train"
         splits[split].append(record)
     dataset = datasets.DatasetDict({
         name: datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in features},

@@ -15,6 +15,7 @@ WHITE = (255, 255, 255)
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 }
+TEST_FRACTION = 0.1  # share of the items in_test_split puts in the held-out split
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
@@ -77,11 +78,6 @@ def to_uint8_chw(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 in [-1, 1]."""
-    return pixels.to(torch.float32).div_(127.5).sub_(1.0)
-
-
 def flip_bit(seed: int, epoch: int, index: int) -> bool:
     """A fair coin that depends only on (seed, epoch, index): resumed runs and any
     number of workers see the same flips, unlike a stateful RNG."""
@@ -92,3 +88,9 @@ def flip_bit(seed: int, epoch: int, index: int) -> bool:
 def split_bucket(key: str) -> float:
     """Stable position in [0, 1) of a string key (sha1, the same on every machine)."""
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
+
+
+def in_test_split(key: str) -> bool:
+    """Whether an item goes to the held-out split of a dataset that has none of its own: a hash
+    of its key, so the split is stable across machines and when items are added."""
+    return split_bucket(key) < TEST_FRACTION

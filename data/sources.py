@@ -6,14 +6,19 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import UserError
+
 from .config import DataConfig
-from .images import IMAGE_EXTENSIONS, split_bucket
+from .images import IMAGE_EXTENSIONS, in_test_split
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
-TEST_FRACTION = 0.1
 
 
-class DatasetNotFoundError(ValueError):
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used as asked: no images, a missing split, an unknown class."""
+
+
+class DatasetNotFoundError(DatasetError):
     """--dataset names neither emoji, nor an existing folder, nor a loadable hub dataset."""
 
 
@@ -77,7 +82,7 @@ def emoji_source(config: DataConfig, split: str) -> Source:
 
     splits = load_emoji(config.cache_dir)
     if split not in splits:
-        raise ValueError(f"the emoji dataset has splits {list(splits)}, not {split!r}")
+        raise DatasetError(f"the emoji dataset has splits {list(splits)}, not {split!r}")
     table = splits[split]
     # list(): datasets >= 4 returns lazy Column objects for table["name"].
     return Source(names=list(table["codepoints"]), labels=list(table["label"]),
@@ -107,7 +112,7 @@ def hub_source(config: DataConfig, split: str) -> Source:
         raise DatasetNotFoundError(unknown_dataset_message(config.dataset, error)) from error
     columns = table.column_names
     if config.image_column not in columns:
-        raise ValueError(f"hub dataset {config.dataset!r} has no image column "
+        raise DatasetError(f"hub dataset {config.dataset!r} has no image column "
                          f"{config.image_column!r}; its columns are {columns} (set image_column)")
     labelled = config.label_column is not None and config.label_column in columns
     if config.label_column is not None and not labelled:
@@ -158,7 +163,7 @@ def list_folder(folder: Path, class_names: list[str] | None = None):
         class_names = [c.name for c in classes]
     unknown = sorted({c.name for c in classes} - set(class_names))
     if unknown:
-        raise ValueError(f"{folder} has class folders not in the train split: {unknown[:5]}")
+        raise DatasetError(f"{folder} has class folders not in the train split: {unknown[:5]}")
     loose = _images_in(folder, recursive=False)
     if loose:
         logging.warning("%s: %d images beside the class folders are ignored", folder, len(loose))
@@ -178,7 +183,7 @@ def _split_folder(root: Path, split: str, config: DataConfig) -> Path:
         fallback = "val" if "val" in present else "validation"
         logging.info("%s has no test/ folder: using %s/ as the test split", root, fallback)
         return root / fallback
-    raise ValueError(f"{root} has split folders {present}, not {split!r} "
+    raise DatasetError(f"{root} has split folders {present}, not {split!r} "
                      "(set train_split / test_split, e.g. test_split=val)")
 
 
@@ -193,13 +198,13 @@ def folder_source(config: DataConfig, split: str) -> Source:
         files, labels, class_names = list_folder(folder, class_names)
     else:
         if split not in (config.train_split, config.test_split):
-            raise ValueError(f"{root} has no split folders; its splits are "
+            raise DatasetError(f"{root} has no split folders; its splits are "
                              f"{config.train_split!r} and {config.test_split!r} (90/10 by hash)")
         all_files, all_labels, class_names = list_folder(root)
         keys = [p.relative_to(root).as_posix() for p in all_files]
         # Hash of the relative path: stable across machines and when files are added.
         want_test = split == config.test_split
-        keep = [i for i, k in enumerate(keys) if (split_bucket(k) < TEST_FRACTION) == want_test]
+        keep = [i for i, k in enumerate(keys) if in_test_split(k) == want_test]
         files = [all_files[i] for i in keep]
         labels = None if all_labels is None else [all_labels[i] for i in keep]
     names = [p.relative_to(root).as_posix() for p in files]

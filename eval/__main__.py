@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.compute import Processes, StatsResult, reconstruction_stats, source_stats
+from common.cli import run_command
+from common.errors import ConfigError, FormatError
+from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
 from eval.fid import fid_from_stats, load_stats, save_stats
 from eval.inception import load_inception, protocol
-from eval.sources import DatasetSource, open_images
+from eval.inputs import DatasetSource, open_images
 
 IS_UNAVAILABLE = ("the Inception weights have no classifier layer (fid-helper's copy is pool3 only); "
                   "pass --inception_weights pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for IS")
@@ -73,14 +75,14 @@ def _is_stats_file(path: str) -> bool:
         return {"mu", "sigma"} <= set(npz.files)
 
 
-def _stats_of(path: str, model, procs: Processes, args, desc: str) -> StatsResult:
+def _stats_of(path: str, setup: EvalSetup, desc: str) -> StatsResult:
     """Precomputed statistics when the file holds them (an ADM reference batch holds both), else computed."""
     if _is_stats_file(path):
         return StatsResult(load_stats(path), None, 0)
-    return source_stats(open_images(path), model, procs, args.batch_size, args.num_workers, desc)
+    return source_stats(open_images(path), setup, desc)
 
 
-def _is_fields(result: StatsResult, model) -> dict:
+def _inception_score_fields(result: StatsResult, model) -> dict:
     if result.inception_score is None:
         why = IS_UNAVAILABLE if model.fc is None else "the images were given as precomputed statistics"
         return {"inception_score_unavailable": why}
@@ -88,35 +90,35 @@ def _is_fields(result: StatsResult, model) -> dict:
     return {"inception_score": mean, "inception_score_std": std, "inception_score_splits": 10}
 
 
-def run_stats(args, model, procs) -> dict:
+def run_stats(args, setup: EvalSetup) -> dict:
     if bool(args.dataset) == bool(args.images):
-        raise SystemExit("stats: give exactly one of --dataset or --images")
+        raise ConfigError("stats: give exactly one of --dataset or --images")
     source = (DatasetSource(args.dataset, args.split, args.resolution, args.num_workers) if args.dataset
               else open_images(args.images))
-    result = source_stats(source, model, procs, args.batch_size, args.num_workers)
-    if procs.is_main and args.stats_out:
+    result = source_stats(source, setup)
+    if setup.procs.is_main and args.stats_out:
         save_stats(result.stats, args.stats_out)
-    return {"metrics": _is_fields(result, model), "num_images": result.stats.count, "skipped": result.skipped,
+    return {"metrics": _inception_score_fields(result, setup.model), "num_images": result.stats.count, "skipped": result.skipped,
             "source": source.name, "stats": args.stats_out}
 
 
-def run_rfid(args, model, procs) -> dict:
+def run_rfid(args, setup: EvalSetup) -> dict:
     from eval.metrics import load_lpips
     from tokenizer import ProVQTokenizer  # tokenizer/ is its own room; imported when used
 
+    procs = setup.procs
     tokenizer = ProVQTokenizer.from_pretrained(args.tokenizer, device=procs.device)
     lpips_model, lpips_why = (None, "disabled by --lpips_net none") if args.lpips_net == "none" else (
         load_lpips(args.lpips_net, procs.device))
     resolution = args.resolution or tokenizer.config.resolution
     source = DatasetSource(args.dataset, args.split, resolution, args.num_workers)
     cached = load_stats(args.ref_stats) if args.ref_stats and Path(args.ref_stats).is_file() else None
-    result = reconstruction_stats(source, tokenizer, model, procs, args.batch_size, args.num_workers, lpips_model,
-                                  originals_known=cached is not None)
+    result = reconstruction_stats(source, tokenizer, setup, lpips_model, originals_known=cached is not None)
     originals = cached if cached is not None else result.originals
     if cached is None and args.ref_stats and procs.is_main:
         save_stats(originals, args.ref_stats)
     elif cached is not None and cached.count != result.reconstructions.count:
-        raise ValueError(f"--ref_stats {args.ref_stats} holds {cached.count} images but the split has "
+        raise FormatError(f"--ref_stats {args.ref_stats} holds {cached.count} images but the split has "
                          f"{result.reconstructions.count}: it was made from other images; delete it")
     metrics = {"rfid": fid_from_stats(originals, result.reconstructions, args.frechet_method),
                **result.metrics}
@@ -130,23 +132,25 @@ def run_rfid(args, model, procs) -> dict:
                              "(sigma 1.5), K1 0.01, K2 0.03, valid; PSNR capped at 100 dB"}
 
 
-def _pair(a: str, b: str, model, procs, args, names: tuple[str, str]) -> dict:
-    first = _stats_of(a, model, procs, args, names[0])
-    second = _stats_of(b, model, procs, args, names[1])
-    metrics = {"fid": fid_from_stats(first.stats, second.stats, args.frechet_method), **_is_fields(first, model)}
+def _pair(args, setup: EvalSetup, inputs: dict[str, str]) -> dict:
+    """FID between two inputs (and IS of the first); ``inputs`` maps a name to a path."""
+    (name_a, a), (name_b, b) = inputs.items()
+    first, second = _stats_of(a, setup, name_a), _stats_of(b, setup, name_b)
+    metrics = {"fid": fid_from_stats(first.stats, second.stats, args.frechet_method),
+               **_inception_score_fields(first, setup.model)}
     return {"metrics": metrics,
-            "num_images": {names[0]: first.stats.count, names[1]: second.stats.count},
-            "skipped": {names[0]: first.skipped, names[1]: second.skipped},
-            "checksums": {names[0]: first.stats.checksum, names[1]: second.stats.checksum},
-            "inputs": {names[0]: a, names[1]: b}}
+            "num_images": {name_a: first.stats.count, name_b: second.stats.count},
+            "skipped": {name_a: first.skipped, name_b: second.skipped},
+            "checksums": {name_a: first.stats.checksum, name_b: second.stats.checksum},
+            "inputs": inputs}
 
 
-def run_gfid(args, model, procs) -> dict:
-    return _pair(args.samples, args.ref, model, procs, args, ("samples", "ref"))
+def run_gfid(args, setup: EvalSetup) -> dict:
+    return _pair(args, setup, {"samples": args.samples, "ref": args.ref})
 
 
-def run_fid(args, model, procs) -> dict:
-    return _pair(args.a, args.b, model, procs, args, ("a", "b"))
+def run_fid(args, setup: EvalSetup) -> dict:
+    return _pair(args, setup, {"a": args.a, "b": args.b})
 
 
 def main(argv=None) -> dict:
@@ -157,8 +161,9 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     procs = Processes.current(args.device)
     model = load_inception(args.inception_weights, procs.device)
+    setup = EvalSetup(model, procs, args.batch_size, args.num_workers)
     runner = {"stats": run_stats, "rfid": run_rfid, "gfid": run_gfid, "fid": run_fid}[args.command]
-    result = {"command": args.command, **runner(args, model, procs)}
+    result = {"command": args.command, **runner(args, setup)}
     result.update(protocol=protocol(model) | {"frechet_method": args.frechet_method}, processes=procs.world,
                   device=str(procs.device), seconds=round(time.perf_counter() - start, 3))
     if procs.is_main:
@@ -171,4 +176,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("python -m eval", main)

@@ -8,14 +8,16 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from data.pixels import to_uint8
 from eval.fid import FeatureStats, InceptionScoreAccumulator, StatsAccumulator
-from eval.inception import FIDInception, InceptionOutput, preprocess, protocol, to_uint8
+from eval.inception import FIDInception, InceptionOutput, preprocess, protocol
 from eval.metrics import codebook_usage, psnr, ssim
+from training.accelerator import process_state
 
 
 @dataclass
 class Processes:
-    """Rank, world size and device: from Accelerate under `accelerate launch`, else one process."""
+    """Rank, world size and device of an evaluation (one process, or a launcher's group)."""
 
     rank: int = 0
     world: int = 1
@@ -27,10 +29,7 @@ class Processes:
 
     @classmethod
     def current(cls, device: str | None = None) -> Processes:
-        from accelerate import PartialState
-
-        # Without cpu=True, Accelerate never forms a process group on a machine with no GPU.
-        state = PartialState(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
+        state = process_state(device)
         return cls(state.process_index, state.num_processes, torch.device(device or state.device))
 
     def sum(self, tensors: list[torch.Tensor]) -> None:
@@ -55,8 +54,22 @@ def extract(model: FIDInception, images: torch.Tensor, bf16: bool = False) -> In
     return InceptionOutput(features, logits)
 
 
-def _progress(total: int, procs: Processes, desc: str):
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not procs.is_main, leave=False)
+@dataclass
+class EvalSetup:
+    """What every pass over images shares: the Inception network, the processes, the batching."""
+
+    model: FIDInception
+    procs: Processes
+    batch_size: int = 64  # per process
+    num_workers: int = 0  # DataLoader workers decoding images
+
+    def batches(self, source):
+        """This process's batches of ``source`` (each image in exactly one process)."""
+        return source.batches(self.batch_size, self.procs.rank, self.procs.world, self.num_workers)
+
+    def progress(self, source, desc: str):
+        total = source.num_batches(self.batch_size, self.procs.rank, self.procs.world)
+        return tqdm(total=total, desc=desc, file=sys.stderr, disable=not self.procs.is_main, leave=False)
 
 
 @dataclass
@@ -66,14 +79,14 @@ class StatsResult:
     skipped: int
 
 
-def source_stats(source, model: FIDInception, procs: Processes, batch_size: int = 64,
-                 num_workers: int = 0, desc: str = "inception") -> StatsResult:
+def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResult:
     """Streamed float64 statistics of every image of `source`, each counted once over all processes."""
+    model, procs = setup.model, setup.procs
     features = StatsAccumulator(device=procs.device)
     scores = InceptionScoreAccumulator(len(source), device=procs.device) if model.fc is not None else None
     skipped = torch.zeros((), dtype=torch.float64, device=procs.device)
-    with _progress(source.num_batches(batch_size, procs.rank, procs.world), procs, desc) as bar:
-        for batch in source.batches(batch_size, procs.rank, procs.world, num_workers):
+    with setup.progress(source, desc) as bar:
+        for batch in setup.batches(source):
             skipped += batch.skipped
             if len(batch.indices):
                 out = extract(model, batch.images)
@@ -99,8 +112,7 @@ def _reconstruct(tokenizer, floats: torch.Tensor):
     return codes, tokenizer.decode(codes).float().clamp(-1, 1)
 
 
-def reconstruction_stats(source, tokenizer, model: FIDInception, procs: Processes, batch_size: int = 64,
-                         num_workers: int = 0, lpips_model=None,
+def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
                          originals_known: bool = False) -> ReconstructionResult:
     """Encode and decode every image of a DatasetSource; FID inputs, PSNR, SSIM, LPIPS on uint8 pixels.
 
@@ -108,13 +120,14 @@ def reconstruction_stats(source, tokenizer, model: FIDInception, procs: Processe
     do not depend on the tokenizer), so only the reconstructions go through
     Inception: half the cost of an rFID.
     """
+    model, procs = setup.model, setup.procs
     originals, reconstructions = StatsAccumulator(device=procs.device), StatsAccumulator(device=procs.device)
     codebook_size = tokenizer.config.quantizer.codebook_size
     counts = torch.zeros(codebook_size, dtype=torch.float64, device=procs.device)
     # psnr, ssim, lpips sums, images, skipped: one tensor so a single reduction sums them all
     sums = torch.zeros(5, dtype=torch.float64, device=procs.device)
-    with _progress(source.num_batches(batch_size, procs.rank, procs.world), procs, "rfid") as bar:
-        for batch in source.batches(batch_size, procs.rank, procs.world, num_workers):
+    with setup.progress(source, "rfid") as bar:
+        for batch in setup.batches(source):
             sums[4] += batch.skipped
             bar.update()
             if not len(batch.indices):

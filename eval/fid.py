@@ -11,10 +11,12 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from common.errors import FormatError
+
 STATS_FORMAT = 1
 
 
-class StatsError(ValueError):
+class StatsError(FormatError):
     """A statistics file that cannot be used: missing keys or another extractor."""
 
 

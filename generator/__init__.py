@@ -1,14 +1,15 @@
 """Stage 2: a class-conditional autoregressive prior over tokenizer codes (after LlamaGen)."""
 
-from .codes import (
+from .code_shards import (
+    TOKENIZER_RECORD,
     CodeDataset,
     CodeShardWriter,
     CodesManifest,
     check_fingerprint,
     load_manifest,
 )
-from .errors import CodeRangeError, FingerprintMismatchError, PriorFormatError
-from .model import ARPrior, PriorConfig, PriorOutput, preset
+from .errors import CodeRangeError, FingerprintMismatchError
+from .model import ARPrior, PriorConfig, PriorOutput
 from .sampling import sample
 
 __all__ = [
@@ -19,10 +20,9 @@ __all__ = [
     "CodesManifest",
     "FingerprintMismatchError",
     "PriorConfig",
-    "PriorFormatError",
     "PriorOutput",
+    "TOKENIZER_RECORD",
     "check_fingerprint",
     "load_manifest",
-    "preset",
     "sample",
 ]

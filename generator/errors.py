@@ -1,16 +1,14 @@
 """Errors of the stage-2 prior that callers may want to catch by type."""
 
+from common.errors import UserError
 
-class CodeRangeError(ValueError):
+
+class CodeRangeError(UserError, ValueError):
     """Image codes (or labels) outside the range a prior or a shard was built for."""
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(UserError, ValueError):
     """Codes or a prior that belong to a different tokenizer than the one in use."""
-
-
-class PriorFormatError(ValueError):
-    """A saved prior or code folder this version of the code cannot read."""
 
 
 def check_fingerprints(

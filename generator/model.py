@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .errors import CodeRangeError, PriorFormatError, check_fingerprints
+from common.pretrained import PretrainedMixin
 
-CONFIG_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "provq-ar-prior"
+from .errors import CodeRangeError, check_fingerprints
 
 
 @dataclass
@@ -37,7 +30,6 @@ class PriorConfig:
     dropout: float = 0.0
     class_dropout: float = 0.1
     tokenizer_fingerprint: str | None = None
-    config_version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         positive = ("codebook_size", "code_height", "code_width", "hidden_size", "num_layers",
@@ -66,32 +58,6 @@ class PriorConfig:
     @property
     def vocab_size(self) -> int:
         return self.codebook_size + self.num_classes + 1
-
-
-def _ffn_size(hidden_size: int) -> int:
-    # LlamaGen's SwiGLU width: 2/3 of 4x, rounded up to a multiple of 256.
-    return -(-int(8 * hidden_size / 3) // 256) * 256
-
-
-PRESETS: dict[str, dict] = {
-    # CPU demo: 8x8 codes of a 1,024-code tokenizer, ~3.7M parameters.
-    "demo": dict(codebook_size=1024, code_height=8, code_width=8, num_classes=10,
-                 hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, dropout=0.0),
-    # LlamaGen GPT-B / GPT-L shapes for 16x16 codes of a 16,384-code tokenizer on ImageNet.
-    "gpt_b": dict(codebook_size=16384, code_height=16, code_width=16, num_classes=1000,
-                  hidden_size=768, num_layers=12, num_heads=12,
-                  intermediate_size=_ffn_size(768), dropout=0.1),
-    "gpt_l": dict(codebook_size=16384, code_height=16, code_width=16, num_classes=1000,
-                  hidden_size=1024, num_layers=24, num_heads=16,
-                  intermediate_size=_ffn_size(1024), dropout=0.1),
-}
-
-
-def preset(name: str, **overrides) -> PriorConfig:
-    """A fresh PriorConfig for a named preset ("demo", "gpt_b", "gpt_l"), fields overridable."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown prior preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PriorConfig(**{**PRESETS[name], **overrides})
 
 
 @dataclass
@@ -123,8 +89,14 @@ def llama_config(config: PriorConfig) -> LlamaConfig:
     )
 
 
-class ARPrior(nn.Module):
-    """Raster-order prior: input [class, code_1..code_{N-1}] predicts code_1..code_N."""
+class ARPrior(PretrainedMixin, nn.Module):
+    """Raster-order prior: input [class, code_1..code_{N-1}] predicts code_1..code_N.
+
+    ``save_pretrained`` / ``from_pretrained`` write and read config.json + model.safetensors.
+    """
+
+    config_class = PriorConfig
+    model_type = "provq-ar-prior"
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -210,68 +182,3 @@ class ARPrior(nn.Module):
     def check_tokenizer(self, fingerprint: str | None) -> None:
         """Raise FingerprintMismatchError if this prior was trained for another tokenizer."""
         check_fingerprints(self.config.tokenizer_fingerprint, fingerprint, "this prior")
-
-    # ---- files ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (no pickle)."""
-        os.makedirs(directory, exist_ok=True)
-        config = {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config)}
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike,
-                        device: str | torch.device = "cpu") -> ARPrior:
-        """Load a prior saved by save_pretrained; a hub repo id is fetched if no such folder exists."""
-        directory = _resolve_folder(directory)
-        model = cls(read_config(os.path.join(directory, CONFIG_NAME)))
-        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise PriorFormatError(f"{directory}/{WEIGHTS_NAME} does not match its config: "
-                                   f"missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise PriorFormatError(f"{directory}/{WEIGHTS_NAME}: tensor {name} has shape "
-                                       f"{tuple(tensor.shape)}, config wants {tuple(expected[name].shape)}")
-        model.load_state_dict(state)
-        return model.to(device).eval()
-
-
-def read_config(path: str | os.PathLike) -> PriorConfig:
-    """PriorConfig from a config.json, refusing newer versions and unknown fields by name."""
-    with open(path) as f:
-        raw = json.load(f)
-    if raw.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
-        raise PriorFormatError(f"{path} is not a ProVQ prior config (model_type)")
-    version = raw.get("config_version", CONFIG_VERSION)
-    if not isinstance(version, int) or version > CONFIG_VERSION:
-        raise PriorFormatError(f"{path} has config_version {version!r}; this code reads up to "
-                               f"{CONFIG_VERSION} (upgrade provq)")
-    fields = {f.name for f in dataclasses.fields(PriorConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise PriorFormatError(f"{path} has unknown fields {unknown} (config_version {version})")
-    # Defaults are for building new priors; a saved one must say what it is.
-    missing = sorted(fields - set(raw) - {"config_version"})
-    if missing:
-        raise PriorFormatError(f"{path} lacks fields {missing}")
-    return PriorConfig(**raw)
-
-
-def _resolve_folder(name: str | os.PathLike) -> str:
-    if os.path.isdir(name):
-        return str(name)
-    if os.path.exists(name) or str(name).count("/") != 1:
-        raise FileNotFoundError(f"no prior folder at {name}")
-    from huggingface_hub import snapshot_download  # only for hub ids; local use needs no network
-
-    try:
-        return snapshot_download(str(name), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
-    except Exception as error:  # offline, unknown repo, ...: say both readings of the name
-        raise FileNotFoundError(f"no prior folder at {name}, and no hub repo of that name "
-                                f"could be fetched ({type(error).__name__}: {error})") from error

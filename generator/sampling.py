@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -23,21 +24,32 @@ def new_cache(prior: ARPrior):
     return DynamicCache()
 
 
-def _validate(prior: ARPrior, labels: torch.Tensor, cfg_scale: float, temperature: float,
-              top_k: int, top_p: float) -> None:
+@dataclass
+class SamplingConfig:
+    """How codes are drawn: classifier-free guidance, temperature, top-k and top-p (LlamaGen's knobs)."""
+
+    cfg_scale: float = 1.0  # 1 = plain conditional sampling; 0 = unconditional
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self) -> None:
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _check_labels(prior: ARPrior, labels: torch.Tensor) -> None:
     if labels.dim() != 1 or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
     if labels.min() < 0 or labels.max() >= prior.config.num_classes:
         raise ValueError(f"labels must be in [0, {prior.config.num_classes}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -56,12 +68,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, settings: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
     """One token per row: argmax at temperature 0, else an inverse-CDF draw from the filtered softmax."""
-    if temperature == 0:
+    if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    probs = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     # Exactly one uniform per row and step (unlike torch.multinomial), so the random stream is
     # the same whether the prefix is cached, recomputed or guided; scaled by the total so
@@ -78,30 +89,31 @@ def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(prior: ARPrior, labels: Sequence[int] | torch.Tensor, *, cfg_scale: float = 1.0,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-           use_cache: bool = True) -> torch.LongTensor:
+def sample(prior: ARPrior, labels: Sequence[int] | torch.Tensor, *, seed: int = 0, use_cache: bool = True,
+           **settings) -> torch.LongTensor:
     """Sample code grids (B, h, w) for class labels (B,); the same seed gives the same codes.
 
-    With cfg_scale != 1 the conditional and null-class rows run as one batch of 2B; with
-    cfg_scale == 1 the null rows are skipped, so the result equals conditional sampling.
-    use_cache=False recomputes the whole prefix every step (for checks and benchmarks).
+    ``settings`` are SamplingConfig's fields (cfg_scale, temperature, top_k, top_p). With
+    cfg_scale != 1 the conditional and null-class rows run as one batch of 2B; with cfg_scale
+    == 1 the null rows are skipped, so the result equals conditional sampling. use_cache=False
+    recomputes the whole prefix every step (for checks and benchmarks).
     """
+    config = SamplingConfig(**settings)
     labels = torch.as_tensor(labels, device=prior.device).long()
-    _validate(prior, labels, cfg_scale, temperature, top_k, top_p)
+    _check_labels(prior, labels)
     was_training = prior.training
     prior.eval()  # no dropout while sampling; restored below for in-training sample grids
     try:
-        return _sample_loop(prior, labels, cfg_scale, temperature, top_k, top_p, seed, use_cache)
+        return _sample_loop(prior, labels, config, seed, use_cache)
     finally:
         prior.train(was_training)
 
 
-def _sample_loop(prior: ARPrior, labels: torch.Tensor, cfg_scale: float, temperature: float,
-                 top_k: int, top_p: float, seed: int, use_cache: bool) -> torch.LongTensor:
+def _sample_loop(prior: ARPrior, labels: torch.Tensor, settings: SamplingConfig, seed: int,
+                 use_cache: bool) -> torch.LongTensor:
     config = prior.config
     batch = labels.shape[0]
-    guided = cfg_scale != 1.0
+    guided = settings.cfg_scale != 1.0
     prefix = prior.class_tokens(labels)
     if guided:
         prefix = torch.cat([prefix, torch.full_like(prefix, config.null_token)])
@@ -113,8 +125,8 @@ def _sample_loop(prior: ARPrior, labels: torch.Tensor, cfg_scale: float, tempera
     for step in range(config.num_tokens):
         logits = prior.next_token_logits(new if use_cache else tokens, cache)
         if guided:
-            logits = guide(logits, cfg_scale)
-        codes[:, step] = pick_tokens(logits, temperature, top_k, top_p, generator)
+            logits = guide(logits, settings.cfg_scale)
+        codes[:, step] = pick_tokens(logits, settings, generator)
         # Image codes are token ids 0..codebook_size-1; guided rows share the chosen code.
         new = (codes[:, step].repeat(2) if guided else codes[:, step])[:, None]
         if not use_cache:

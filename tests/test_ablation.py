@@ -1,11 +1,19 @@
-"""The ablation's variants, verdicts, stage timings and report (no training: the stages are faked)."""
+"""The ablation's variants, verdicts, report, and its stages' skip-if-done and timings."""
 
 import argparse
 import json
 
+import numpy as np
+from PIL import Image
+from training_helpers import REPO
+
+import train_tokenizer
 from ablation import __main__ as ablation_main
 from ablation.report import strongest, verdict, write_report
 from ablation.variants import base_variants, derived_variants
+from common.typed_config import config_to_dict
+from pipeline import commands
+from training.config import make_parser, parse_config
 
 
 def test_variants_differ_only_in_discretization():
@@ -15,8 +23,19 @@ def test_variants_differ_only_in_discretization():
                      "cosine", "cosine+kmeans", "vq+l2"]
     assert [v.name for v in variants if v.hard] == ["vq", "vq+kmeans", "vq+l2"]
     assert not any(v.smooth for v in variants if v.schedule in ("none", "step"))
-    # every variant sets the same four fields, so nothing else can differ between them
-    assert {tuple(v.overrides()[::2]) for v in variants} == {tuple(variants[0].overrides()[::2])}
+    # Each variant's command line builds a valid config; configs differ only in the four
+    # quantizer fields that decide how discretization arrives, and no two variants are alike.
+    rest, decided = [], []
+    for v in variants:
+        argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o", *v.overrides()]
+        config = config_to_dict(parse_config(make_parser("t"), train_tokenizer.TokenizerRun, "tokenizer", argv)[0])
+        quantizer = config["tokenizer"]["model"]["quantizer"]
+        decided.append((quantizer["schedule"].pop("kind"), quantizer.pop("kmeans_init"),
+                        quantizer.pop("l2_normalize"), quantizer.pop("mechanism")))
+        rest.append(config)
+    assert decided == [(v.schedule, v.kmeans, v.l2, v.mechanism) for v in variants]
+    assert len(set(decided)) == len(variants)
+    assert all(config == rest[0] for config in rest)
     best = next(v for v in variants if v.name == "linear+kmeans")
     l2, stochastic = derived_variants(best)
     assert (l2.schedule, l2.kmeans, l2.l2, l2.mechanism) == ("linear", True, True, "interpolate")
@@ -66,26 +85,27 @@ def test_report_has_table_verdicts_time_and_a_plot(tmp_path):
     assert (tmp_path / "usage.png").stat().st_size > 10_000
 
 
-def test_stage_times_survive_a_resume(tmp_path, monkeypatch):
-    calls = []
+def test_finished_stages_are_skipped_and_their_times_survive_a_resume(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
 
-    def fake_run_once(name, step, done, timings=None, capture_to=None, in_process=False):
-        if done.exists():
-            return False
-        calls.append(name)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text("done")
-        timings[name] = 60.0
-        return True
+    def stats(name):  # a real stage: Inception statistics of the folder, run in this process
+        out = tmp_path / f"{name}.npz"
+        return commands.evaluate("stats", "--images", str(images), "--batch_size", "4", "--out", str(out)), out
 
-    monkeypatch.setattr(ablation_main.pipeline, "run_once", fake_run_once)
-    args = argparse.Namespace(output_dir=str(tmp_path), quick=True, subprocess=False)
+    args = argparse.Namespace(output_dir=str(tmp_path / "ablation"), quick=True, subprocess=False)
     first = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"])
-    first.run("a", None, tmp_path / "a.done")
-    first.run("b", None, tmp_path / "b.done")
+    first.run("a", *stats("a"))
+    written = (tmp_path / "a.npz").stat().st_mtime_ns
     resumed = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"])
-    for name in ("a", "b", "c"):
-        resumed.run(name, None, tmp_path / f"{name}.done")
-    assert calls == ["a", "b", "c"]  # a finished stage is never rerun
+    for name in ("a", "b"):
+        resumed.run(name, *stats(name))
+    assert (tmp_path / "a.npz").stat().st_mtime_ns == written  # a finished stage is never rerun
+    assert (tmp_path / "b.npz").is_file()
+    assert resumed.timings["a"] == first.timings["a"] > 0  # its time comes from the run that made it
     summary = resumed.time_summary(started=0.0)
-    assert (summary["stage_minutes"], summary["stages"], summary["untimed_stages"]) == (3.0, 3, 0)
+    assert (summary["stages"], summary["untimed_stages"]) == (2, 0)
+    assert summary["stage_minutes"] == round((first.timings["a"] + resumed.timings["b"]) / 60, 1)

@@ -25,7 +25,7 @@ from data import (
     open_rgb,
 )
 from data.describe import main as describe_main
-from data.images import flip_bit, resize_center_crop, split_bucket
+from data.images import TEST_FRACTION, flip_bit, resize_center_crop, split_bucket
 
 REPO = Path(__file__).resolve().parents[1]
 needs_emoji = pytest.mark.skipif(
@@ -99,8 +99,8 @@ def test_emoji_build_counts_labels_and_split(emoji_config, monkeypatch):
     assert 0.07 < len(test) / (len(train) + len(test)) < 0.13
     assert not set(train.names) & set(test.names)
     # The split is a pure function of the code points (sha1), so every machine agrees.
-    assert all(split_bucket(name) < emoji.TEST_FRACTION for name in test.names)
-    assert all(split_bucket(name) >= emoji.TEST_FRACTION for name in train.names)
+    assert all(split_bucket(name) < TEST_FRACTION for name in test.names)
+    assert all(split_bucket(name) >= TEST_FRACTION for name in train.names)
     # A second load reuses the cache (no rebuild) and gives the same keys in order.
     monkeypatch.setattr(emoji, "build_emoji", lambda target: pytest.fail("rebuilt the cache"))
     assert load_split(emoji_config, "train", train=True).names == train.names

@@ -12,7 +12,7 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from eval.compute import Processes, extract, source_stats
+from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
     FeatureStats,
     InceptionScoreAccumulator,
@@ -24,8 +24,8 @@ from eval.fid import (
     save_stats,
 )
 from eval.inception import export_safetensors, load_inception, preprocess, wheel_weights_path
+from eval.inputs import FolderSource, NpzSource, shard_batches
 from eval.metrics import codebook_usage, psnr, ssim
-from eval.sources import FolderSource, NpzSource, shard_batches
 
 N_IMAGES = 10  # per folder: Inception at 299 px costs ~6 GFLOPs an image
 
@@ -60,7 +60,7 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folder_stats(folders, model):
-    return [source_stats(FolderSource(f), model, Processes(), batch_size=4).stats for f in folders]
+    return [source_stats(FolderSource(f), EvalSetup(model, Processes(), batch_size=4)).stats for f in folders]
 
 
 # --- Frechet distance and statistics -------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_pytorch_fid_layout_with_classifier_gives_inception_score(tmp_path, mode
     assert load_inception(tmp_path / "inception.safetensors").checksum == model.checksum
     images = np.random.default_rng(8).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
-    result = source_stats(NpzSource(tmp_path / "s.npz"), with_fc, Processes(), batch_size=4)
+    result = source_stats(NpzSource(tmp_path / "s.npz"), EvalSetup(with_fc, Processes(), batch_size=4))
     mean, _ = result.inception_score
     assert 1.0 <= mean <= 1008
 
@@ -315,7 +315,7 @@ def test_ranks_together_count_each_image_once(tmp_path, model):
     ranks = [_RecordingProcesses(rank, 2) for rank in range(2)]
     for procs in ranks:
         try:
-            source_stats(source, model, procs, batch_size=2)
+            source_stats(source, EvalSetup(model, procs, batch_size=2))
         except ValueError:  # a lone rank may hold < 2 images: finalize refuses, the sums are kept
             pass
     summed = [sum(p.tensors[i] for p in ranks) for i in range(3)]

@@ -34,13 +34,11 @@ from training_helpers import (
 )
 
 import train_tokenizer
-from tokenizer import PretrainedError, ProVQTokenizer, QuantizerConfig, TokenizerConfig
-from training.checkpoint import CheckpointFormatError, CheckpointManager
-from training.runtime import (
-    JsonlLogger,
-    TrainConfig,
-    make_accelerator,
-)
+from common.errors import FormatError
+from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+from tokenizer import losses as tokenizer_losses
+from training import CheckpointManager, DivergenceError, TrainConfig, make_accelerator
+from training.metrics_log import JsonlLogger
 
 # 30 steps, h = 0 until step 12, hard from step 22; checkpoints every 5 steps, the last 2 kept.
 # The k-means buffer (8 steps of latents) spans the checkpoint at step 10, so a run resumed
@@ -59,23 +57,23 @@ VARIANTS = {
 
 DRIVER = """
 import importlib, os, signal, sys, time
-import training, training.checkpoint as checkpoint, training.runtime as runtime
+import training.checkpoint as checkpoint, training.loop as loop
 script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's SIGKILL lands mid-run
-    batches = runtime.batches
+    batches = loop.batches
     def paced(dataloader, accelerator, start_step, grad_accum_steps=1):
         for i, batch in enumerate(batches(dataloader, accelerator, start_step, grad_accum_steps)):
             if start_step * grad_accum_steps + i >= at * grad_accum_steps:
                 time.sleep(1.0)
             yield batch
-    training.batches = runtime.batches = paced
+    loop.batches = paced
 elif mode == "kill_in_save":  # SIGKILL itself after save_state wrote step `at`, before its marker
-    write = checkpoint._write_json_synced
+    write = checkpoint.write_marker
     def killing(path, payload):
         if payload.get("step") == at:
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, payload)
-    checkpoint._write_json_synced = killing
+    checkpoint.write_marker = killing
 importlib.import_module(script).main(sys.argv[4:])
 """
 
@@ -302,7 +300,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(
         reference, image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = tiny_tokenizer_argv(image_folder, out, 30, **RUN)
-    original = train_tokenizer.reconstruction_loss
+    original = tokenizer_losses.reconstruction_loss
     calls, seen = [], {}
 
     def nan_at_step_12(*args):
@@ -312,8 +310,8 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(
             return torch.tensor(float("nan"))
         return original(*args)
 
-    monkeypatch.setattr(train_tokenizer, "reconstruction_loss", nan_at_step_12)
-    with pytest.raises(SystemExit, match=r"step 12: 'loss/reconstruction' is nan"):
+    monkeypatch.setattr(tokenizer_losses, "reconstruction_loss", nan_at_step_12)
+    with pytest.raises(DivergenceError, match=r"step 12: 'loss/reconstruction' is nan"):
         run_in_process(train_tokenizer.main, argv)
     assert sorted(seen) == ["step_00000005", "step_00000010"]
     assert snapshot(out / "checkpoints") == seen  # nothing written or overwritten after the NaN
@@ -325,7 +323,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(
 
 
 def test_nan_gradient_stops_before_the_update(image_folder, tmp_path, monkeypatch):
-    original = train_tokenizer.reconstruction_loss
+    original = tokenizer_losses.reconstruction_loss
     calls = []
 
     def nan_gradient_at_step_2(recon, *args):
@@ -335,9 +333,9 @@ def test_nan_gradient_stops_before_the_update(image_folder, tmp_path, monkeypatc
             loss = loss + 0.0 * (recon * 0).sum().sqrt()
         return loss
 
-    monkeypatch.setattr(train_tokenizer, "reconstruction_loss", nan_gradient_at_step_2)
+    monkeypatch.setattr(tokenizer_losses, "reconstruction_loss", nan_gradient_at_step_2)
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"step 2: the generator's gradient norm is nan"):
+    with pytest.raises(DivergenceError, match=r"step 2: the generator's gradient norm is nan"):
         run_in_process(train_tokenizer.main, tiny_tokenizer_argv(
             image_folder, out, 4, train__save_every=1, train__grad_clip=0.0))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
@@ -372,30 +370,30 @@ def test_truncated_and_pickled_weights_are_refused_without_running_them(saved_to
     weights = saved_tokenizer / "model.safetensors"
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(PretrainedError, match="not a complete safetensors file.*truncated"):
+    with pytest.raises(FormatError, match="not a complete safetensors file.*truncated"):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
 
     marker = tmp_path / "executed"
     weights.write_bytes(pickle.dumps(RunsCode(marker)))
-    with pytest.raises(PretrainedError, match="pickle"):
+    with pytest.raises(FormatError, match="pickle"):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
     torch.save({"encoder.conv_in.weight": torch.zeros(1), "payload": RunsCode(marker)}, weights)
-    with pytest.raises(PretrainedError, match="not a complete safetensors file"):
+    with pytest.raises(FormatError, match="not a complete safetensors file"):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
     assert not marker.exists()  # nothing was unpickled
     pickle.loads(pickle.dumps(RunsCode(tmp_path / "live")))  # whereas unpickling runs the payload
     assert (tmp_path / "live").exists()
 
     save_file({"x": torch.zeros(2)}, str(weights))  # a valid file, but not these weights
-    with pytest.raises(PretrainedError, match="lacks tensor"):
+    with pytest.raises(FormatError, match="lacks tensor"):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
 
 
 @pytest.mark.parametrize("version, message", [
-    (99, "newer than this library"),
-    (0, "unknown config_version 0"),
-    ("1", "no integer 'config_version'"),
-    (None, "no integer 'config_version'"),
+    (99, "config_version 99, newer than this version's 1"),
+    (0, "no valid integer 'config_version' \\(got 0\\)"),
+    ("1", "no valid integer 'config_version'"),
+    (None, "no valid integer 'config_version'"),
 ])
 def test_unknown_or_newer_config_version_is_refused(saved_tokenizer, version, message):
     config_file = saved_tokenizer / "config.json"
@@ -404,10 +402,10 @@ def test_unknown_or_newer_config_version_is_refused(saved_tokenizer, version, me
     if version is not None:
         config["config_version"] = version
     config_file.write_text(json.dumps(config))
-    with pytest.raises(PretrainedError, match=message):
+    with pytest.raises(FormatError, match=message):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
     config_file.write_bytes(pickle.dumps(config))
-    with pytest.raises(PretrainedError, match="not a JSON config"):
+    with pytest.raises(FormatError, match="not a JSON file"):
         ProVQTokenizer.from_pretrained(saved_tokenizer)
 
 
@@ -418,9 +416,9 @@ def test_resume_refuses_a_checkpoint_of_a_newer_format(image_folder, tmp_path):
     marker = out / "checkpoints" / "step_00000002" / "checkpoint.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 99}))
     before = os.stat(out / "config.yaml").st_mtime_ns
-    with pytest.raises(CheckpointFormatError, match="format 99, newer"):
+    with pytest.raises(FormatError, match="format 99, newer"):
         run_in_process(train_tokenizer.main, argv + ["--resume", "latest"])
-    with pytest.raises(CheckpointFormatError, match="newer"):
+    with pytest.raises(FormatError, match="newer"):
         run_in_process(train_tokenizer.main, argv + ["--resume", str(marker.parent)])
     assert os.stat(out / "config.yaml").st_mtime_ns == before  # refused before writing anything
 

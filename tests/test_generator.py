@@ -1,4 +1,4 @@
-"""Tests of the AR prior (generator/model.py) and the code shards (generator/codes.py)."""
+"""Tests of the AR prior (generator/model.py) and the code shards (generator/code_shards.py)."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from common.errors import FormatError
 from generator import (
     ARPrior,
     CodeDataset,
@@ -16,12 +17,10 @@ from generator import (
     CodesManifest,
     FingerprintMismatchError,
     PriorConfig,
-    PriorFormatError,
     check_fingerprint,
     load_manifest,
-    preset,
 )
-from generator.codes import shard_name
+from generator.code_shards import shard_name
 
 TINY = dict(codebook_size=64, code_height=4, code_width=4, num_classes=3, hidden_size=32,
             num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
@@ -139,32 +138,30 @@ def test_load_refuses_newer_versions_unknown_fields_and_missing_tensors(tmp_path
     prior.save_pretrained(tmp_path)
     config_path = tmp_path / "config.json"
     good = json.loads(config_path.read_text())
+    assert (good["model_type"], good["config_version"]) == ("provq-ar-prior", 1)
     config_path.write_text(json.dumps({**good, "config_version": 99}))
-    with pytest.raises(PriorFormatError, match="config_version 99"):
+    with pytest.raises(FormatError, match="config_version 99, newer"):
+        ARPrior.from_pretrained(tmp_path)
+    config_path.write_text(json.dumps({k: v for k, v in good.items() if k != "config_version"}))
+    with pytest.raises(FormatError, match="no valid integer 'config_version'"):
         ARPrior.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({**good, "rope_scaling": 2}))
-    with pytest.raises(PriorFormatError, match="rope_scaling"):
+    with pytest.raises(FormatError, match="rope_scaling"):
         ARPrior.from_pretrained(tmp_path)
+    config_path.write_text(json.dumps({**good, "model_type": "provq-tokenizer"}))
+    with pytest.raises(FormatError, match="not a 'provq-ar-prior'"):
+        ARPrior.from_pretrained(tmp_path)
+    # a field missing from the file takes its default: here that contradicts the weights
     config_path.write_text(json.dumps({k: v for k, v in good.items() if k != "codebook_size"}))
-    with pytest.raises(PriorFormatError, match="codebook_size"):
+    with pytest.raises(FormatError, match="shape"):
         ARPrior.from_pretrained(tmp_path)
     config_path.write_text(json.dumps(good))
     weights = load_file(str(tmp_path / "model.safetensors"))
     name = sorted(weights)[0]
     del weights[name]
     save_file(weights, str(tmp_path / "model.safetensors"))
-    with pytest.raises(PriorFormatError, match="missing tensors"):
+    with pytest.raises(FormatError, match=f"lacks tensor '{name}'"):
         ARPrior.from_pretrained(tmp_path)
-
-
-def test_presets_have_llamagen_shapes():
-    demo, gpt_b, gpt_l = preset("demo"), preset("gpt_b"), preset("gpt_l")
-    assert (demo.code_height, demo.codebook_size) == (8, 1024)
-    assert (gpt_b.num_layers, gpt_b.hidden_size, gpt_b.num_tokens) == (12, 768, 256)
-    assert (gpt_l.num_layers, gpt_l.hidden_size, gpt_l.num_tokens) == (24, 1024, 256)
-    assert preset("demo", num_classes=5).num_classes == 5
-    with pytest.raises(ValueError, match="unknown prior preset"):
-        preset("gpt_xxl")
 
 
 # ---- code shards --------------------------------------------------------------------------
@@ -272,7 +269,7 @@ def test_manifest_refuses_newer_format(tmp_path):
     write_all(tmp_path, make_manifest())
     path = tmp_path / "train" / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 7}))
-    with pytest.raises(PriorFormatError, match="format_version 7"):
+    with pytest.raises(FormatError, match="format_version 7, newer"):
         load_manifest(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="manifest"):
         load_manifest(tmp_path, "test")

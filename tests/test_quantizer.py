@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tokenizer.codebook_init import LatentBuffer
+from tokenizer.codebook_init import LatentBuffer, kmeans
 from tokenizer.quantizer import (
     STAT_NAMES,
     ProgressiveQuantizer,
@@ -203,9 +203,44 @@ def test_latent_buffer_from_two_ranks_loads_step_major_on_one():
     small = LatentBuffer(capacity=4)
     small.load_state_dict(state)
     assert torch.equal(small.rows, rows[2:]) and small.sizes == [1, 3]
-    old = LatentBuffer(capacity=6)  # a checkpoint from before per-add sizes: rank-major, counts
-    old.load_state_dict({"rows": rows, "counts": [4, 2], "capacity": 3})
-    assert torch.equal(old.rows, rows) and old.sizes == [6]
+
+
+def test_kmeans_with_fewer_points_than_codes_gives_distinct_codes_on_the_data():
+    data = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    centroids = kmeans(data, num_clusters=8, iters=5, seed=0)
+    assert centroids.shape == (8, 2)
+    assert len({tuple(c.tolist()) for c in centroids}) == 8  # re-seeded copies get a little noise
+    # every code sits on (or within the re-seeding noise of) one of the three points
+    nearest = torch.cdist(centroids, data).min(dim=1).values
+    assert nearest.max() < 0.5 and torch.cdist(data, centroids).min(dim=1).values.max() < 1e-6
+    assert torch.equal(kmeans(data, 8, 5, seed=0), centroids)  # deterministic given the seed
+
+
+def test_spherical_kmeans_finds_directions_on_the_unit_sphere():
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])
+    scales = torch.rand(300, 1, generator=generator) * 5 + 0.5  # lengths must not matter
+    data = directions.repeat(100, 1) * scales + 0.02 * torch.randn(300, 3, generator=generator)
+    centroids = kmeans(data, num_clusters=3, iters=10, seed=1, spherical=True)
+    assert torch.allclose(centroids.norm(dim=1), torch.ones(3), atol=1e-6)
+    cosine = centroids @ directions.T
+    assert torch.allclose(cosine.max(dim=0).values, torch.ones(3), atol=1e-3)  # each direction found
+
+
+def test_dead_codes_counts_codes_unused_for_the_window():
+    quantizer = make_quantizer(codebook_size=4, codebook_dim=None, dead_code_window=3).train()
+    with torch.no_grad():
+        quantizer.codebook.weight.copy_(torch.eye(4, 6) * 10)  # code i = 10 * e_i
+    near_code_0 = torch.zeros(1, 2, 6)
+    near_code_0[..., 0] = 9.0
+    both = torch.zeros(1, 2, 6)
+    both[0, 0, 0], both[0, 1, 1] = 9.0, 9.0
+    dead = [quantizer(x, hardness=1.0).stats["dead_codes"].item()
+            for x in (both, near_code_0, near_code_0, near_code_0)]
+    # codes 2 and 3 are never used: dead from the 3rd step; code 1 is last used at step 1
+    assert dead == [0, 0, 2, 3]
+    quantizer.eval()(both, hardness=1.0)  # evaluation never ages the codes
+    assert quantizer.train()(near_code_0, hardness=1.0).stats["dead_codes"].item() == 3
 
 
 # ---- identical on every process --------------------------------------------------------------

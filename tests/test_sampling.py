@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generator import ARPrior, PriorConfig, sample
-from generator.sampling import filter_logits, guide, pick_tokens
+from generator.sampling import SamplingConfig, filter_logits, guide, pick_tokens
 
 TINY = dict(codebook_size=64, code_height=4, code_width=4, num_classes=3, hidden_size=32,
             num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
@@ -28,7 +28,7 @@ def reference_sample(prior, labels, temperature, seed):
     generator = torch.Generator().manual_seed(seed)
     for t in range(prior.config.num_tokens):
         logits = prior(codes, labels).logits[:, t].float()  # causal: codes >= t are ignored
-        codes[:, t] = pick_tokens(logits, temperature, 0, 1.0, generator)
+        codes[:, t] = pick_tokens(logits, SamplingConfig(temperature=temperature), generator)
     return codes.view(len(labels), prior.config.code_height, prior.config.code_width)
 
 
@@ -88,7 +88,7 @@ def test_filters_keep_the_top_k_and_the_smallest_nucleus():
 def test_draws_follow_the_distribution():
     probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
     logits = probs.log().expand(20000, 4)
-    draws = pick_tokens(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    draws = pick_tokens(logits, SamplingConfig(), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.numpy import load_file
-from training_helpers import REPO, run_in_process, tiny_prior_argv
+from training_helpers import REPO, logged_steps, run_in_process, tiny_prior_argv
 
 import extract_codes
 import sample
 import train_prior
-from generator import ARPrior, FingerprintMismatchError, PriorConfig, load_manifest
+from generator import ARPrior, CodeDataset, FingerprintMismatchError, PriorConfig, load_manifest
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 
 CLASSES = 4  # of the image_folder fixture
@@ -170,3 +170,23 @@ def test_sample_refuses_a_prior_of_another_tokenizer(tokenizer, prior, tmp_path)
     with pytest.raises(FingerprintMismatchError) as error:
         run_in_process(sample.main, sample_argv(other, prior, tmp_path / "out"))
     assert tokenizer[1] in str(error.value) and other_fingerprint in str(error.value)
+
+
+# ---- train_prior.py -------------------------------------------------------------------------
+def test_train_prior_validation_is_the_loss_and_accuracy_on_the_test_codes(codes, tmp_path):
+    out = tmp_path / "run"
+    export = run_in_process(train_prior.main, tiny_prior_argv(codes, out, 3, train__eval_every=3,
+                                                              model__dropout=0.0, train__val_batches=0))
+    rows = [r for r in logged_steps(out / "metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in rows] == [3]
+    # The export holds the weights that were validated (no EMA); evaluated here in one batch.
+    prior = ARPrior.from_pretrained(export)
+    test = CodeDataset(codes, "test")
+    items = [test[i] for i in range(len(test))]
+    grids = torch.stack([item["codes"] for item in items])
+    labels = torch.tensor([item["label"] for item in items])
+    with torch.no_grad():
+        expected = prior(grids, labels)
+    assert rows[0]["val/loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert rows[0]["val/accuracy"] == pytest.approx(expected.accuracy.item(), abs=1e-6)
+    assert 0 < rows[0]["val/accuracy"] < 1 and rows[0]["val/loss"] > 0

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.errors import FormatError, MissingFileError
 from tokenizer import (
     DiscriminatorConfig,
     LPIPSLoss,
     PatchDiscriminator,
-    PretrainedError,
     ProVQTokenizer,
     QuantizerConfig,
     TokenizerConfig,
@@ -20,7 +20,6 @@ from tokenizer import (
     hinge_d_loss,
     hinge_g_loss,
     make_perceptual_loss,
-    preset,
     reconstruction_loss,
 )
 
@@ -73,17 +72,6 @@ def test_bf16_autocast_keeps_quantizer_in_float32(tiny):
     assert torch.isfinite(out.reconstruction.float()).all()
 
 
-def test_presets():
-    demo = preset("demo32")
-    assert demo.resolution == 32 and ProVQTokenizer(demo).code_shape == (8, 8)
-    big = preset("imagenet256_f16")
-    assert big.channel_multipliers == [1, 1, 2, 2, 4]
-    assert (big.quantizer.codebook_size, big.quantizer.codebook_dim) == (16384, 8)
-    assert big.quantizer.l2_normalize and big.resolution // 2 ** 4 == 16
-    with pytest.raises(KeyError, match="imagenet256_f16"):
-        preset("nope")
-
-
 # ---- files -----------------------------------------------------------------------------------
 def test_save_load_identical(tiny, tmp_path):
     folder = tiny.save_pretrained(tmp_path / "tok")
@@ -105,11 +93,11 @@ def test_from_pretrained_names_missing_and_mismatched_tensors(tiny, tmp_path):
     weights = load_file(str(folder / "model.safetensors"))
     name = "decoder.conv_out.weight"
     save_file({k: v for k, v in weights.items() if k != name}, str(folder / "model.safetensors"))
-    with pytest.raises(PretrainedError, match=name):
+    with pytest.raises(FormatError, match=name):
         ProVQTokenizer.from_pretrained(folder)
     weights[name] = torch.zeros(1, 2, 3)
     save_file(weights, str(folder / "model.safetensors"))
-    with pytest.raises(PretrainedError, match=rf"{name}.*shape"):
+    with pytest.raises(FormatError, match=rf"{name}.*shape"):
         ProVQTokenizer.from_pretrained(folder)
 
 
@@ -117,13 +105,13 @@ def test_from_pretrained_rejects_newer_version_and_unknown_fields(tiny, tmp_path
     folder = tiny.save_pretrained(tmp_path / "tok")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "config_version": 99}))
-    with pytest.raises(PretrainedError, match="newer"):
+    with pytest.raises(FormatError, match="newer"):
         ProVQTokenizer.from_pretrained(folder)
     config["quantizer"]["codebok_size"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(PretrainedError, match="quantizer.codebok_size"):
+    with pytest.raises(FormatError, match="quantizer.codebok_size"):
         ProVQTokenizer.from_pretrained(folder)
-    with pytest.raises(PretrainedError, match="neither"):
+    with pytest.raises(MissingFileError, match="neither"):
         ProVQTokenizer.from_pretrained(tmp_path / "missing")
 
 
@@ -146,7 +134,7 @@ def test_from_pretrained_hub_repo_id(tiny, tmp_path, monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(PretrainedError, match="Hub"):
+    with pytest.raises(MissingFileError, match="Hub"):
         ProVQTokenizer.from_pretrained("someone/provq-demo")
 
 

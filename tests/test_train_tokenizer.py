@@ -8,7 +8,7 @@ import yaml
 from training_helpers import logged_steps, run_in_process, tiny_tokenizer_argv
 
 import train_tokenizer
-from tokenizer import ProVQTokenizer
+from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 from training import ConfigError
 
 
@@ -66,3 +66,25 @@ def test_bad_dotted_field_is_an_error_naming_it(image_folder, tmp_path, field, v
     with pytest.raises(ConfigError, match=named):
         run_in_process(train_tokenizer.main, argv)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_ema_takes_the_kmeans_codebook_when_the_init_replaces_it():
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    tok = ProVQTokenizer(TokenizerConfig(
+        resolution=16, base_channels=8, channel_multipliers=[1, 2], latent_channels=8, norm_num_groups=4,
+        quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4, kmeans_buffer=256))).train()
+    ema = EMAModel(tok.parameters(), decay=0.9)
+    shadow = dict(zip([name for name, _ in tok.named_parameters()], ema.shadow_params, strict=True))
+    random_codebook = tok.quantizer.codebook.weight.detach().clone()
+    tok(torch.rand(4, 3, 16, 16) * 2 - 1, hardness=0.0)  # continuous: fills the k-means buffer
+    assert tok(torch.rand(4, 3, 16, 16) * 2 - 1, hardness=0.5).quantizer.initialized_now
+    assert not torch.equal(tok.quantizer.codebook.weight, random_codebook)
+    assert torch.equal(shadow["quantizer.codebook.weight"], random_codebook)  # the EMA still averages it
+    encoder_shadow = shadow["encoder.conv_in.weight"].clone()
+    with torch.no_grad():
+        tok.encoder.conv_in.weight.add_(1.0)  # an ordinary update: the EMA must keep averaging it
+    train_tokenizer.sync_ema_codebook(ema, tok)
+    assert torch.equal(shadow["quantizer.codebook.weight"], tok.quantizer.codebook.weight)
+    assert torch.equal(shadow["encoder.conv_in.weight"], encoder_shadow)

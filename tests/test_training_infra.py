@@ -1,19 +1,30 @@
 """Config builder, LR schedule, divergence checks and atomic checkpoints."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+from training_helpers import REPO, reset_accelerate
 
-from training.checkpoint import CheckpointManager
-from training.config import ConfigError, build_config, make_parser, parse_config
-from training.runtime import (
+import train_prior
+import train_tokenizer
+import training.accelerator as accelerator_module
+from common.errors import ConfigError, UserError
+from common.typed_config import build_config
+from generator import ARPrior
+from tokenizer import ProVQTokenizer
+from training import (
+    CheckpointManager,
     DivergenceError,
     TrainConfig,
     check_finite,
+    load_preset,
     make_accelerator,
-    warmup_cosine,
+    process_state,
 )
+from training.config import make_parser, parse_config
+from training.optimization import warmup_cosine
 
 
 @dataclass
@@ -60,7 +71,7 @@ def test_build_config_errors_name_the_field(mapping, field_name):
 
 def test_parse_config_overrides(tmp_path):
     preset = tmp_path / "p.yaml"
-    preset.write_text("stage:\n  model:\n    size: 2\nother_section:\n  x: 1\n")
+    preset.write_text("stage:\n  model:\n    size: 2\nprior:\n  x: 1\n")  # another stage's: not read
     argv = ["--config", str(preset), "--output_dir", "o", "--max_steps", "7", "--seed", "3",
             "--stage.model.size", "5", "--stage.model.name=abc"]
     cfg, args = parse_config(make_parser("t"), Run, "stage", argv)
@@ -70,6 +81,14 @@ def test_parse_config_overrides(tmp_path):
     with pytest.raises(ConfigError, match="stage.model.nope"):
         parse_config(make_parser("t"), Run, "stage", ["--config", str(preset), "--output_dir", "o",
                                                        "--stage.model.nope", "1"])
+    # a section this command does not read, or a typo in a section name, is named, not ignored
+    for typo in ("--prior.x", "--stgae.model.size"):
+        with pytest.raises(ConfigError, match=f"reads no section '{typo[2:].split('.')[0]}'"):
+            parse_config(make_parser("t"), Run, "stage", ["--config", str(preset), "--output_dir", "o",
+                                                           typo, "1"])
+    preset.write_text("stage:\n  model:\n    size: 2\nstgae:\n  x: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'stgae'"):
+        parse_config(make_parser("t"), Run, "stage", ["--config", str(preset), "--output_dir", "o"])
 
 
 def test_warmup_cosine_endpoints():
@@ -113,15 +132,42 @@ def test_preset_base_is_deep_merged(tmp_path):
     assert (cfg.stage.model.size, cfg.stage.model.rate) == (9, 0.25)
 
 
-def test_repository_presets_build():
-    """Every preset in configs/ builds into the scripts' typed configs."""
-    from pathlib import Path
+PRESETS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 
-    import train_prior
-    import train_tokenizer
-    from training.config import load_yaml
 
-    for preset in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
-        mapping = load_yaml(preset)
-        build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
-        build_config(train_prior.PriorRun, {"prior": mapping["prior"]})
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_models_whose_stages_fit(name):
+    """Each preset builds the scripts' typed configs and its models; the prior fits the codes."""
+    mapping = load_preset(name)
+    tokenizer_run = build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
+    prior_run = build_config(train_prior.PriorRun, {"prior": mapping["prior"]})
+    tok_config = tokenizer_run.tokenizer.model
+    assert tok_config.resolution == tokenizer_run.data.resolution
+    tok = ProVQTokenizer(tok_config)
+    side = tok_config.resolution // tok.downsample_factor
+    assert tok.code_shape == (side, side)
+    with torch.no_grad():
+        latents = tok.encoder(torch.zeros(1, 3, 64, 64))  # 64 px: cheap, and any size works
+    assert latents.shape[-1] == 64 // tok.downsample_factor
+    # What train_prior.py does with the codes' manifest: vocabulary and grid from the tokenizer.
+    prior = ARPrior(dataclasses.replace(prior_run.prior.model, codebook_size=tok_config.quantizer.codebook_size,
+                                        code_height=side, code_width=side))
+    codes = torch.randint(tok_config.quantizer.codebook_size, (1, side, side))
+    assert prior.flatten_codes(codes).shape == (1, side * side)
+    with pytest.raises(ConfigError, match="no preset 'nope'"):
+        load_preset("nope")
+
+
+def test_make_accelerator_refuses_lone_processes_of_a_multi_process_launch(tmp_path, monkeypatch):
+    """A launch of 2 processes that Accelerate would run as 2 separate one-process runs is refused
+    (each would write every file of the run folder)."""
+    reset_accelerate()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(accelerator_module, "needs_cpu_group", lambda device=None: False)  # as if ignored
+    with pytest.raises(UserError, match="launched as 2 processes.*torchrun --nproc_per_node"):
+        make_accelerator(TrainConfig(), tmp_path)
+    with pytest.raises(UserError, match="launched as 2 processes"):
+        process_state()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert make_accelerator(TrainConfig(), tmp_path).num_processes == 1
+    reset_accelerate()

@@ -202,29 +202,31 @@ def probe_run(out_dir: str | Path, argv: list[str]) -> dict:
     quantizer statistics, plus the codebook right after the k-means init and the final weights;
     saved to ``out_dir/probe_rank<RANK>.pt`` (one file per process under torchrun)."""
     import train_tokenizer
+    import training.loop as loop
 
     record = {"indices": [], "stats": [], "codebook_at_init": None}
-    batches, train_step = train_tokenizer.batches, train_tokenizer.train_step
+    batches, train_step = loop.batches, train_tokenizer.train_step
 
     def recording_batches(*args, **kwargs):
         for batch in batches(*args, **kwargs):
             record["indices"].append(batch["index"].clone())
             yield batch
 
-    def recording_step(model, *args, **kwargs):
-        terms, reset = train_step(model, *args, **kwargs)
-        record["stats"].append({k: v.item() for k, v in terms.items() if k.startswith("quantizer/")})
-        tok = getattr(model, "module", model)
-        if reset:
+    def recording_step(parts, batch, ctx):
+        tok = getattr(parts.model, "module", parts.model)
+        initialized_before = bool(tok.quantizer.initialized)
+        terms = train_step(parts, batch, ctx)
+        record["stats"].append({k: v.item() for k, v in terms.shared.items() if k.startswith("quantizer/")})
+        if bool(tok.quantizer.initialized) and not initialized_before:
             record["codebook_at_init"] = tok.quantizer.codebook.weight.detach().clone()
         record["model"] = tok
-        return terms, reset
+        return terms
 
-    train_tokenizer.batches, train_tokenizer.train_step = recording_batches, recording_step
+    loop.batches, train_tokenizer.train_step = recording_batches, recording_step
     try:
         run_in_process(train_tokenizer.main, argv)
     finally:
-        train_tokenizer.batches, train_tokenizer.train_step = batches, train_step
+        loop.batches, train_tokenizer.train_step = batches, train_step
     record["final"] = {k: v.clone() for k, v in record.pop("model").state_dict().items()}
     torch.save(record, Path(out_dir) / f"probe_rank{os.environ.get('RANK', '0')}.pt")
     return record

@@ -14,12 +14,11 @@ _EXPORTS = {
         "LossConfig", "LPIPSLoss", "adaptive_gan_weight", "gan_active", "hinge_d_loss",
         "hinge_g_loss", "make_perceptual_loss", "reconstruction_loss",
     ),
-    "model": ("PRESETS", "ProVQTokenizer", "TokenizerConfig", "TokenizerOutput", "preset"),
+    "model": ("ProVQTokenizer", "TokenizerConfig", "TokenizerOutput"),
     "quantizer": (
         "STAT_NAMES", "ProgressiveQuantizer", "QuantizerConfig", "QuantizerOutput", "vq_loss_weight",
     ),
     "schedule": ("ScheduleConfig", "hardness"),
-    "serialization": ("CONFIG_VERSION", "PretrainedError"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
         make_perceptual_loss,
         reconstruction_loss,
     )
-    from .model import PRESETS, ProVQTokenizer, TokenizerConfig, TokenizerOutput, preset  # noqa: F401
+    from .model import ProVQTokenizer, TokenizerConfig, TokenizerOutput  # noqa: F401
     from .quantizer import (  # noqa: F401
         STAT_NAMES,
         ProgressiveQuantizer,
@@ -46,7 +45,6 @@ if TYPE_CHECKING:
         vq_loss_weight,
     )
     from .schedule import ScheduleConfig, hardness  # noqa: F401
-    from .serialization import CONFIG_VERSION, PretrainedError  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -111,9 +111,7 @@ class LatentBuffer:
         return {"rows": rows.cpu(), "sizes": table, "capacity": self.capacity}
 
     def load_state_dict(self, state: dict) -> None:
-        rows = state["rows"]
-        # Checkpoints before per-add sizes hold rows rank-major with "counts": one add per rank.
-        table = state["sizes"] if "sizes" in state else [list(state["counts"])]
+        rows, table = state["rows"], state["sizes"]
         rank = dist.get_rank() if distributed_ready() else 0
         world = dist.get_world_size() if distributed_ready() else 1
         mine, sizes = [], []

@@ -12,7 +12,9 @@ import torch.nn as nn
 class DiscriminatorConfig:
     in_channels: int = 3
     base_channels: int = 64
-    num_layers: int = 3  # stride-2 convolutions after the first; each halves the patch grid
+    # Convolution blocks after the stem (taming's n_layers): the stem and all but the last block
+    # have stride 2, the last block and the output conv stride 1; 3 layers: 256 px -> 30x30 logits.
+    num_layers: int = 3
     norm: str = "batch"  # batch (taming) | group (no cross-sample statistics under DDP)
 
     def __post_init__(self) -> None:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 
-from . import serialization
+from common.pretrained import PretrainedMixin
+
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
-from .schedule import hardness as schedule_hardness
 
 
 @dataclass
@@ -30,8 +30,18 @@ class TokenizerConfig:
         default_factory=lambda: QuantizerConfig(codebook_size=1024, codebook_dim=8, l2_normalize=True)
     )
 
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        """The (h, w) grid of codes of one image."""
+        side = self.resolution // self.downsample_factor
+        return (side, side)
+
     def __post_init__(self) -> None:
-        factor = 2 ** (len(self.channel_multipliers) - 1)
+        factor = self.downsample_factor
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} is not divisible by the downsampling {factor}")
         for mult in self.channel_multipliers:
@@ -40,39 +50,6 @@ class TokenizerConfig:
                     f"channels {self.base_channels * mult} not divisible by norm_num_groups "
                     f"{self.norm_num_groups}"
                 )
-
-
-def demo32() -> TokenizerConfig:
-    """CPU demo: 32 px -> 8x8 codes, 1,024 codes of dim 8 (l2); ~2.7M parameters."""
-    return TokenizerConfig()
-
-
-def imagenet256_f16() -> TokenizerConfig:
-    """LlamaGen VQ-16 shape: 256 px -> 16x16 codes, 16,384 l2-normalized codes of dim 8."""
-    return TokenizerConfig(
-        resolution=256,
-        base_channels=128,
-        channel_multipliers=[1, 1, 2, 2, 4],
-        num_res_blocks=2,
-        latent_channels=256,
-        attention=True,
-        norm_num_groups=32,
-        quantizer=QuantizerConfig(
-            codebook_size=16384, codebook_dim=8, l2_normalize=True, kmeans_buffer=65536
-        ),
-    )
-
-
-PRESETS: dict[str, Callable[[], TokenizerConfig]] = {
-    "demo32": demo32,
-    "imagenet256_f16": imagenet256_f16,
-}
-
-
-def preset(name: str) -> TokenizerConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown tokenizer preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name]()
 
 
 @dataclass
@@ -93,8 +70,15 @@ def _block_types(config: TokenizerConfig, down: bool) -> list[str]:
     return types
 
 
-class ProVQTokenizer(nn.Module):
-    """Image tokenizer: images in [-1, 1] -> (B, h, w) codes -> images; see `ProgressiveQuantizer`."""
+class ProVQTokenizer(PretrainedMixin, nn.Module):
+    """Image tokenizer: images in [-1, 1] -> (B, h, w) codes -> images; see `ProgressiveQuantizer`.
+
+    ``save_pretrained(dir)`` / ``from_pretrained(dir_or_repo_id, device="cpu")`` write and read
+    ``config.json`` + ``model.safetensors`` (``common.pretrained``).
+    """
+
+    config_class = TokenizerConfig
+    model_type = "provq-tokenizer"
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
@@ -118,20 +102,16 @@ class ProVQTokenizer(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.config.channel_multipliers) - 1)
+        return self.config.downsample_factor
 
     @property
     def code_shape(self) -> tuple[int, int]:
-        side = self.config.resolution // self.downsample_factor
-        return (side, side)
+        return self.config.code_shape
 
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight, for the VQGAN adaptive GAN weight."""
         return self.decoder.conv_out.weight
-
-    def hardness_at(self, step: int, total_steps: int | None = None) -> float:
-        return schedule_hardness(step, self.config.quantizer.schedule, total_steps)
 
     def forward(
         self, images: torch.Tensor, hardness: float, generator: torch.Generator | None = None
@@ -152,27 +132,16 @@ class ProVQTokenizer(nn.Module):
         images = self.decoder(self.quantizer.decode_indices(codes.long()))
         return images.float().clamp(-1.0, 1.0)
 
-    # ---- files ----------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """sha256 of the canonical config JSON and the exported weights."""
-        return serialization.fingerprint(self.config, self)
+        """sha256 over the canonical config JSON and every exported tensor (name, dtype, shape, bytes).
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` (with `config_version`) and `model.safetensors`; no pickle."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        serialization.write_config(self.config, directory / serialization.CONFIG_NAME)
-        serialization.save_weights(self, directory / serialization.WEIGHTS_NAME)
-        return directory
-
-    @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-        revision: str | None = None,
-    ) -> ProVQTokenizer:
-        """Load from a folder written by `save_pretrained`, or a Hub repo id (when online)."""
-        config_file, weights_file = serialization.resolve_files(name_or_path, revision)
-        config = serialization.read_config(config_file, TokenizerConfig)
-        model = cls(config)
-        serialization.load_weights(model, weights_file)
-        return model.to(device).eval()
+        Code shards and priors record it, so codes of one tokenizer are never decoded by another.
+        """
+        digest = hashlib.sha256()
+        record = {"config_version": self.config_version, **dataclasses.asdict(self.config)}
+        digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()

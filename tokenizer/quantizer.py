@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
+from .codebook_stats import perplexity, usage
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
@@ -175,15 +176,12 @@ class ProgressiveQuantizer(nn.Module):
         if self.training and distributed_ready():
             dist.all_reduce(packed)  # one collective: every rank reports the global batch
         counts, sq_error, total = packed[:K], packed[K], packed[K + 1]
-        probs = counts / total
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-        used = counts > 0
         if self.training:
-            self.steps_since_used.add_(1).masked_fill_(used, 0)
+            self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
         return {
             "hardness": counts.new_tensor(float(hardness)),
-            "perplexity": entropy.exp(),
-            "usage": used.float().mean(),
+            "perplexity": perplexity(counts),
+            "usage": usage(counts),
             "dead_codes": (self.steps_since_used >= self.config.dead_code_window).sum(),
             "quant_error": sq_error / total,  # mean squared distance per vector
         }

@@ -1,43 +1,56 @@
-"""Run infrastructure shared by the training scripts: configs, Accelerate, checkpoints, logs."""
+"""The run infrastructure both training scripts share; scripts import it from here.
 
-from training.checkpoint import CheckpointManager
-from training.config import (
-    ConfigError,
-    build_config,
-    config_to_dict,
-    make_parser,
-    parse_config,
-    save_config,
+    config.py           TrainConfig, YAML presets + dotted overrides (parse_config, load_preset)
+    accelerator.py      threads per core, the Accelerator, process state of the other commands
+    reproducibility.py  randomness and data order as functions of (seed, step, rank)
+    optimization.py     LR schedule, clipping, divergence stops
+    metrics_log.py      metrics.jsonl and the trackers
+    checkpoint.py       atomic checkpoints, resume
+    export.py           EMA and the exported weights
+    loop.py             the one training loop: Run, Stage, train_loop
+"""
+
+from common.errors import ConfigError
+from training.accelerator import configure_threads, make_accelerator, process_state
+from training.checkpoint import CheckpointManager, NonPersistentBuffers
+from training.config import TrainConfig, load_preset, make_parser, parse_config, preset_section
+from training.export import build_ema
+from training.loop import (
+    Periodic,
+    Run,
+    Stage,
+    StepContext,
+    TrainParts,
+    finish_run,
+    start_run,
+    train_loop,
 )
-from training.runtime import (
-    DivergenceError,
-    JsonlLogger,
-    TrainConfig,
-    batches,
-    check_finite,
-    configure_threads,
-    make_accelerator,
-    seed_step,
-    step_generator,
-    warmup_cosine,
-)
+from training.metrics_log import StepTerms
+from training.optimization import DivergenceError, check_finite, optimizer_step
 
 __all__ = [
     "CheckpointManager",
     "ConfigError",
     "DivergenceError",
-    "JsonlLogger",
+    "NonPersistentBuffers",
+    "Periodic",
+    "Run",
+    "Stage",
+    "StepContext",
+    "StepTerms",
     "TrainConfig",
-    "batches",
-    "build_config",
+    "TrainParts",
+    "build_ema",
     "check_finite",
-    "config_to_dict",
     "configure_threads",
+    "finish_run",
+    "load_preset",
     "make_accelerator",
     "make_parser",
     "parse_config",
-    "save_config",
-    "seed_step",
-    "step_generator",
-    "warmup_cosine",
+    "preset_section",
+    "process_state",
+    "optimizer_step",
+    "start_run",
+    "train_loop",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+
+import torch
+
+from common.errors import FormatError, MissingFileError
+from common.files import read_versioned, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class CheckpointManager:
         if accelerator.is_main_process:
             _fsync_tree(tmp)  # the files are on disk before the marker says they are
             marker = {"step": step, "format": CHECKPOINT_FORMAT, "time": time.time()}
-            _write_json_synced(tmp / CHECKPOINT_MARKER, marker)
+            write_marker(tmp / CHECKPOINT_MARKER, marker)
             if final.exists():  # only a marker-less leftover can be in the way
                 _remove(final)
             os.replace(tmp, final)  # the checkpoint appears whole or not at all
@@ -85,7 +89,7 @@ class CheckpointManager:
         else:
             path = Path(resume)
             if not (path / CHECKPOINT_MARKER).is_file():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_MARKER}); "
                     "use --resume latest or a folder under checkpoints/"
                 )
@@ -99,24 +103,39 @@ class CheckpointManager:
         return int(marker["step"])
 
 
-class CheckpointFormatError(ValueError):
-    """A checkpoint this version cannot read: a newer format or a damaged marker."""
-
-
 def read_marker(path: Path) -> dict:
-    try:
-        marker = json.loads((Path(path) / CHECKPOINT_MARKER).read_text())
-        fmt, step = marker["format"], marker["step"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CheckpointFormatError(f"{path}: unreadable {CHECKPOINT_MARKER} ({error})") from error
-    if not isinstance(fmt, int) or not isinstance(step, int) or fmt < 1:
-        raise CheckpointFormatError(f"{path}: {CHECKPOINT_MARKER} has an unknown format {fmt!r}")
-    if fmt > CHECKPOINT_FORMAT:
-        raise CheckpointFormatError(
-            f"{path} has checkpoint format {fmt}, newer than this version's {CHECKPOINT_FORMAT}: "
-            "upgrade provq to resume from it"
-        )
-    return marker
+    """A checkpoint's ``checkpoint.json``: refused (``FormatError``) when unreadable or newer."""
+    marker, fmt = read_versioned(Path(path) / CHECKPOINT_MARKER, "format", CHECKPOINT_FORMAT)
+    if not isinstance(marker.get("step"), int):
+        raise FormatError(f"{path}: {CHECKPOINT_MARKER} has no integer 'step'")
+    return {**marker, "format": fmt}
+
+
+def write_marker(path: Path, marker: dict) -> None:
+    """Written (and synced) last: a checkpoint folder with a marker is complete."""
+    write_json_atomic(path, marker, sync=True)
+
+
+class NonPersistentBuffers:
+    """A module's non-persistent buffers (statistics kept out of its weights) as a checkpointable
+    object: ``accelerator.register_for_checkpointing(NonPersistentBuffers(module))``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.names = [f"{prefix}.{name}" if prefix else name
+                      for prefix, sub in module.named_modules()
+                      for name in sorted(sub._non_persistent_buffers_set)]
+
+    def _buffer(self, dotted: str) -> torch.Tensor:
+        return self.module.get_buffer(dotted)  # looked up each time: .to() replaces buffers
+
+    def state_dict(self) -> dict:
+        return {name: self._buffer(name).detach().cpu().clone() for name in self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name in self.names:
+                self._buffer(name).copy_(state[name])
 
 
 def _remove(path: Path) -> None:
@@ -146,10 +165,3 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_json_synced(path: Path, payload: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(payload, f)
-        f.flush()
-        os.fsync(f.fileno())

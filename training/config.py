@@ -1,4 +1,4 @@
-"""Typed configs from YAML presets plus dotted command-line overrides.
+"""Run configs: YAML presets plus dotted command-line overrides, and the optimisation fields.
 
 A preset file has one section per stage (``data:``, ``tokenizer:``,
 ``prior:``, ...). A script declares a dataclass whose fields are the sections
@@ -11,16 +11,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import types
-import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 
+from common.errors import ConfigError
+from common.files import write_atomic
+from common.typed_config import build_config, config_to_dict
 
-class ConfigError(ValueError):
-    """A config field that does not exist, or a value of the wrong type."""
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping fields common to both stages."""
+
+    max_steps: int = 1000
+    batch_size: int = 32  # per process; the global batch is batch_size * processes * grad_accum_steps
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on GPUs only)
+    ema_decay: float = 0.0  # 0 = no EMA
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    image_every: int = 500  # picture grids (reconstructions or samples)
+    eval_every: int = 0  # 0 = only at the end
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
 
 
 class _Loader(yaml.SafeLoader):
@@ -58,8 +91,16 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+# The sections a preset may have: one per stage, each read by the scripts of that stage.
+SECTIONS = ("data", "tokenizer", "prior", "sample")
+
+
 def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | None, argv=None):
-    """Parse the command line into ``(config, args)``; ``config`` is a ``schema`` instance."""
+    """Parse the command line into ``(config, args)``; ``config`` is a ``schema`` instance.
+
+    A preset section no stage reads, or an override of a section this script does not read,
+    is a ``ConfigError`` that names it: a typo never passes silently.
+    """
     args, rest = parser.parse_known_args(argv)
     overrides = _pairs(rest, parser)
     if stage is not None:
@@ -68,11 +109,39 @@ def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | Non
         if args.seed is not None:
             overrides[f"{stage}.train.seed"] = args.seed
     mapping = load_yaml(args.config)
-    for dotted, value in overrides.items():
-        _set_dotted(mapping, dotted, value)
     wanted = {f.name for f in dataclasses.fields(schema)}
+    known = sorted(wanted | set(SECTIONS))
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown section '{unknown[0]}' (sections: {', '.join(known)})")
+    for dotted, value in overrides.items():
+        section = dotted.split(".")[0]
+        if section not in wanted:
+            raise ConfigError(f"--{dotted}: this command reads no section '{section}' "
+                              f"(it reads: {', '.join(sorted(wanted))})")
+        _set_dotted(mapping, dotted, value)
     mapping = {k: v for k, v in mapping.items() if k in wanted}
     return build_config(schema, mapping), args
+
+
+def load_preset(name: str) -> dict:
+    """A preset of configs/ by name (``"emoji32"``, ``"imagenet256"``) or path, as a mapping."""
+    path = Path(name)
+    if not path.suffix:
+        path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset {name!r}; the presets are {known}")
+    return load_yaml(path)
+
+
+def preset_section(name: str, dotted: str, cls: type, **overrides):
+    """One section of a preset as its dataclass, e.g. ``preset_section("emoji32", "tokenizer.model",
+    TokenizerConfig)``; ``overrides`` replace top-level fields of the section."""
+    section = load_preset(name)
+    for key in dotted.split("."):
+        section = section.get(key, {})
+    return build_config(cls, {**section, **overrides}, prefix=f"{dotted}.")
 
 
 def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
@@ -130,97 +199,9 @@ def _set_dotted(mapping: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def build_config(cls: type, mapping: dict | None, prefix: str = ""):
-    """Build dataclass ``cls`` from a mapping, checking every field's name and type."""
-    mapping = {} if mapping is None else mapping
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {mapping!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(mapping) - set(fields))
-    if unknown:
-        known = ", ".join(sorted(fields))
-        raise ConfigError(f"unknown config field '{prefix}{unknown[0]}' (fields here: {known})")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in mapping.items():
-        values[name] = _convert(value, hints[name], f"{prefix}{name}")
-    try:
-        return cls(**values)
-    except TypeError as err:  # a required field without a value
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
-    except ValueError as err:  # a dataclass's own __post_init__ validation
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from err
-
-
-def _convert(value: Any, hint: Any, name: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_config(hint, value, prefix=f"{name}.")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, option, name)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} fits none of {hint}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    return _scalar(value, hint, name)
-
-
-def _scalar(value: Any, hint: Any, name: str) -> Any:
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise ConfigError(f"{name}: unsupported field type {hint}")
-    raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
-
-
-def config_to_dict(config) -> dict:
-    """Plain nested dict (tuples become lists) for YAML/JSON."""
-
-    def plain(v):
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(config))
-
-
 def save_config(config, path: str | Path) -> None:
     """Write the resolved config, so a run folder says exactly what ran."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    write_atomic(path, lambda tmp: tmp.write_text(text))

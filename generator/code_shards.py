@@ -1,9 +1,8 @@
-"""Cached image codes on disk (safetensors shards + manifest.json), bound to the tokenizer's fingerprint, as in LlamaGen's extracted codes."""
+"""Code shards: cached image codes on disk (safetensors shards + manifest.json) bound to the tokenizer's fingerprint, as LlamaGen caches its codes."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,18 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
-from .errors import CodeRangeError, PriorFormatError, check_fingerprints
+from common.errors import ConfigError, FormatError, MissingFileError
+from common.files import read_versioned, write_atomic, write_json_atomic
+from common.typed_config import build_config
+
+from .errors import CodeRangeError, check_fingerprints
 
 FORMAT_VERSION = 1
+VERSION_KEY = "format_version"
 MANIFEST_NAME = "manifest.json"
+# Written by extract_codes.py beside the splits: which tokenizer folder made the codes, so
+# train_prior.py can draw sample grids while it trains.
+TOKENIZER_RECORD = "tokenizer.json"
 
 
 def shard_name(index: int) -> str:
@@ -44,7 +51,6 @@ class CodesManifest:
     shard_size: int = 10_000
     shards: list[str] = field(default_factory=list)
     dtype: str = "uint16"
-    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         self.code_shape = tuple(self.code_shape)
@@ -76,35 +82,21 @@ def split_folder(root: str | os.PathLike, split: str) -> Path:
 
 
 def load_manifest(root: str | os.PathLike, split: str) -> CodesManifest:
-    """Read <root>/<split>/manifest.json, refusing unknown versions or fields by name."""
+    """Read <root>/<split>/manifest.json, refusing newer versions or unknown fields by name."""
     path = split_folder(root, split) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no code manifest at {path} (did extract_codes.py finish this split?)")
-    raw = json.loads(path.read_text())
-    version = raw.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PriorFormatError(f"{path} has format_version {version!r}; this code reads up to "
-                               f"{FORMAT_VERSION} (upgrade provq)")
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(CodesManifest)})
-    if unknown:
-        raise PriorFormatError(f"{path} has unknown fields {unknown}")
+        raise MissingFileError(f"no code manifest at {path} (did extract_codes.py finish this split?)")
+    data, _ = read_versioned(path, VERSION_KEY, FORMAT_VERSION)
     try:
-        return CodesManifest(**raw)
-    except TypeError as error:  # a missing field
-        raise PriorFormatError(f"{path}: {error}") from error
+        return build_config(CodesManifest, data)
+    except ConfigError as error:
+        raise FormatError(f"{path}: {error}") from error
 
 
 def check_fingerprint(manifest: CodesManifest, expected: str) -> None:
     """Raise FingerprintMismatchError naming both fingerprints if the codes are another tokenizer's."""
     check_fingerprints(manifest.tokenizer_fingerprint, expected,
                        f"the {manifest.split!r} codes", expected_from="the expected tokenizer")
-
-
-def _write_atomically(path: Path, write) -> None:
-    # A reader (or a resumed run) sees either no file or a complete one, never a torn write.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class CodeShardWriter:
@@ -122,7 +114,7 @@ class CodeShardWriter:
     def __init__(self, root: str | os.PathLike, manifest: CodesManifest):
         self.manifest = dataclasses.replace(
             manifest, shards=[shard_name(i) for i in range(manifest.num_shards)],
-            dtype=code_dtype(manifest.codebook_size).name, format_version=FORMAT_VERSION)
+            dtype=code_dtype(manifest.codebook_size).name)
         self.folder = split_folder(root, manifest.split)
         self.folder.mkdir(parents=True, exist_ok=True)
         if (self.folder / MANIFEST_NAME).is_file():
@@ -166,7 +158,7 @@ class CodeShardWriter:
                              f"got {codes.shape} and {labels.shape}")
         _check_range(codes, labels, m, f"shard {index}")
         tensors = {"codes": np.ascontiguousarray(codes.astype(m.dtype)), "labels": labels}
-        _write_atomically(self.folder / shard_name(index),
+        write_atomic(self.folder / shard_name(index),
                           lambda tmp: save_file(tensors, str(tmp), metadata=self._metadata(index)))
         return True
 
@@ -175,8 +167,8 @@ class CodeShardWriter:
         missing = [i for i in range(self.manifest.num_shards) if not self.is_complete(i)]
         if missing:
             raise RuntimeError(f"cannot finalize {self.folder}: shards {missing[:10]} are not written")
-        text = json.dumps(dataclasses.asdict(self.manifest), indent=2)
-        _write_atomically(self.folder / MANIFEST_NAME, lambda tmp: tmp.write_text(text))
+        record = {VERSION_KEY: FORMAT_VERSION, **dataclasses.asdict(self.manifest)}
+        write_json_atomic(self.folder / MANIFEST_NAME, record)
         return self.manifest
 
 
@@ -212,7 +204,7 @@ class CodeDataset(Dataset):
             shard = self._read_shard(folder / name, m)
             _check_range(shard["codes"], shard["labels"], m, str(folder / name))
             if shard["codes"].shape[0] != len(m.shard_items(index)):
-                raise PriorFormatError(f"{folder / name} holds {shard['codes'].shape[0]} items, "
+                raise FormatError(f"{folder / name} holds {shard['codes'].shape[0]} items, "
                                        f"the manifest says {len(m.shard_items(index))}")
             codes.append(shard["codes"])
             labels.append(shard["labels"])
@@ -223,7 +215,7 @@ class CodeDataset(Dataset):
     @staticmethod
     def _read_shard(path: Path, m: CodesManifest) -> dict[str, np.ndarray]:
         if not path.is_file():
-            raise FileNotFoundError(f"code shard {path} listed in the manifest is missing")
+            raise MissingFileError(f"code shard {path} listed in the manifest is missing")
         with safe_open(str(path), framework="np") as f:
             check_fingerprints(f.metadata().get("tokenizer_fingerprint"), m.tokenizer_fingerprint,
                                f"shard {path}", expected_from="its manifest")

@@ -1,4 +1,5 @@
-"""Where images for statistics come from: a dataset split, a folder, or an ADM-style .npz (arr_0)."""
+"""The images an evaluation reads: a dataset split, a folder, or an ADM-style .npz (arr_0), in batches
+sharded over processes."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from eval.inception import to_uint8
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+from data import DataConfig, load_split
+from data.images import IMAGE_EXTENSIONS, open_rgb
+from data.pixels import from_hwc, to_uint8
 
 
 @dataclass
@@ -65,8 +66,6 @@ class DatasetSource(_MapSource):
     """A split through data.load_split (train=False: no flips); its [-1, 1] images become uint8."""
 
     def __init__(self, dataset: str, split: str, resolution: int, num_workers: int = 0):
-        from data import DataConfig, load_split  # data/ is its own room; imported when used
-
         self.dataset = load_split(DataConfig(dataset=dataset, resolution=resolution, num_workers=num_workers),
                                   split, train=False)
         self.name = f"{dataset}:{split}@{resolution}"
@@ -111,14 +110,11 @@ class FolderSource(_MapSource):
         return len(self.paths)
 
     def __getitem__(self, index):
-        from data import open_rgb  # data/ is its own room; imported when used
-
         try:
             image = open_rgb(self.paths[index])
         except Exception:  # a header that parsed but pixels that do not: skip and count
             return {"skipped": str(self.paths[index])}
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {"index": index, "images": pixels}
+        return {"index": index, "images": from_hwc(np.array(image, dtype=np.uint8)[None])[0]}
 
 
 class NpzSource:
@@ -163,8 +159,7 @@ class NpzSource:
                 if start not in mine:
                     continue
                 images = np.frombuffer(chunk, dtype=np.uint8).reshape(count, *self.shape[1:])
-                yield Batch(torch.arange(start, start + count),
-                            torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous())
+                yield Batch(torch.arange(start, start + count), from_hwc(images.copy()).contiguous())
 
 
 def open_images(path: str | Path):
