@@ -33,11 +33,10 @@ class ExtractRun:
 
 
 @torch.no_grad()
-def encode_items(tok, dataset, items: range, batch_size: int, flip_copies: bool, device):
-    """Codes (n, copies, h, w) and labels (n,) of dataset items, in order."""
+def encode_items(tok, loader, flip_copies: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (n, copies, h, w) and labels (n,) of a loader's items, in order."""
     codes, labels = [], []
-    for start in range(items.start, items.stop, batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, items.stop))])
+    for batch in loader:
         if batch["skipped"]:
             raise UserError(
                 f"unreadable images {batch['skipped'][:5]}: code shards need every image of the split; "
@@ -49,6 +48,13 @@ def encode_items(tok, dataset, items: range, batch_size: int, flip_copies: bool,
         codes.append(torch.stack(copies, dim=1).cpu())
         labels.append(batch["label"])
     return torch.cat(codes), torch.cat(labels)
+
+
+def shard_loader(dataset, items: range, batch_size: int, num_workers: int):
+    """The items of one shard, in order, decoded by ``num_workers`` processes (data.num_workers)."""
+    subset = torch.utils.data.Subset(dataset, items)
+    return torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                       collate_fn=collate)
 
 
 def extract_split(tok, config: ExtractRun, split: str, args, state) -> CodesManifest:
@@ -65,8 +71,8 @@ def extract_split(tok, config: ExtractRun, split: str, args, state) -> CodesMani
     if done:
         logger.info("%s: %d of %d shards already written, resuming", split, done, manifest.num_shards)
     for index in tqdm(pending, desc=f"codes {split}", disable=not state.is_main_process):
-        codes, labels = encode_items(tok, dataset, manifest.shard_items(index), args.batch_size,
-                                     args.flip_copies, state.device)
+        loader = shard_loader(dataset, manifest.shard_items(index), args.batch_size, config.data.num_workers)
+        codes, labels = encode_items(tok, loader, args.flip_copies, state.device)
         writer.write_shard(index, codes, labels)
     state.wait_for_everyone()
     return writer.finalize() if state.is_main_process else writer.manifest

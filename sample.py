@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +53,36 @@ def generate(tok: ProVQTokenizer, prior: ARPrior, labels, **sampling) -> torch.T
 
 
 def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.Tensor:
-    """``--labels 0,3,5`` cycled to num_images, or class-balanced, sorted so grid rows are classes."""
+    """``--labels 0,3,5`` cycled to num_images, or class-balanced, sorted so grid rows are classes;
+    -1 (no class) everywhere for a prior trained on unlabelled data."""
+    if num_classes == 0:
+        if spec:
+            raise ConfigError("--labels given, but the prior was trained on unlabelled data (no classes)")
+        return torch.full((num_images,), -1)
     if spec:
-        chosen = [int(x) for x in spec.split(",") if x.strip()]
+        try:
+            chosen = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError as error:
+            raise ConfigError(f"--labels {spec!r}: expected comma-separated class ids ({error})") from None
         bad = [c for c in chosen if not 0 <= c < num_classes]
-        if bad:
-            raise ConfigError(f"--labels {bad} outside the prior's classes [0, {num_classes})")
+        if bad or not chosen:
+            raise ConfigError(f"--labels {bad or spec!r} outside the prior's classes [0, {num_classes})")
     else:
-        chosen = list(range(max(1, num_classes)))
+        chosen = list(range(num_classes))
     labels = torch.tensor([chosen[i % len(chosen)] for i in range(num_images)])
     return labels.sort(stable=True).values if not spec else labels
+
+
+def unguided_if_unlabelled(args, num_classes: int) -> SamplingConfig:
+    """Guidance needs classes. For a prior of unlabelled data an explicit ``--cfg_scale`` other than
+    1 is an error; a default one (the command's or the preset's) becomes 1, with a warning."""
+    if num_classes or args.sampling.cfg_scale == 1.0:
+        return args.sampling
+    if args.cfg_scale is not None:
+        raise ConfigError(f"--cfg_scale {args.cfg_scale} needs classes, but the prior was trained on "
+                          "unlabelled data: drop --cfg_scale or pass --cfg_scale 1")
+    logger.warning("the prior was trained on unlabelled data: sampling without guidance (cfg_scale 1)")
+    return replace(args.sampling, cfg_scale=1.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +117,7 @@ def main(argv=None) -> Path:
     state = process_state()
     tok, prior = load_pair(args.tokenizer, args.prior, state.device)
     labels = class_labels(args.labels, args.num_images, prior.config.num_classes)
+    args.sampling = unguided_if_unlabelled(args, prior.config.num_classes)
     out = Path(args.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     starts = list(range(0, args.num_images, args.batch_size))

@@ -66,7 +66,7 @@ def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
 
 def build_dataloaders(codes: Path, train: PriorTrainConfig, fingerprint: str):
     train_set = CodeDataset(codes, "train", expected_fingerprint=fingerprint)
-    common = dict(batch_size=train.batch_size, num_workers=train.num_workers)
+    common = dict(batch_size=train.batch_size)  # the codes are in memory: no loader workers needed
     train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **common)
     val_loader = None
     if (Path(codes) / "test").is_dir():
@@ -113,8 +113,10 @@ def load_grid_tokenizer(codes: Path, fingerprint: str, device):
 @torch.no_grad()
 def write_samples(model, tok, accelerator, path: Path, cfg_scale: float, per_class: int = 4) -> None:
     prior = accelerator.unwrap_model(model)
-    classes = max(1, min(prior.config.num_classes, 10))
-    labels = torch.arange(classes).repeat_interleave(per_class)
+    if prior.config.num_classes:  # a row per class (the first ten)
+        labels = torch.arange(min(prior.config.num_classes, 10)).repeat_interleave(per_class)
+    else:  # unlabelled data: samples of the null class, unguided
+        labels, cfg_scale = torch.full((2 * per_class,), -1), 1.0
     codes = sample(prior, labels, cfg_scale=cfg_scale, seed=0)
     if accelerator.is_main_process:
         save_image_grid(tok.decode(codes), path, nrow=per_class)
@@ -133,8 +135,7 @@ def build_parts(model_config: PriorConfig, codes: Path, train: PriorTrainConfig,
     model = ARPrior(model_config)
     fingerprint = model_config.tokenizer_fingerprint
     train_set, train_loader, val_loader = build_dataloaders(codes, train, fingerprint)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2),
-                                  weight_decay=train.weight_decay)
+    optimizer = training.make_optimizer(model, train, train.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)

@@ -17,7 +17,10 @@ import torch
 
 import training
 from common.cli import run_command
-from data import DataConfig, SkipTracker, collate, load_split
+from common.errors import ConfigError
+from common.files import load_weights
+from common.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from data import DataConfig, DatasetError, ImageDataset, SkipTracker, collate, load_split
 from data.pixels import save_image_grid
 from eval.metrics import codebook_usage, psnr
 from tokenizer import ProVQTokenizer, TokenizerConfig, losses
@@ -48,12 +51,26 @@ class TokenizerRun:
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
 
 
-def build_dataloaders(config: TokenizerRun, train: TokenizerTrainConfig):
-    train_set = load_split(config.data, config.data.train_split, train=True, seed=train.seed)
-    test_set = load_split(config.data, config.data.test_split, train=False)
-    common = dict(batch_size=train.batch_size, num_workers=train.num_workers, collate_fn=collate)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **common)
-    test_loader = torch.utils.data.DataLoader(test_set, shuffle=False, **common)
+def load_data(config: TokenizerRun) -> tuple[ImageDataset, ImageDataset]:
+    """The training and test splits, checked before the run writes anything."""
+    data, train = config.data, config.tokenizer.train
+    if data.resolution != config.tokenizer.model.resolution:
+        raise ConfigError(f"data.resolution {data.resolution} differs from tokenizer.model.resolution "
+                          f"{config.tokenizer.model.resolution}: the export would claim a resolution it "
+                          "was not trained at; set both")
+    train_set = load_split(data, data.train_split, train=True, seed=train.seed)
+    test_set = load_split(data, data.test_split, train=False)
+    needed = train.batch_size * training.launched_processes()
+    if len(train_set) < needed:
+        raise DatasetError(f"the training split has {len(train_set)} images, fewer than one global batch "
+                           f"({needed}): lower tokenizer.train.batch_size or add images")
+    return train_set, test_set
+
+
+def build_dataloaders(datasets: tuple[ImageDataset, ImageDataset], batch_size: int, num_workers: int):
+    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(datasets[0], shuffle=True, drop_last=True, **common)
+    test_loader = torch.utils.data.DataLoader(datasets[1], shuffle=False, **common)
     return train_loader, test_loader
 
 
@@ -73,25 +90,38 @@ class TokenizerParts(training.TrainParts):
     config: TokenizerStage
     skips: SkipTracker = field(default_factory=SkipTracker)
 
-
-def make_optimizer(params, train: TokenizerTrainConfig, lr: float):
-    return torch.optim.AdamW(params, lr=lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
+    def accumulated(self) -> list:
+        return [self.model] + ([self.gan.disc] if self.gan is not None else [])
 
 
 def build_gan(stage: TokenizerStage, accelerator) -> GAN:
     disc = PatchDiscriminator(stage.discriminator)
-    optimizer = make_optimizer(disc.parameters(), stage.train, stage.train.disc_lr)
+    optimizer = training.make_optimizer(disc, stage.train, stage.train.disc_lr)
     disc, optimizer = accelerator.prepare(disc, optimizer)
     return GAN(disc, optimizer)
 
 
-def build_parts(config: TokenizerRun, accelerator) -> TokenizerParts:
+def check_init_from(model: TokenizerConfig, folder: str | None) -> None:
+    """``--init_from`` takes the weights of a tokenizer folder (ours or converted) whose architecture
+    is the run's; checked before the run writes anything."""
+    if folder is None:
+        return
+    saved = ProVQTokenizer.read_config(Path(folder) / CONFIG_NAME).architecture()
+    differ = {k: (v, saved[k]) for k, v in model.architecture().items() if saved[k] != v}
+    if differ:
+        listed = ", ".join(f"{k} {ours} (folder: {theirs})" for k, (ours, theirs) in differ.items())
+        raise ConfigError(f"--init_from {folder} is another tokenizer than tokenizer.model describes: {listed}")
+
+
+def build_parts(config: TokenizerRun, datasets, accelerator, init_from: str | None = None) -> TokenizerParts:
     """Model, data, optimizer, GAN, perceptual loss and EMA, prepared and registered for checkpoints."""
     stage = config.tokenizer
     train, loss_config = stage.train, stage.loss
     model = ProVQTokenizer(stage.model)
-    train_loader, test_loader = build_dataloaders(config, train)
-    optimizer = make_optimizer(model.parameters(), train, train.lr)
+    if init_from is not None:  # weights only: the optimizer starts fresh; a resume loads over them
+        load_weights(model, Path(init_from) / WEIGHTS_NAME)
+    train_loader, test_loader = build_dataloaders(datasets, train.batch_size, config.data.num_workers)
+    optimizer = training.make_optimizer(model, train, train.lr)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
     gan = build_gan(stage, accelerator) if loss_config.gan_weight > 0 else None
     perceptual = losses.make_perceptual_loss(loss_config.perceptual_weight, loss_config.perceptual_net)
@@ -124,7 +154,7 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
     loss = nll + out.quantizer.vq_loss
     gan_on = parts.gan is not None and losses.gan_active(step, weights.disc_start)
     if gan_on:
-        g_loss = losses.hinge_g_loss(parts.gan.disc(recon))
+        g_loss = generator_adversarial_loss(parts.gan, recon, accelerator)
         weight = torch.ones((), device=images.device)
         if weights.adaptive_gan_weight:
             last = accelerator.unwrap_model(parts.model).last_layer
@@ -134,7 +164,7 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
     training.check_finite(step, **logged, total=loss)
     training.optimizer_step(parts.optimizer, parts.model, loss, ctx, train.lr, "generator")
     if gan_on:
-        logged["loss/gan_d"] = discriminator_step(parts.gan, images, recon.detach(), ctx)
+        logged.update(discriminator_step(parts.gan, images, recon.detach(), ctx, weights.disc_loss_weight))
     logged["loss/total"] = loss.detach()
     if parts.ema is not None and out.quantizer.initialized_now:
         sync_ema_codebook(parts.ema, accelerator.unwrap_model(parts.model))
@@ -148,11 +178,27 @@ def sync_ema_codebook(ema, tok) -> None:
             shadow.data.copy_(param.data)
 
 
-def discriminator_step(gan: GAN, real, fake, ctx: training.StepContext):
-    d_loss = losses.hinge_d_loss(gan.disc(real), gan.disc(fake))
+def generator_adversarial_loss(gan: GAN, recon: torch.Tensor, accelerator) -> torch.Tensor:
+    """The hinge generator loss through a frozen discriminator: gradients reach the tokenizer only,
+    so the discriminator's own update is exactly the one its loss gives. The unwrapped module keeps
+    DDP out of a forward whose backward never reaches its parameters."""
+    disc = accelerator.unwrap_model(gan.disc)
+    disc.requires_grad_(False)
+    try:
+        return losses.hinge_g_loss(disc(recon))
+    finally:
+        disc.requires_grad_(True)  # the graph is built: autograd will not write to them
+
+
+def discriminator_step(gan: GAN, real, fake, ctx: training.StepContext, weight: float) -> dict:
+    """One update of the discriminator from its weighted hinge loss on real and (detached) fake
+    images; returns the logged loss and the mean logits on each."""
+    logits_real, logits_fake = gan.disc(real), gan.disc(fake)
+    d_loss = losses.hinge_d_loss(logits_real, logits_fake)
     training.check_finite(ctx.step, discriminator=d_loss)
-    training.optimizer_step(gan.optimizer, gan.disc, d_loss, ctx, ctx.train.disc_lr, "discriminator")
-    return d_loss.detach()
+    training.optimizer_step(gan.optimizer, gan.disc, weight * d_loss, ctx, ctx.train.disc_lr, "discriminator")
+    return {"loss/gan_d": d_loss.detach(), "gan/logits_real": logits_real.detach().float().mean(),
+            "gan/logits_fake": logits_fake.detach().float().mean()}
 
 
 @torch.no_grad()
@@ -212,10 +258,13 @@ def tokenizer_stage(parts: TokenizerParts, run) -> training.Stage:
                                           "usage": "quantizer/usage"})
 
 
-def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None) -> Path:
+def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None,
+          init_from: str | None = None) -> Path:
     output_dir = Path(output_dir)
+    datasets = load_data(config)
+    check_init_from(config.tokenizer.model, init_from)
     run = training.start_run(config, config.tokenizer.train, output_dir, "tokenizer", resume)
-    parts = build_parts(config, run.accelerator)
+    parts = build_parts(config, datasets, run.accelerator, init_from)
     run.resume()
     logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
                 run.accelerator.device, run.accelerator.num_processes, run.threads, run.train.mixed_precision)
@@ -226,8 +275,10 @@ def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = Non
 
 def main(argv=None) -> Path:
     parser = training.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--init_from", default=None,
+                        help="start from the weights of this tokenizer folder (ours, or python -m tokenizer.convert's)")
     config, args = training.parse_config(parser, TokenizerRun, "tokenizer", argv)
-    return train(config, args.output_dir, resume=args.resume)
+    return train(config, args.output_dir, resume=args.resume, init_from=args.init_from)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,19 @@ class PretrainedMixin:
     @classmethod
     def read_config(cls, path: str | os.PathLike):
         """The config of a saved folder; refuses another model type, a newer version, unknown fields."""
-        data, _ = read_versioned(path, VERSION_KEY, cls.config_version)
+        data, version = read_versioned(path, VERSION_KEY, cls.config_version)
         model_type = data.pop("model_type", cls.model_type)  # files of 0.1.0 tokenizers had none
         if model_type != cls.model_type:
             raise FormatError(f"{path} holds a {model_type!r}, not a {cls.model_type!r}")
         try:
-            return build_config(cls.config_class, data)
+            return build_config(cls.config_class, cls.upgrade_config(data, version))
         except ConfigError as error:
             raise FormatError(f"{path}: {error}") from error
+
+    @classmethod
+    def upgrade_config(cls, data: dict, version: int) -> dict:
+        """The fields of a config written at an older ``version``, as this version names them."""
+        return data
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -12,7 +12,14 @@ from tqdm import tqdm
 from common.errors import ConfigError
 
 from .config import DataConfig
-from .images import flip_bit, open_rgb, resize_center_crop, to_uint8_chw
+from .images import (
+    flip_bit,
+    item_rng,
+    open_rgb,
+    resize_center_crop,
+    resize_random_crop,
+    to_uint8_chw,
+)
 from .pixels import to_float
 from .sources import (
     DatasetError,
@@ -93,17 +100,20 @@ class ImageDataset(torch.utils.data.Dataset):
     {"skipped": name, "index": i} for an unreadable file (see collate)."""
 
     def __init__(self, source: Source, resolution: int, train: bool, seed: int = 0,
-                 in_memory: bool | str = "auto"):
+                 in_memory: bool | str = "auto", random_crop: bool = False):
         self.source = source
         self.resolution = resolution
         self.train = train
+        self.random_crop = random_crop and train
         self.seed = seed
         self.epoch = 0
         self.label_names = list(source.label_names)
         self.num_classes = len(self.label_names)
         self.pixels = None  # uint8 (N, 3, R, R) when decoded up front
         self.unreadable: set[int] = set()
-        if _wants_in_memory(in_memory, len(source), resolution):
+        if self.random_crop and in_memory is True:
+            logging.info("train_crop random: every item is decoded when read (crops differ per epoch)")
+        if _wants_in_memory(in_memory, len(source), resolution) and not self.random_crop:
             self._decode_all()
 
     @property
@@ -127,7 +137,11 @@ class ImageDataset(torch.utils.data.Dataset):
             image = open_rgb(self.source.payloads[index])
         except Exception:  # any decoder error on a bad file: skip it, never end the epoch
             return None
-        return to_uint8_chw(resize_center_crop(image, self.resolution))
+        if self.random_crop:
+            image = resize_random_crop(image, self.resolution, item_rng(self.seed, self.epoch, index))
+        else:
+            image = resize_center_crop(image, self.resolution)
+        return to_uint8_chw(image)
 
     def _decode_all(self) -> None:
         # Decode + resize once so each later item costs only a flip and a scale:
@@ -156,10 +170,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def load_split(config: DataConfig, split: str, train: bool, seed: int = 0) -> ImageDataset:
     """One split ("train"/"test" = config.train_split/test_split, or a literal split name);
-    `train` turns on the random horizontal flip."""
+    `train` turns on the random horizontal flip, and the random crop if config.train_crop asks."""
     source = resolve_source(config, split)
-    return ImageDataset(source, config.resolution, train=train, seed=seed,
-                        in_memory=config.in_memory)
+    return ImageDataset(source, config.resolution, train=train, seed=seed, in_memory=config.in_memory,
+                        random_crop=config.train_crop == "random")
 
 
 def collate(items: list[dict]) -> dict:

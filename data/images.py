@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
+import random
 
 import numpy as np
 import torch
@@ -71,6 +73,26 @@ def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     image = image.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def resize_random_crop(image: Image.Image, resolution: int, rng: random.Random,
+                       min_crop_fraction: float = 0.8) -> Image.Image:
+    """ADM's random_crop_arr (LlamaGen's tokenizer augmentation): the shorter side to a random size
+    in [R, ceil(R / min_crop_fraction)] (box halving, then bicubic), then a random R x R window."""
+    smaller = rng.randrange(resolution, math.ceil(resolution / min_crop_fraction) + 1)
+    while min(image.size) >= 2 * smaller:
+        image = image.resize(tuple(side // 2 for side in image.size), Image.Resampling.BOX)
+    scale = smaller / min(image.size)
+    size = tuple(max(resolution, round(side * scale)) for side in image.size)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    top, left = rng.randrange(size[1] - resolution + 1), rng.randrange(size[0] - resolution + 1)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def item_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """An item's own random stream for an epoch: the same in every worker and after a resume."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}:crop".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
 
 
 def to_uint8_chw(image: Image.Image) -> torch.Tensor:

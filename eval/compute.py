@@ -50,7 +50,7 @@ def extract(model: FIDInception, images: torch.Tensor, bf16: bool = False) -> In
         x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             features = model.trunk(x).float()
-        logits = model.fc(features) if model.fc is not None else None
+        logits = model.logits(features)
     return InceptionOutput(features, logits)
 
 

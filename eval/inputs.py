@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data import DataConfig, load_split
+from common.errors import FormatError, MissingFileError
+from data import DataConfig, DatasetError, load_split
 from data.images import IMAGE_EXTENSIONS, open_rgb
 from data.pixels import from_hwc, to_uint8
 
@@ -86,7 +87,7 @@ class FolderSource(_MapSource):
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         if not folder.is_dir():
-            raise NotADirectoryError(f"not a folder of images: {folder}")
+            raise MissingFileError(f"not a folder of images: {folder}")
         candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         self.paths, self.unreadable, sizes = [], [], {}
         for path in candidates:
@@ -97,11 +98,11 @@ class FolderSource(_MapSource):
             except Exception:  # PIL raises several types for garbage; all mean "skip and count"
                 self.unreadable.append(path)
         if not self.paths:
-            raise ValueError(f"no readable images in {folder} (extensions {sorted(IMAGE_EXTENSIONS)}; "
+            raise DatasetError(f"no readable images in {folder} (extensions {sorted(IMAGE_EXTENSIONS)}; "
                              f"{len(self.unreadable)} unreadable)")
         if len(sizes) > 1:
             (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
-            raise ValueError(f"images in {folder} have different sizes, e.g. {path_a.name} is "
+            raise DatasetError(f"images in {folder} have different sizes, e.g. {path_a.name} is "
                              f"{size_a[0]}x{size_a[1]} and {path_b.name} is {size_b[0]}x{size_b[1]}: "
                              "resize them to one size first")
         self.name = str(folder)
@@ -125,11 +126,11 @@ class NpzSource:
         with zipfile.ZipFile(self.path) as archive:
             if self.member not in archive.namelist():
                 names = [n.removesuffix(".npy") for n in archive.namelist()]
-                raise KeyError(f"{self.path} has no '{key}' (ADM layout: uint8 NHWC images); keys: {names}")
+                raise FormatError(f"{self.path} has no '{key}' (ADM layout: uint8 NHWC images); keys: {names}")
             with archive.open(self.member) as file:
                 shape, dtype = self._header(file)
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-            raise ValueError(f"{self.path}:{key} must be uint8 (N, H, W, 3), got {dtype} {shape}")
+            raise FormatError(f"{self.path}:{key} must be uint8 (N, H, W, 3), got {dtype} {shape}")
         self.shape, self.name = shape, str(self.path)
         self.unreadable: list = []
 
@@ -139,7 +140,7 @@ class NpzSource:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read(file)
         if fortran_order:
-            raise ValueError("Fortran-ordered arrays are not supported; save with np.savez")
+            raise FormatError("Fortran-ordered arrays are not supported; save with np.savez")
         return shape, dtype
 
     def __len__(self):
@@ -169,4 +170,6 @@ def open_images(path: str | Path):
         return FolderSource(path)
     if path.suffix == ".npz":
         return NpzSource(path)
-    raise ValueError(f"{path}: expected a folder of images or an .npz with arr_0")
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: expected a folder of images or an .npz with arr_0")
+    raise FormatError(f"{path}: expected a folder of images or an .npz with arr_0")

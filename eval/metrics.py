@@ -8,6 +8,7 @@ import io
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
 from tokenizer.codebook_stats import perplexity, usage
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -34,7 +35,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     MATLAB code's settings, which skimage (gaussian_weights=True) and pytorch-msssim also use.
     """
     if min(x.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW} px, got {tuple(x.shape[-2:])}")
+        raise ConfigError(f"SSIM needs images of at least {SSIM_WINDOW} px, got {tuple(x.shape[-2:])}")
     x, y = x.double(), y.double()
     C = x.shape[1]
     window = _gaussian_window(C, x.device)

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from common.pretrained import PretrainedMixin
 
 from .errors import CodeRangeError, check_fingerprints
+from .positions import POSITION_EMBEDDINGS, GridRotaryEmbedding, add_output_dropout
 
 
 @dataclass
@@ -27,8 +28,13 @@ class PriorConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 704
-    dropout: float = 0.0
-    class_dropout: float = 0.1
+    attention_dropout: float = 0.0  # on the attention probabilities
+    residual_dropout: float = 0.0  # on each attention block's output (LlamaGen's resid_dropout_p)
+    ffn_dropout: float = 0.0  # on each feed-forward block's output (LlamaGen's ffn_dropout_p)
+    token_dropout: float = 0.0  # on the input embeddings (LlamaGen's token_dropout_p)
+    class_dropout: float = 0.1  # labels replaced by the null class, for classifier-free guidance
+    position_embedding: str = "rope_1d"  # rope_1d: raster index | rope_2d: (row, column), LlamaGen c2i
+    zero_init_head: bool = False  # the output head starts at zero (LlamaGen)
     tokenizer_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
@@ -42,9 +48,12 @@ class PriorConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"PriorConfig.hidden_size ({self.hidden_size}) is not a multiple of "
                              f"num_heads ({self.num_heads})")
-        for name in ("dropout", "class_dropout"):
+        for name in ("attention_dropout", "residual_dropout", "ffn_dropout", "token_dropout", "class_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"PriorConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"PriorConfig.position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                             f"got {self.position_embedding!r}")
 
     @property
     def num_tokens(self) -> int:
@@ -81,7 +90,7 @@ def llama_config(config: PriorConfig) -> LlamaConfig:
         max_position_embeddings=config.num_tokens + 1,
         rms_norm_eps=1e-5,
         initializer_range=0.02,
-        attention_dropout=config.dropout,
+        attention_dropout=config.attention_dropout,
         tie_word_embeddings=False,
         # Code 0..2 are image tokens here: Llama's text defaults (bos=1, eos=2, pad) would make
         # generate() stop early and nn.Embedding zero a padding row.
@@ -96,13 +105,27 @@ class ARPrior(PretrainedMixin, nn.Module):
     """
 
     config_class = PriorConfig
+    config_version = 2  # 2: one dropout field per place, position_embedding, zero_init_head
     model_type = "provq-ar-prior"
+
+    @classmethod
+    def upgrade_config(cls, data: dict, version: int) -> dict:
+        if version == 1 and "dropout" in data:  # 1 had one rate, on attention and embeddings
+            rate = data.pop("dropout")
+            data = {**data, "attention_dropout": rate, "token_dropout": rate}
+        return data
 
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
         self.llama = LlamaForCausalLM(llama_config(config))
-        self.embed_dropout = nn.Dropout(config.dropout)  # LlamaGen's token dropout
+        self.embed_dropout = nn.Dropout(config.token_dropout)
+        add_output_dropout(self.llama, config.residual_dropout, config.ffn_dropout)
+        if config.position_embedding == "rope_2d":
+            self.llama.model.rotary_emb = GridRotaryEmbedding(self.llama.config, config.code_height,
+                                                              config.code_width)
+        if config.zero_init_head:
+            nn.init.zeros_(self.llama.lm_head.weight)
         # transformers 5 renamed `past_key_values` to `cache`; accept both releases.
         params = inspect.signature(self.llama.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

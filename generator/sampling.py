@@ -44,12 +44,17 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def _check_labels(prior: ARPrior, labels: torch.Tensor) -> None:
+def _check_labels(prior: ARPrior, labels: torch.Tensor, config: SamplingConfig) -> None:
+    """Labels are classes in [0, num_classes), or -1 for "no class" (the null token: unconditional
+    samples, and every sample of a prior trained on unlabelled data)."""
     if labels.dim() != 1 or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= prior.config.num_classes:
-        raise ValueError(f"labels must be in [0, {prior.config.num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if labels.min() < -1 or labels.max() >= prior.config.num_classes:
+        raise ValueError(f"labels must be -1 (no class) or in [0, {prior.config.num_classes}), got values "
+                         f"in [{int(labels.min())}, {int(labels.max())}]")
+    if prior.config.num_classes == 0 and config.cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale {config.cfg_scale} needs classes, but this prior was trained on "
+                         "unlabelled data (num_classes 0): sample it with cfg_scale 1")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -100,7 +105,7 @@ def sample(prior: ARPrior, labels: Sequence[int] | torch.Tensor, *, seed: int = 
     """
     config = SamplingConfig(**settings)
     labels = torch.as_tensor(labels, device=prior.device).long()
-    _check_labels(prior, labels)
+    _check_labels(prior, labels, config)
     was_training = prior.training
     prior.eval()  # no dropout while sampling; restored below for in-training sample grids
     try:
@@ -114,7 +119,7 @@ def _sample_loop(prior: ARPrior, labels: torch.Tensor, settings: SamplingConfig,
     config = prior.config
     batch = labels.shape[0]
     guided = settings.cfg_scale != 1.0
-    prefix = prior.class_tokens(labels)
+    prefix = prior.class_tokens(labels, allow_null=True)
     if guided:
         prefix = torch.cat([prefix, torch.full_like(prefix, config.null_token)])
     generator = torch.Generator(device=prior.device).manual_seed(seed)

@@ -378,3 +378,31 @@ def test_describe_cli_folder(class_folder):
     assert summary["resolution_on_disk"]["width"] == [40, 63]
     splits = summary["splits"]
     assert splits["train"]["label_counts"]["dog"] + splits["test"]["label_counts"]["dog"] == 24
+
+
+def test_random_crop_is_adms_and_a_function_of_seed_epoch_and_index(tmp_path):
+    folder = tmp_path / "images"
+    ramp = np.tile(np.arange(80, dtype=np.uint8)[None, :, None] * 3, (60, 1, 3))  # brightness = column
+    for split in ("train", "val"):
+        (folder / split).mkdir(parents=True)
+        Image.fromarray(ramp).save(folder / split / "a.png")
+    config = DataConfig(dataset=str(folder), resolution=32, train_crop="random", in_memory=True,
+                        test_split="val")
+    train = load_split(config, "train", train=True, seed=0)
+    assert train.pixels is None  # crops change per epoch: nothing is cached
+    crops = []
+    for epoch in range(12):
+        train.set_epoch(epoch)
+        crops.append(train[0]["image"])
+        assert torch.equal(train[0]["image"], crops[-1])  # the same item in the same epoch
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    assert len({c.sum().item() for c in crops}) > 6  # windows and scales differ between epochs
+    # the shorter side (60) is scaled to [32, 40]: a window covers 32/40 to 32/32 of the height,
+    # so its width in source columns spans 32*60/40 = 48 to 60 of the 80 columns (+/- edge blur)
+    spans = [abs(c[0, 16, -1] - c[0, 16, 0]).item() * 127.5 / 3 for c in crops]  # flipped: negative
+    assert all(40 < span < 62 for span in spans), spans
+    evaluation = load_split(config, "test", train=False)  # evaluation: always the centre crop
+    centre = load_split(DataConfig(dataset=str(folder), resolution=32, test_split="val"), "test", False)
+    assert torch.equal(evaluation[0]["image"], centre[0]["image"])
+    with pytest.raises(ValueError, match="train_crop"):
+        DataConfig(train_crop="square")

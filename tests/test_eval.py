@@ -12,6 +12,7 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from common.errors import FormatError
 from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
     FeatureStats,
@@ -189,6 +190,34 @@ def test_pytorch_fid_layout_with_classifier_gives_inception_score(tmp_path, mode
     assert 1.0 <= mean <= 1008
 
 
+def _closed_form_inception_score(logits: np.ndarray, splits: int) -> float:
+    """exp(mean_x KL(p(y|x) || p(y))) per contiguous split, averaged: improved-GAN's definition."""
+    scores = []
+    for part in np.array_split(logits.astype(np.float64), splits):
+        p = np.exp(part - part.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        kl = (p * (np.log(p) - np.log(p.mean(axis=0, keepdims=True)))).sum(axis=1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def test_inception_score_uses_the_logits_without_the_classifier_bias(tmp_path, model):
+    generator = torch.Generator().manual_seed(1)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.2
+    state["fc.bias"] = torch.randn(1008, generator=generator) * 10  # would change every score
+    torch.save(state, tmp_path / "with_bias.pth")
+    with_fc = load_inception(tmp_path / "with_bias.pth")
+    images = np.random.default_rng(9).integers(0, 256, (20, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    result = source_stats(NpzSource(tmp_path / "s.npz"), EvalSetup(with_fc, Processes(), batch_size=8))
+    features = extract(with_fc, torch.from_numpy(images).permute(0, 3, 1, 2)).features.double().numpy()
+    weight, bias = state["fc.weight"].double().numpy(), state["fc.bias"].double().numpy()
+    expected = _closed_form_inception_score(features @ weight.T, splits=10)
+    assert result.inception_score[0] == pytest.approx(expected, rel=1e-6)
+    assert abs(_closed_form_inception_score(features @ weight.T + bias, splits=10) - expected) > 0.01
+
+
 def test_missing_weights_error_says_how_to_get_them(monkeypatch):
     import eval.inception as inception
 
@@ -292,7 +321,7 @@ def test_npz_source_streams_arr_0_and_rejects_bad_layout(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         NpzSource(tmp_path / "chw.npz")
     np.savez(tmp_path / "other.npz", images=images)
-    with pytest.raises(KeyError, match="arr_0"):
+    with pytest.raises(FormatError, match="arr_0"):
         NpzSource(tmp_path / "other.npz")
 
 

@@ -142,7 +142,8 @@ def test_prior_sigkill_then_resume_is_bit_identical(dropout, codes, tmp_path):
     import train_prior
 
     def argv(out):
-        return tiny_prior_argv(codes, out, 30, model__dropout=dropout, train__ema_decay=0.9,
+        return tiny_prior_argv(codes, out, 30, model__residual_dropout=dropout, model__ffn_dropout=dropout,
+                               model__token_dropout=dropout, train__ema_decay=0.9,
                                train__keep_checkpoints=2)
 
     run_in_process(train_prior.main, argv(tmp_path / "reference"))

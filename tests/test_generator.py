@@ -23,7 +23,7 @@ from generator import (
 from generator.code_shards import shard_name
 
 TINY = dict(codebook_size=64, code_height=4, code_width=4, num_classes=3, hidden_size=32,
-            num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
+            num_layers=2, num_heads=2, intermediate_size=64)
 
 
 def tiny_prior(seed=0, **overrides):
@@ -138,9 +138,9 @@ def test_load_refuses_newer_versions_unknown_fields_and_missing_tensors(tmp_path
     prior.save_pretrained(tmp_path)
     config_path = tmp_path / "config.json"
     good = json.loads(config_path.read_text())
-    assert (good["model_type"], good["config_version"]) == ("provq-ar-prior", 1)
+    assert (good["model_type"], good["config_version"]) == ("provq-ar-prior", 2)
     config_path.write_text(json.dumps({**good, "config_version": 99}))
-    with pytest.raises(FormatError, match="config_version 99, newer"):
+    with pytest.raises(FormatError, match="config_version 99, newer than this version's 2"):
         ARPrior.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({k: v for k, v in good.items() if k != "config_version"}))
     with pytest.raises(FormatError, match="no valid integer 'config_version'"):
@@ -162,6 +162,65 @@ def test_load_refuses_newer_versions_unknown_fields_and_missing_tensors(tmp_path
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(FormatError, match=f"lacks tensor '{name}'"):
         ARPrior.from_pretrained(tmp_path)
+
+
+def test_a_prior_saved_by_version_1_loads_as_it_was(tmp_path):
+    """Version 1 had one dropout rate (attention and embeddings) and 1D positions only."""
+    prior = tiny_prior(attention_dropout=0.1, token_dropout=0.1)
+    prior.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    v1 = {k: v for k, v in config.items() if k not in ("attention_dropout", "residual_dropout", "ffn_dropout",
+                                                        "token_dropout", "position_embedding", "zero_init_head")}
+    (tmp_path / "config.json").write_text(json.dumps({**v1, "dropout": 0.1, "config_version": 1}))
+    loaded = ARPrior.from_pretrained(tmp_path)
+    assert loaded.config == prior.config
+    assert (loaded.config.position_embedding, loaded.config.residual_dropout) == ("rope_1d", 0.0)
+    codes, labels = random_codes(2, prior.config)
+    assert torch.equal(loaded(codes, labels).logits, prior.eval()(codes, labels).logits)
+
+
+def attention_scores(prior: ARPrior, first: int, second: int) -> torch.Tensor:
+    """q.k of sequence positions ``first`` and ``second`` after their rotations, for one unit vector."""
+    head_dim = prior.config.hidden_size // prior.config.num_heads
+    q = k = torch.nn.functional.normalize(torch.arange(1.0, head_dim + 1), dim=0).repeat(1, 1, 2, 1)
+    positions = torch.tensor([[first, second]])
+    cos, sin = prior.llama.model.rotary_emb(q, positions)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)
+    return (q_rot[0, 0, 0] * k_rot[0, 0, 1]).sum()
+
+
+def test_2d_rotary_positions_follow_the_grid_not_the_raster_order():
+    flat, grid = tiny_prior(position_embedding="rope_1d"), tiny_prior(position_embedding="rope_2d")
+    # Sequence position p holds code p - 1 of the 4x4 grid: (row, column) = divmod(p - 1, 4).
+    # Codes (0,3)-(1,0) are neighbours in raster order, as are (0,0)-(0,1): 1D sees the same offset,
+    # 2D does not; a whole-grid shift by one row and one column keeps every 2D offset.
+    assert attention_scores(flat, 4, 5) == pytest.approx(attention_scores(flat, 1, 2).item(), abs=1e-6)
+    assert abs(attention_scores(grid, 4, 5) - attention_scores(grid, 1, 2)) > 1e-3
+    assert attention_scores(grid, 6, 7) == pytest.approx(attention_scores(grid, 1, 2).item(), abs=1e-6)
+    assert attention_scores(grid, 1, 6) == pytest.approx(attention_scores(grid, 6, 11).item(), abs=1e-6)
+    # The class token (position 0) gets cos = sin = 0, as in LlamaGen: its query and key vanish.
+    cos, sin = grid.llama.model.rotary_emb(torch.zeros(1), torch.tensor([[0]]))
+    assert not cos.any() and not sin.any()
+    # Same weights, other positions: other logits; the weights file is the same either way.
+    grid.load_state_dict(flat.state_dict())
+    codes, labels = random_codes(2, flat.config)
+    assert not torch.allclose(grid(codes, labels).logits, flat(codes, labels).logits)
+
+
+def test_llamagen_dropouts_and_zero_head():
+    prior = tiny_prior(residual_dropout=0.5, ffn_dropout=0.5, token_dropout=0.0, zero_init_head=True)
+    assert not prior.llama.lm_head.weight.any()
+    codes, labels = random_codes(2, prior.config)
+    prior.llama.lm_head.weight.data.normal_()
+    evaluated = prior.eval()(codes, labels).logits
+    assert torch.equal(evaluated, prior(codes, labels).logits)  # no dropout when evaluating
+    prior.train()
+    torch.manual_seed(0)
+    first = prior(codes, labels, generator=torch.Generator().manual_seed(0)).logits
+    assert not torch.allclose(first, evaluated)  # dropout on the block outputs while training
+    assert sorted(prior.state_dict()) == sorted(tiny_prior().state_dict())  # hooks add no weights
 
 
 # ---- code shards --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from generator import ARPrior, PriorConfig, sample
 from generator.sampling import SamplingConfig, filter_logits, guide, pick_tokens
 
 TINY = dict(codebook_size=64, code_height=4, code_width=4, num_classes=3, hidden_size=32,
-            num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0)
+            num_layers=2, num_heads=2, intermediate_size=64)
 LABELS = [0, 1, 2, 1]
 
 
@@ -115,8 +115,8 @@ def test_sampling_restores_training_mode(prior):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(labels=[3]), "labels must be in"),
-    (dict(labels=[-1]), "labels must be in"),
+    (dict(labels=[3]), r"labels must be -1 \(no class\) or in \[0, 3\), got values in \[3, 3\]"),
+    (dict(labels=[-2]), "labels must be -1"),
     (dict(labels=[]), "non-empty"),
     (dict(cfg_scale=-0.5), "cfg_scale"),
     (dict(top_p=0.0), "top_p"),
@@ -128,3 +128,9 @@ def test_bad_sampling_inputs_raise(prior, kwargs, message):
     labels = kwargs.pop("labels", [0])
     with pytest.raises(ValueError, match=message):
         sample(prior, labels, **kwargs)
+
+
+def test_label_minus_one_samples_the_null_class(prior):
+    """-1 is "no class": the unconditional samples that guidance starts from."""
+    unconditional = reference_sample(prior, [-1] * 4, 0.0, seed=0)
+    assert torch.equal(sample(prior, [-1] * 4, temperature=0.0), unconditional)

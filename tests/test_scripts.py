@@ -13,7 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.numpy import load_file
-from training_helpers import REPO, logged_steps, run_in_process, tiny_prior_argv
+from training_helpers import (
+    REPO,
+    logged_steps,
+    run_in_process,
+    tiny_prior_argv,
+    tiny_tokenizer_argv,
+)
 
 import extract_codes
 import sample
@@ -176,7 +182,7 @@ def test_sample_refuses_a_prior_of_another_tokenizer(tokenizer, prior, tmp_path)
 def test_train_prior_validation_is_the_loss_and_accuracy_on_the_test_codes(codes, tmp_path):
     out = tmp_path / "run"
     export = run_in_process(train_prior.main, tiny_prior_argv(codes, out, 3, train__eval_every=3,
-                                                              model__dropout=0.0, train__val_batches=0))
+                                                              train__val_batches=0))
     rows = [r for r in logged_steps(out / "metrics.jsonl") if "val/loss" in r]
     assert [r["step"] for r in rows] == [3]
     # The export holds the weights that were validated (no EMA); evaluated here in one batch.
@@ -190,3 +196,33 @@ def test_train_prior_validation_is_the_loss_and_accuracy_on_the_test_codes(codes
     assert rows[0]["val/loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
     assert rows[0]["val/accuracy"] == pytest.approx(expected.accuracy.item(), abs=1e-6)
     assert 0 < rows[0]["val/accuracy"] < 1 and rows[0]["val/loss"] > 0
+
+
+def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
+    """A folder of images without class folders: tokenizer -> codes -> prior -> samples."""
+    import train_tokenizer
+    from common.errors import ConfigError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    tok = run_in_process(train_tokenizer.main, tiny_tokenizer_argv(folder, tmp_path / "tok", 3))
+    run_in_process(extract_codes.main, extract_argv(tok, folder, tmp_path / "codes"))
+    manifest = load_manifest(tmp_path / "codes", "train")
+    assert manifest.num_classes == 0 and manifest.label_names == []
+    assert set(CodeDataset(tmp_path / "codes", "train").labels.tolist()) == {-1}
+    prior = run_in_process(train_prior.main, tiny_prior_argv(tmp_path / "codes", tmp_path / "prior", 3,
+                                                             train__image_every=3, train__eval_every=3))
+    assert ARPrior.from_pretrained(prior).config.num_classes == 0
+    assert (tmp_path / "prior" / "images" / "samples_00000003.png").is_file()  # the grid while training
+    caplog.set_level("WARNING")
+    npz = run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "samples"))  # default CFG 2
+    assert "sampling without guidance" in caplog.text
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (8, 16, 16, 3) and set(data["labels"].tolist()) == {-1}
+    with pytest.raises(ConfigError, match="needs classes"):
+        run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "guided", "--cfg_scale", "2"))
+    with pytest.raises(ConfigError, match="unlabelled"):
+        run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "labelled", "--labels", "0"))

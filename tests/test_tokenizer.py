@@ -163,7 +163,7 @@ def test_lpips_clear_error_without_trunk_weights(monkeypatch):
         raise OSError("no network")
 
     monkeypatch.setattr(lpips, "LPIPS", offline)
-    with pytest.raises(RuntimeError, match="perceptual weight to 0"):
+    with pytest.raises(MissingFileError, match="perceptual weight to 0"):
         make_perceptual_loss(1.0, net="vgg")
 
 

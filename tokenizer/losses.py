@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.errors import MissingFileError
+
 
 @dataclass
 class LossConfig:
@@ -22,6 +24,7 @@ class LossConfig:
     adaptive_gan_weight: bool = True  # VQGAN: balance GAN and reconstruction gradients
     max_adaptive_weight: float = 1e4
     disc_start: int = 0  # generator-side GAN loss and discriminator updates start at this step
+    disc_loss_weight: float = 1.0  # the discriminator's own loss is scaled by this (LlamaGen: 0.5)
 
     def __post_init__(self) -> None:
         if self.reconstruction not in ("l1", "l2"):
@@ -54,7 +57,7 @@ class LPIPSLoss(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 self.lpips = lpips.LPIPS(net=net, pnet_rand=random_trunk, verbose=False)
         except Exception as error:  # no network / no cached weights: say what to do
-            raise RuntimeError(
+            raise MissingFileError(
                 f"LPIPS could not load the pretrained torchvision '{net}' trunk weights ({error}). "
                 "Put them in $TORCH_HOME/hub/checkpoints (fetched once when online), "
                 "or set the perceptual weight to 0."

@@ -30,6 +30,16 @@ class TokenizerConfig:
         default_factory=lambda: QuantizerConfig(codebook_size=1024, codebook_dim=8, l2_normalize=True)
     )
 
+    def architecture(self) -> dict:
+        """The fields that decide what the weights compute (not how they are trained)."""
+        q = self.quantizer
+        return {"resolution": self.resolution, "in_channels": self.in_channels,
+                "base_channels": self.base_channels, "channel_multipliers": list(self.channel_multipliers),
+                "num_res_blocks": self.num_res_blocks, "latent_channels": self.latent_channels,
+                "attention": self.attention, "norm_num_groups": self.norm_num_groups,
+                "quantizer.codebook_size": q.codebook_size, "quantizer.codebook_dim": q.codebook_dim,
+                "quantizer.l2_normalize": q.l2_normalize}
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)

@@ -88,7 +88,7 @@ class ProgressiveQuantizer(nn.Module):
         self.config = config
         self.latent_dim = latent_dim
         self.codebook_dim = config.codebook_dim or latent_dim
-        projected = self.codebook_dim != latent_dim
+        projected = config.codebook_dim is not None  # also at the latent's own size (taming's quant_conv)
         self.proj_in = nn.Linear(latent_dim, self.codebook_dim) if projected else nn.Identity()
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
         self.codebook = nn.Embedding(config.codebook_size, self.codebook_dim)

@@ -11,7 +11,12 @@
 """
 
 from common.errors import ConfigError
-from training.accelerator import configure_threads, make_accelerator, process_state
+from training.accelerator import (
+    configure_threads,
+    launched_processes,
+    make_accelerator,
+    process_state,
+)
 from training.checkpoint import CheckpointManager, NonPersistentBuffers
 from training.config import TrainConfig, load_preset, make_parser, parse_config, preset_section
 from training.export import build_ema
@@ -26,7 +31,7 @@ from training.loop import (
     train_loop,
 )
 from training.metrics_log import StepTerms
-from training.optimization import DivergenceError, check_finite, optimizer_step
+from training.optimization import DivergenceError, check_finite, make_optimizer, optimizer_step
 
 __all__ = [
     "CheckpointManager",
@@ -44,8 +49,10 @@ __all__ = [
     "check_finite",
     "configure_threads",
     "finish_run",
+    "launched_processes",
     "load_preset",
     "make_accelerator",
+    "make_optimizer",
     "make_parser",
     "parse_config",
     "preset_section",

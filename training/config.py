@@ -34,14 +34,15 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (LlamaGen's tokenizer: Adam, no decay)
     weight_decay: float = 0.0
+    weight_decay_1d: bool = True  # decay biases and norm scales too (False: LlamaGen's GPT groups)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on GPUs only)
     ema_decay: float = 0.0  # 0 = no EMA
     seed: int = 0
-    num_workers: int = 0
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -49,6 +50,8 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
 
     def __post_init__(self):
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw, not {self.optimizer!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"):

@@ -96,6 +96,11 @@ class TrainParts:
     train_loader: object
     ema: object | None
 
+    def accumulated(self) -> list:
+        """The prepared modules a step updates: under gradient accumulation, none of them
+        synchronises gradients across processes before the last micro-batch."""
+        return [self.model]
+
 
 @dataclass
 class StepContext:
@@ -143,7 +148,7 @@ def train_loop(run: Run, parts: TrainParts, stage: Stage) -> None:
     while step < train.max_steps:
         batch = next(micro_batches)
         seed_step(train.seed, micro_step, accelerator.process_index)
-        with accelerator.accumulate(parts.model):
+        with accelerator.accumulate(*parts.accumulated()):
             terms = stage.step(parts, batch, StepContext(step, micro_step, accelerator, train))
         micro_step += 1
         if not accelerator.sync_gradients:

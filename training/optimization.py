@@ -54,17 +54,34 @@ def check_grad_norm(step: int, norm, name: str = "model") -> None:
                               f"stopping before the update. {_RESUME_HINT}")
 
 
-def clip_and_check(module, train: TrainConfig, step: int, accelerator, name: str) -> None:
-    """Clip the gradients (grad_clip 0: measure only) and stop on a NaN/inf norm before the update.
+def make_optimizer(module: torch.nn.Module, train: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam or AdamW over ``module``'s parameters. With ``weight_decay_1d`` off, tensors of fewer than
+    2 dimensions (biases, norm scales) get no weight decay, as LlamaGen's GPT optimizer groups them."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = params if train.weight_decay_1d else [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kind = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    return kind(groups, lr=lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay)
 
-    Under fp16 the loss scaler owns non-finite gradients (it skips that step), so no check there.
-    """
+
+def clip_and_check(module, optimizer, ctx, name: str) -> None:
+    """Clip ``module``'s gradients (grad_clip 0: measure only) and stop on a NaN/inf norm before the
+    update. Under fp16 only this optimizer's gradients are unscaled (each optimizer exactly once per
+    step), and the scaler owns non-finite gradients (it skips that step), so no check there."""
+    accelerator, train = ctx.accelerator, ctx.train
     if not accelerator.sync_gradients:
         return
     max_norm = train.grad_clip if train.grad_clip > 0 else float("inf")
-    norm = accelerator.clip_grad_norm_(module.parameters(), max_norm)
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP", "XLA"):
+        norm = accelerator.clip_grad_norm_(module.parameters(), max_norm)  # they clip their own way
+    else:
+        # Accelerate's clip_grad_norm_ would unscale every prepared optimizer, the other stage's too.
+        accelerator.unscale_gradients(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
     if accelerator.scaler is None:
-        check_grad_norm(step, norm, name)
+        check_grad_norm(ctx.step, norm, name)
 
 
 def optimizer_step(optimizer, module, loss, ctx, lr: float, name: str) -> None:
@@ -76,6 +93,6 @@ def optimizer_step(optimizer, module, loss, ctx, lr: float, name: str) -> None:
     """
     set_lr(optimizer, lr, ctx.step, ctx.train)
     ctx.accelerator.backward(loss)
-    clip_and_check(module, ctx.train, ctx.step, ctx.accelerator, name)
+    clip_and_check(module, optimizer, ctx, name)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,269 @@
+"""One check of the scale path on one GPU: the recipe's tokenizer with the GAN, GPT-B, guided sampling, FID features.
+
+    python bench/gpu_check.py                       # on a GPU: about 5 minutes; JSON in bench/results/
+    python bench/gpu_check.py --out /tmp/check.json  # on a CPU: the same code path at tiny sizes (CI)
+
+On synthetic data, through the scripts' own step functions (train_tokenizer.train_step with
+the discriminator step, train_prior.train_step, generator.sampling.sample, eval.compute.extract):
+
+1. configs/imagenet256.yaml's tokenizer (VQ-16 shape) at 256 px, GAN on from step 0, LPIPS with a
+   random VGG trunk (its weights cannot be downloaded on the check machine; the cost is the
+   same), batch 16, bf16: images/s;
+2. GPT-B of the same preset on 16x16 codes of 16,384, batch 32, bf16: tokens/s and the model-FLOPs
+   utilisation (PaLM's 6N + 12 L H Q T FLOPs per token) against the GPU's dense bf16 peak (from
+   NVIDIA's datasheet, named in the JSON) and against a bf16 matmul measured in the same run;
+3. KV-cached sampling of 32 images with CFG 2.0 (bf16 autocast): images/s and tokens/s;
+4. Inception features (the FID extractor, fp32) of 1,000 images at 256 px: images/s.
+
+Every figure carries the peak GPU memory and whether any loss was non-finite. On a CPU the sizes
+shrink (the emoji32 preset, a few steps) so that CI runs the whole script in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import train_prior  # noqa: E402
+import train_tokenizer  # noqa: E402
+import training  # noqa: E402
+from common.typed_config import build_config  # noqa: E402
+from eval.compute import extract  # noqa: E402
+from eval.inception import load_inception  # noqa: E402
+from generator import CodeShardWriter, CodesManifest  # noqa: E402
+from generator.sampling import sample  # noqa: E402
+from pipeline.presets import preset_models  # noqa: E402
+from tokenizer import losses  # noqa: E402
+from training.config import load_preset  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s.
+DENSE_BF16_PEAK = {"H200": (989.5e12, "NVIDIA H200 datasheet: 1,979 TFLOPS BF16 with sparsity, half dense"),
+                   "H100": (989.5e12, "NVIDIA H100 SXM datasheet: 1,979 TFLOPS BF16 with sparsity, half dense"),
+                   "A100": (312e12, "NVIDIA A100 datasheet: 312 TFLOPS BF16 dense")}
+
+
+@dataclass
+class Sizes:
+    preset: str
+    classes: int
+    tokenizer_batch: int
+    prior_batch: int
+    warmup: int
+    steps: int
+    samples: int
+    inception_images: int
+    inception_resolution: int
+
+
+GPU = Sizes("imagenet256", 1000, 16, 32, 3, 20, 32, 1000, 256)
+CPU = Sizes("emoji32", 10, 4, 8, 1, 2, 2, 16, 32)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def timed_steps(accelerator, parts, step_fn, train, sizes: Sizes) -> tuple[float, bool]:
+    """Seconds per timed step (after the warm-up) of a script's step function, and whether a
+    logged term was non-finite."""
+    batches = endless(parts.train_loader, accelerator.device)
+    nonfinite, start = False, 0.0
+    for step in range(sizes.warmup + sizes.steps):
+        if step == sizes.warmup:
+            synchronize(accelerator.device)
+            start = time.perf_counter()
+        with accelerator.accumulate(*parts.accumulated()):
+            terms = step_fn(parts, next(batches), training.StepContext(step, step, accelerator, train))
+        values = [float(v) for v in {**terms.averaged, **terms.shared}.values()]
+        nonfinite |= not all(math.isfinite(v) for v in values)
+    synchronize(accelerator.device)
+    return (time.perf_counter() - start) / sizes.steps, nonfinite
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Random images in [-1, 1] in the data contract's item layout."""
+
+    def __init__(self, count: int, resolution: int):
+        self.images = torch.rand(count, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index] * 2 - 1, "label": index % 10, "index": index}
+
+
+def endless(loader, device):
+    while True:
+        for batch in loader:
+            yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_tokenizer(sizes: Sizes, folder: Path) -> dict:
+    mapping = load_preset(sizes.preset)
+    config = build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
+    config.tokenizer.loss.disc_start = 0
+    config.tokenizer.loss.gan_weight = config.tokenizer.loss.gan_weight or 0.1  # the CPU preset has none
+    config.tokenizer.loss.perceptual_weight = config.tokenizer.loss.perceptual_weight or 1.0
+    config.tokenizer.train.batch_size, config.tokenizer.train.mixed_precision = sizes.tokenizer_batch, "bf16"
+    resolution = config.tokenizer.model.resolution
+    data = SyntheticImages(sizes.tokenizer_batch * 2, resolution), SyntheticImages(2, resolution)
+    accelerator = training.make_accelerator(config.tokenizer.train, folder)
+    parts = train_tokenizer.build_parts(config, data, accelerator)
+    seconds, nonfinite = timed_steps(accelerator, parts, train_tokenizer.train_step, config.tokenizer.train, sizes)
+    return {"resolution": resolution, "batch": sizes.tokenizer_batch, "precision": "bf16",
+            "parameters": sum(p.numel() for p in parts.model.parameters()),
+            "step": "generator (L2/L1 + LPIPS random trunk + VQ + hinge GAN) + discriminator step",
+            "images_per_s": round(sizes.tokenizer_batch / seconds, 2), "seconds_per_step": round(seconds, 4),
+            "peak_memory_gib": peak_memory_gib(accelerator.device), "nonfinite_loss": nonfinite}
+
+
+def synthetic_codes(folder: Path, prior_config, count: int) -> Path:
+    manifest = CodesManifest(tokenizer_fingerprint="synthetic", code_shape=(prior_config.code_height,
+                             prior_config.code_width), codebook_size=prior_config.codebook_size,
+                             num_classes=prior_config.num_classes, split="train", num_items=count)
+    writer = CodeShardWriter(folder, manifest)
+    generator = torch.Generator().manual_seed(0)
+    writer.write_shard(0, torch.randint(prior_config.codebook_size, (count, *manifest.code_shape),
+                                        generator=generator), torch.arange(count) % prior_config.num_classes)
+    writer.finalize()
+    return folder
+
+
+def model_flops_per_token(prior) -> float:
+    """PaLM (Chowdhery et al. 2022, appendix B): 6 N + 12 L H Q T, N the non-embedding parameters."""
+    c = prior.config
+    embedding = prior.llama.model.embed_tokens.weight.numel()
+    n = prior.num_parameters() - embedding
+    return 6 * n + 12 * c.num_layers * c.hidden_size * c.num_tokens
+
+
+def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
+    mapping = load_preset(sizes.preset)
+    run = build_config(train_prior.PriorRun, {"prior": mapping["prior"]})
+    model_config = preset_models(sizes.preset, sizes.classes)[1]
+    train = run.prior.train
+    train.batch_size, train.mixed_precision = sizes.prior_batch, "bf16"
+    codes = synthetic_codes(folder / "codes", model_config, sizes.prior_batch * 2)
+    accelerator = training.make_accelerator(train, folder / "prior")
+    parts = train_prior.build_parts(train_prior.bind_to_codes(model_config, codes), codes, train, accelerator)
+    seconds, nonfinite = timed_steps(accelerator, parts, train_prior.train_step, train, sizes)
+    prior = accelerator.unwrap_model(parts.model)
+    tokens_per_s = sizes.prior_batch * prior.config.num_tokens / seconds
+    achieved = tokens_per_s * model_flops_per_token(prior)
+    return {"batch": sizes.prior_batch, "tokens": prior.config.num_tokens, "precision": "bf16",
+            "parameters": prior.num_parameters(), "tokens_per_s": round(tokens_per_s, 1),
+            "model_flops_per_token": model_flops_per_token(prior), "achieved_tflops": round(achieved / 1e12, 3),
+            "peak_memory_gib": peak_memory_gib(accelerator.device), "nonfinite_loss": nonfinite}, prior
+
+
+def matmul_peak(device: torch.device, size: int) -> float:
+    """bf16 matmul FLOP/s of this device, measured: the utilisation's second denominator."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    repeats, start = 10, time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def utilisation(prior_result: dict, device: torch.device) -> dict:
+    achieved = prior_result["achieved_tflops"] * 1e12
+    measured = matmul_peak(device, 8192 if device.type == "cuda" else 2048)
+    result = {"matmul_bf16_tflops_measured": round(measured / 1e12, 3),
+              "mfu_vs_measured_matmul": round(achieved / measured, 4)}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in name), None)
+        if peak is not None:
+            result.update(mfu_vs_datasheet=round(achieved / peak[0], 4), datasheet_peak_tflops=peak[0] / 1e12,
+                          datasheet=peak[1])
+    return result
+
+
+@torch.no_grad()
+def check_sampling(prior, sizes: Sizes) -> dict:
+    labels = torch.arange(sizes.samples) % prior.config.num_classes
+    device = prior.device
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        sample(prior, labels[:1], cfg_scale=2.0)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        codes = sample(prior, labels, cfg_scale=2.0, seed=1)
+        synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"images": sizes.samples, "cfg_scale": 2.0, "kv_cache": True, "precision": "bf16 autocast",
+            "images_per_s": round(sizes.samples / seconds, 3),
+            "tokens_per_s": round(sizes.samples * prior.config.num_tokens / seconds, 1),
+            "codes_in_range": bool(((codes >= 0) & (codes < prior.config.codebook_size)).all())}
+
+
+@torch.no_grad()
+def check_inception(sizes: Sizes, device: torch.device) -> dict:
+    model = load_inception(device=device)
+    images = torch.randint(0, 256, (sizes.inception_images, 3, sizes.inception_resolution,
+                                    sizes.inception_resolution), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    extract(model, images[:8])  # warm-up
+    synchronize(device)
+    start, batch, finite = time.perf_counter(), 100, True
+    for i in range(0, len(images), batch):
+        finite &= bool(torch.isfinite(extract(model, images[i:i + batch]).features).all())
+    synchronize(device)
+    return {"images": len(images), "resolution": sizes.inception_resolution, "precision": "fp32",
+            "images_per_s": round(len(images) / (time.perf_counter() - start), 1), "finite": finite}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="default: bench/results/gpu_check_<device>.json")
+    args = parser.parse_args(argv)
+    threads = training.configure_threads()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = GPU if device.type == "cuda" else CPU
+    # LPIPS's VGG weights are a download; a random trunk costs the same (never report its numbers).
+    losses.make_perceptual_loss = lambda weight, net="vgg", random_trunk=False: (
+        losses.LPIPSLoss(net, random_trunk=True) if weight > 0 else None)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"benchmark": "gpu_check", "device": torch.cuda.get_device_name(device)
+                  if device.type == "cuda" else platform.processor() or platform.machine(),
+                  "sizes": sizes.__dict__, "torch": torch.__version__, "torch_threads": threads,
+                  "tokenizer": check_tokenizer(sizes, Path(tmp) / "tok")}
+        result["prior"], prior = check_prior(sizes, Path(tmp))
+    result["prior"].update(utilisation(result["prior"], device))
+    result["sampling"] = check_sampling(prior, sizes)
+    result["inception"] = check_inception(sizes, device)
+    result["any_nonfinite_loss"] = result["tokenizer"]["nonfinite_loss"] or result["prior"]["nonfinite_loss"]
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out or f"bench/results/gpu_check_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,26 @@
+"""The benchmarks that CI can run at tiny sizes: they must keep running, and write what they claim."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from training_helpers import REPO, subprocess_env
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sizes"]["preset"] == "emoji32"  # the CPU sizes; a GPU runs imagenet256's
+    assert result["tokenizer"]["images_per_s"] > 0 and result["prior"]["tokens_per_s"] > 0
+    assert 0 < result["prior"]["mfu_vs_measured_matmul"] < 1
+    assert result["prior"]["model_flops_per_token"] > 6 * 3e6  # 6 N for a ~3.7M-parameter prior
+    assert result["sampling"]["codes_in_range"] and result["sampling"]["images"] == 2
+    assert result["inception"]["finite"] and result["inception"]["images_per_s"] > 0
+    assert result["any_nonfinite_loss"] is False
