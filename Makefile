@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fonts-noto-color-emoji unicode-data
+APT_PACKAGES := fonts-noto-color-emoji unicode-data g++  # g++: torch.compile's CPU code
 STAMP := $(VENV)/.installed
 # One torch thread per core the process really has (see README, "CPU threads").
 export OMP_NUM_THREADS ?= $(shell nproc)

@@ -133,6 +133,9 @@ class PriorParts(training.TrainParts):
 
 def build_parts(model_config: PriorConfig, codes: Path, train: PriorTrainConfig, accelerator) -> PriorParts:
     model = ARPrior(model_config)
+    if train.compile:  # the decoder layers, in place: one compiled graph serves them all
+        for layer in model.llama.model.layers:
+            layer.compile()
     fingerprint = model_config.tokenizer_fingerprint
     train_set, train_loader, val_loader = build_dataloaders(codes, train, fingerprint)
     optimizer = training.make_optimizer(model, train, train.lr)

@@ -24,6 +24,7 @@ from data import DataConfig, DatasetError, ImageDataset, SkipTracker, collate, l
 from data.pixels import save_image_grid
 from eval.metrics import codebook_usage, psnr
 from tokenizer import ProVQTokenizer, TokenizerConfig, losses
+from tokenizer.codebook_stats import MomentAccumulator, participation_ratio
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import LossConfig
 from tokenizer.schedule import hardness
@@ -120,6 +121,9 @@ def build_parts(config: TokenizerRun, datasets, accelerator, init_from: str | No
     model = ProVQTokenizer(stage.model)
     if init_from is not None:  # weights only: the optimizer starts fresh; a resume loads over them
         load_weights(model, Path(init_from) / WEIGHTS_NAME)
+    if train.compile:  # in place, so the weights keep their names; the quantizer stays eager (it
+        model.encoder.compile()  # takes the hardness as a number and runs collectives)
+        model.decoder.compile()
     train_loader, test_loader = build_dataloaders(datasets, train.batch_size, config.data.num_workers)
     optimizer = training.make_optimizer(model, train, train.lr)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
@@ -203,27 +207,38 @@ def discriminator_step(gan: GAN, real, fake, ctx: training.StepContext, weight: 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, max_batches: int) -> dict:
-    """Hard-quantized PSNR and codebook usage on the first test batches (all processes' together)."""
+    """Hard-quantized PSNR, codebook usage and the geometry of latents and codes on the first test
+    batches (all processes' together): the effective dimension (participation ratio) of the
+    encoder outputs z_e and of the codes they use, and z_e's mean distance to its code."""
     model.eval()
     tok = accelerator.unwrap_model(model)
-    size = tok.config.quantizer.codebook_size
-    counts = torch.zeros(size, dtype=torch.float64, device=accelerator.device)
-    psnr_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    images_seen = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    size, device = tok.config.quantizer.codebook_size, accelerator.device
+    counts = torch.zeros(size, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # PSNR, distance to the code, images
+    latents = MomentAccumulator(tok.quantizer.codebook_dim, device)
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         images = batch["image"]
-        codes = tok.encode(images)
-        recon = tok.decode(codes)
-        counts += torch.bincount(codes.flatten(), minlength=size).double()
-        psnr_sum += psnr((recon + 1) / 2, (images + 1) / 2).double().sum()
-        images_seen += images.shape[0]
-    counts, psnr_sum, images_seen = (accelerator.reduce(t, "sum") for t in (counts, psnr_sum, images_seen))
+        out = tok(images, hardness=1.0)  # eval mode: hard codes, no statistics kept, no collectives
+        q = out.quantizer
+        counts += torch.bincount(q.indices.flatten(), minlength=size).double()
+        rows_e, rows_q = (t.movedim(1, -1).reshape(-1, t.shape[1]) for t in (q.z_e, q.z_q))
+        latents.update(rows_e)
+        recon = out.reconstruction.float().clamp(-1, 1)
+        sums += torch.stack([psnr((recon + 1) / 2, (images + 1) / 2).double().sum(),
+                             (rows_e - rows_q).norm(dim=-1).double().mean() * images.shape[0],
+                             torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
+    counts, sums, *moments = (accelerator.reduce(t, "sum") for t in (counts, sums, *latents.tensors()))
+    latents.count, latents.sum, latents.outer = moments
     model.train()
-    usage = codebook_usage(counts)
-    return {"eval/psnr": (psnr_sum / images_seen.clamp_min(1)).item(),
-            "eval/usage": usage["codebook_usage"], "eval/perplexity": usage["codebook_perplexity"]}
+    used = counts > 0
+    codes = tok.quantizer.codebook_vectors()[used].double()
+    stats, n = codebook_usage(counts), sums[2].clamp_min(1)
+    return {"eval/psnr": (sums[0] / n).item(), "eval/usage": stats["codebook_usage"],
+            "eval/perplexity": stats["codebook_perplexity"], "eval/code_distance": (sums[1] / n).item(),
+            "eval/dim_latents": participation_ratio(latents.covariance()),
+            "eval/dim_codes": participation_ratio(torch.cov(codes.T)) if len(codes) > 1 else 0.0}
 
 
 @torch.no_grad()

@@ -1,91 +1,108 @@
-"""The ablation's report: mean ± std per variant, usage curves, and one verdict per metric."""
+"""The ablation's reports: a table per variant, paired verdicts, curves of usage and geometry, the sweep."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 
+from ablation.statistics import mean_std, paired_difference, verdict_line
 from ablation.variants import Variant
 from pipeline.report import markdown_table, plot_panels, read_jsonl, series
 
-# (key in the eval JSON, column name, higher is better)
+# (key in a run's metrics, column, higher is better)
 METRICS = [
     ("rfid", "rFID", False),
     ("psnr", "PSNR (dB)", True),
+    ("ssim", "SSIM", True),
     ("codebook_usage", "usage", True),
     ("codebook_perplexity", "perplexity", True),
+    ("train_psnr", "train PSNR", True),
+    ("train_ssim", "train SSIM", True),
+]
+GFID = ("fid", "gFID", False)
+# Logged curves, per variant (mean over seeds): (key in metrics.jsonl, panel title)
+CURVES = [
+    ("eval/usage", "codebook usage (test batches)"),
+    ("eval/psnr", "PSNR, test batches (dB)"),
+    ("eval/dim_latents", "effective dim. of z_e"),
+    ("eval/dim_codes", "effective dim. of used codes"),
+    ("eval/code_distance", "mean |z_e - code|"),
+    ("quantizer/ever_used", "codes ever used (training)"),
+]
+# The comparisons that decide the question; each is made when both of its variants ran.
+COMPARISONS = [
+    ("What the smooth ramp adds over a warm-up then hard codes", "cosine+kmeans+l2", "step+kmeans+l2"),
+    ("A longer ramp (60% of the run) than the preset's (30%)", "cosine+kmeans+l2+long", "cosine+kmeans+l2"),
+    ("ProVQ as the paper states it (no k-means) vs LlamaGen's hard VQ", "cosine+l2", "vq+l2"),
+    ("What the k-means init adds to hard VQ", "vq+kmeans+l2", "vq+l2"),
 ]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def values(runs: list[dict | None], key: str) -> list[float | None]:
+    return [None if r is None else r.get(key) for r in runs]
 
 
-def _values(results: list[dict], key: str) -> list[float]:
-    return [r["metrics"].get(key) for r in results]
+def _cell(vals: list[float | None]) -> str:
+    present = [v for v in vals if v is not None]
+    if not present:
+        return ""
+    mean, std = mean_std(present)
+    return f"{mean:.4g} ± {std:.2g}" if len(present) > 1 else f"{mean:.4g}"
 
 
-def _cell(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.4g} ± {std:.2g}" if len(values) > 1 else f"{mean:.4g}"
-
-
-def table(variants, results, generation) -> str:
+def table(variants: list[Variant], results: dict, generation: dict) -> str:
     rows = []
     for v in variants:
         row = {"variant": v.name, "seeds": len(results[v.name])}
-        for key, column, _ in METRICS:
-            row[column] = _cell(_values(results[v.name], key))
-        row["gFID"] = _cell(_values(generation[v.name], "fid"))
+        row.update({column: _cell(values(results[v.name], key)) for key, column, _ in METRICS})
+        row["gFID"] = _cell(values(generation.get(v.name, []), "fid"))
         rows.append(row)
     return markdown_table(rows, ["variant", "seeds"] + [c for _, c, _ in METRICS] + ["gFID"])
 
 
-def strongest(variants: list[Variant], results, predicate) -> Variant:
-    """Among the variants ``predicate`` keeps, the one with the best mean PSNR."""
+def strongest(variants: list[Variant], results, predicate) -> Variant | None:
+    """Among the variants ``predicate`` keeps, the one with the best mean test PSNR."""
     chosen = [v for v in variants if predicate(v)]
-    return max(chosen, key=lambda v: mean_std(_values(results[v.name], "psnr"))[0])
+    return max(chosen, key=lambda v: mean_std(values(results[v.name], "psnr"))[0], default=None)
 
 
-def verdict(name_a, a: list[float], name_b, b: list[float], column: str, higher: bool) -> str:
-    """Is the difference of the means larger than the seed spread (std of a + std of b)?"""
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    diff = ma - mb
-    better = name_a if (diff > 0) == higher else name_b
-    spread = sa + sb
-    if len(a) < 2 or len(b) < 2:
-        return f"- {column}: {name_a} {ma:.4g} vs {name_b} {mb:.4g} (one seed: no spread to compare with)"
-    size = "larger" if abs(diff) > spread else "not larger"
-    return (f"- {column}: {name_a} {ma:.4g} ± {sa:.2g} vs {name_b} {mb:.4g} ± {sb:.2g}; "
-            f"{better} is better by {abs(diff):.3g}, {size} than the seed spread ({spread:.3g}).")
-
-
-def comparison(title, a: Variant, b: Variant, results, generation) -> list[str]:
-    lines = [f"### {title}: `{a.name}` vs `{b.name}`", ""]
+def comparison(title: str, a: str, b: str, results: dict, generation: dict) -> list[str]:
+    lines = [f"### {title}: `{a}` vs `{b}`", ""]
     for key, column, higher in METRICS:
-        lines.append(verdict(a.name, _values(results[a.name], key), b.name,
-                             _values(results[b.name], key), column, higher))
-    lines.append(verdict(a.name, _values(generation[a.name], "fid"), b.name,
-                         _values(generation[b.name], "fid"), "gFID", False))
-    return lines + [""]
+        difference = paired_difference(values(results[a], key), values(results[b], key))
+        lines.append(verdict_line(column, (a, b), difference, higher))
+    gfid = paired_difference(values(generation.get(a, []), "fid"), values(generation.get(b, []), "fid"))
+    return lines + [verdict_line("gFID", (a, b), gfid, False), ""]
 
 
-def usage_plot(out: Path, variants) -> Path:
-    lines = {}
-    for v in variants:
-        curves = [series(read_jsonl(p), "eval/usage") for p in sorted(out.glob(f"{v.name}/seed*/tok/metrics.jsonl"))]
-        curves = [c for c in curves if c[0]]
-        if curves:
-            steps = curves[0][0]
-            lines[v.name] = (steps, [statistics.fmean(c[1][i] for c in curves if i < len(c[1]))
-                                     for i in range(len(steps))])
-    # hard VQ dashed, AE warm-up then hard dotted, the smooth ramps solid
+def comparisons(variants: list[Variant], results: dict, generation: dict) -> list[str]:
+    names = {v.name for v in variants}
+    provq = strongest(variants, results, lambda v: v.smooth)
+    hard = strongest(variants, results, lambda v: v.hard)
+    lines = []
+    if provq and hard:
+        lines += comparison("Best ProVQ vs strongest hard VQ (both by mean PSNR)", provq.name, hard.name,
+                            results, generation)
+    for title, a, b in COMPARISONS:
+        if a in names and b in names:
+            lines += comparison(title, a, b, results, generation)
+    return lines
+
+
+def mean_curve(logs: list[list[dict]], key: str) -> tuple[list, list]:
+    curves = [c for c in (series(log, key) for log in logs) if c[0]]
+    if not curves:
+        return [], []
+    steps = curves[0][0]
+    return steps, [statistics.fmean(c[1][i] for c in curves if i < len(c[1])) for i in range(len(steps))]
+
+
+def curves_plot(folder_of, variants: list[Variant], path: Path) -> Path:
+    """Per variant, the mean over seeds of each logged curve (hard VQ dashed, warm-up dotted)."""
+    logs = {v.name: [read_jsonl(p) for p in folder_of(v)] for v in variants}
+    panels = [(title, {v.name: mean_curve(logs[v.name], key) for v in variants}) for key, title in CURVES]
     styles = {v.name: {"linestyle": "--" if v.hard else ":" if not v.smooth else "-"} for v in variants}
-    return plot_panels([("codebook usage (test split, mean over seeds)", lines)], out / "usage.png",
-                       styles=styles)
+    return plot_panels(panels, path, styles=styles)
 
 
 def time_line(info: dict) -> str:
@@ -97,30 +114,82 @@ def time_line(info: dict) -> str:
     return line
 
 
-def write_report(out: Path, variants, results, generation, info: dict) -> Path:
-    usage_plot(out, variants)
-    provq = strongest(variants, results, lambda v: v.smooth)
-    hard = strongest(variants, results, lambda v: v.hard)
-    step_km = next(v for v in variants if v.name == "step+kmeans")
-    smooth_km = strongest(variants, results, lambda v: v.smooth and v.kmeans and not v.l2
-                          and v.mechanism == "interpolate")
+def write_report(out: Path, variants: list[Variant], results: dict, generation: dict, info: dict) -> Path:
+    curves_plot(lambda v: sorted(out.glob(f"{v.name}/seed*/tok/metrics.jsonl")), variants, out / "curves.png")
     s = info["setting"]
     lines = [
         "# ProVQ ablation", "",
-        f"Dataset `{info['dataset']}`, preset `{info['config']}`; {s['seeds']} seed(s); "
-        f"{s['tokenizer_steps']} tokenizer steps per run; gFID from a prior of {s['prior_steps']} steps "
-        f"and {s['num_samples']} samples ({'every seed' if info['full'] else 'seed 0'}) against the "
-        f"{info['gfid_reference']}. "
-        f"{time_line(info)}", "",
-        "All metrics use hard quantization. Mean ± std over seeds. Strongest variants are chosen "
-        "by mean PSNR. A difference counts as real only when it is larger than the seed spread "
-        "(std of one + std of the other).", "",
+        f"Dataset `{info['dataset']}`, preset `{info['config']}`, {s['codebook_size']} codes; {s['seeds']} seed(s); "
+        f"{s['tokenizer_steps']} tokenizer steps per run; gFID from a prior of {s['prior_steps']} steps and "
+        f"{s['num_samples']} samples ({'every seed' if info['full'] else 'seed 0'}) against the "
+        f"{info['gfid_reference']}. {time_line(info)}", "",
+        "All metrics use hard quantization: rFID, PSNR and SSIM on every test image, train PSNR and SSIM "
+        "on every training image. Mean ± std over seeds. Seed s of every variant starts from the same "
+        "weights (where shapes agree) and sees the same data order, so variants are compared seed by "
+        "seed: the mean paired difference with its 95% t-interval; a difference is real when the "
+        "interval excludes 0.", "",
         table(variants, results, generation), "",
-        "![codebook usage over steps](usage.png)", "",
+        "![usage, PSNR and the geometry of latents and codes over the steps](curves.png)", "",
         "## Verdicts", "",
-        *comparison("Best ProVQ vs strongest hard VQ", provq, hard, results, generation),
-        *comparison("What the smooth ramp adds (both with k-means)", smooth_km, step_km, results, generation),
+        *comparisons(variants, results, generation),
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
+    """Per (codebook size, steps): best ProVQ minus best hard VQ, paired, for PSNR, rFID and usage."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, panels = [], {}
+    for key, column, higher in (("psnr", "PSNR (dB)", True), ("rfid", "rFID", False),
+                                ("codebook_usage", "usage", True)):
+        xs, means, lows, highs = [], [], [], []
+        for point in points:
+            provq, hard, results = point["provq"], point["hard"], point["results"]
+            difference = paired_difference(values(results[provq], key), values(results[hard], key))
+            label = point["label"]
+            rows.append({"point": label, "metric": column, "best ProVQ": provq, "best hard VQ": hard,
+                         "ProVQ - hard": f"{difference.mean:+.4g}",
+                         "95% interval": "" if difference.low is None else f"[{difference.low:+.3g}, {difference.high:+.3g}]",
+                         "verdict": verdict_line(column, (provq, hard), difference, higher).split(": ")[-1]})
+            xs.append(label)
+            means.append(difference.mean)
+            lows.append(difference.low)
+            highs.append(difference.high)
+        panels[column] = (xs, means, lows, highs)
+    _interval_plot(panels, out / "sweep.png")
+    table_rows = [{"point": p["label"], **{v: _cell(values(p["results"][v], "psnr")) for v in p["results"]}}
+                  for p in points]
+    lines = ["# ProVQ scale sweep", "", f"{time_line(info)}", "",
+             "Test PSNR per variant (mean ± std over seeds):", "",
+             markdown_table(table_rows, ["point", *points[0]["results"]]) if points else "", "",
+             "Best ProVQ minus best hard VQ (each by mean PSNR at that point), paired by seed:", "",
+             markdown_table(rows, ["point", "metric", "best ProVQ", "best hard VQ", "ProVQ - hard",
+                                   "95% interval", "verdict"]), "",
+             "![paired differences against codebook size and budget](sweep.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _interval_plot(panels: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (column, (xs, means, lows, highs)) in zip(axes[0], panels.items(), strict=True):
+        positions = range(len(xs))
+        errors = [[m - lo if lo is not None else 0 for m, lo in zip(means, lows, strict=True)],
+                  [hi - m if hi is not None else 0 for m, hi in zip(means, highs, strict=True)]]
+        ax.errorbar(positions, means, yerr=errors, fmt="o", capsize=4)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(list(positions), xs, rotation=20, fontsize=7)
+        ax.set_title(f"{column}: best ProVQ - best hard VQ", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
     return path

@@ -26,6 +26,7 @@ from .sources import (
     DatasetNotFoundError,
     SelectedPayloads,
     Source,
+    digest,
     emoji_source,
     folder_source,
     hub_source,
@@ -81,7 +82,8 @@ def keep_classes(source: Source, subset_file: str) -> Source:
     return Source(names=[source.names[i] for i in keep],
                   labels=[new_label[source.labels[i]] for i in keep], label_names=wanted,
                   payloads=SelectedPayloads(source.payloads, keep),
-                  sizes=None if source.sizes is None else [source.sizes[i] for i in keep])
+                  sizes=None if source.sizes is None else [source.sizes[i] for i in keep],
+                  fingerprint=digest(source.fingerprint, "classes", wanted))
 
 
 def _wants_in_memory(in_memory: bool | str, count: int, resolution: int) -> bool:
@@ -115,6 +117,11 @@ class ImageDataset(torch.utils.data.Dataset):
             logging.info("train_crop random: every item is decoded when read (crops differ per epoch)")
         if _wants_in_memory(in_memory, len(source), resolution) and not self.random_crop:
             self._decode_all()
+
+    @property
+    def fingerprint(self) -> str:
+        """What this split's images are (source, resolution, crop): the key of cached statistics."""
+        return digest(self.source.fingerprint, self.resolution, "random crop" if self.random_crop else "center")
 
     @property
     def names(self) -> list[str]:

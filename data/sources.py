@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,29 @@ class Source:
     label_names: list[str]
     payloads: object  # indexable: payloads[i] -> str path or bytes
     sizes: list[tuple[int, int]] | None = field(default=None)  # (width, height) when known
+    # What the items' pixels depend on, as a string: equal fingerprints, equal images (the key of
+    # cached statistics). Files: path, size and modification time of each; emoji: the font's hash.
+    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+def digest(*parts) -> str:
+    sha = hashlib.sha256()
+    for part in parts:
+        sha.update(repr(part).encode())
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+def files_fingerprint(root: Path, files: list[Path]) -> str:
+    """Cheap and content-sensitive: an edited, added, removed or renamed file changes it."""
+    entries = []
+    for path in files:
+        stat = path.stat()
+        entries.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return digest("folder", str(root.resolve()), entries)
 
 
 class ArrowPayloads:
@@ -78,7 +99,7 @@ def split_name(config: DataConfig, split: str) -> str:
 
 
 def emoji_source(config: DataConfig, split: str) -> Source:
-    from .emoji import load_emoji
+    from .emoji import CACHE_VERSION, input_fingerprint, load_emoji
 
     splits = load_emoji(config.cache_dir)
     if split not in splits:
@@ -88,7 +109,8 @@ def emoji_source(config: DataConfig, split: str) -> Source:
     return Source(names=list(table["codepoints"]), labels=list(table["label"]),
                   label_names=table.features["label"].names,
                   payloads=ArrowPayloads(table, "image"),
-                  sizes=list(zip(table["width"], table["height"], strict=True)))
+                  sizes=list(zip(table["width"], table["height"], strict=True)),
+                  fingerprint=digest("emoji", CACHE_VERSION, input_fingerprint(), split))
 
 
 def _hub_label_names(config: DataConfig, table, split: str) -> list[str] | None:
@@ -128,7 +150,9 @@ def hub_source(config: DataConfig, split: str) -> Source:
         labels = list(raw)
     names = [f"{config.dataset}[{split}][{i}]" for i in range(len(table))]
     return Source(names=names, labels=labels, label_names=label_names,
-                  payloads=ArrowPayloads(table, config.image_column))
+                  payloads=ArrowPayloads(table, config.image_column),
+                  fingerprint=digest("hub", config.dataset, config.hub_config, split, config.image_column,
+                                     getattr(table, "_fingerprint", None)))
 
 
 def unknown_dataset_message(name: str, reason: object = None) -> str:
@@ -210,4 +234,4 @@ def folder_source(config: DataConfig, split: str) -> Source:
     names = [p.relative_to(root).as_posix() for p in files]
     return Source(names=names, labels=labels if labels is not None else [-1] * len(files),
                   label_names=class_names if labels is not None else [],
-                  payloads=[str(p) for p in files])
+                  payloads=[str(p) for p in files], fingerprint=files_fingerprint(root, files))

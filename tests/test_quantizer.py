@@ -293,3 +293,33 @@ def test_kmeans_init_identical_on_two_processes(tmp_path):
     assert first["table"] == second["table"] == [[2, 1], [2, 3], [2, 3]]
     assert first["gathered"] == second["gathered"] == [0, 0, 1, 10, 10, 11, 11, 11, 20, 20, 21, 21, 21]
     assert first["tagged_back"] and second["tagged_back"]
+
+
+def test_participation_ratio_of_a_known_spectrum():
+    from tokenizer.codebook_stats import MomentAccumulator, participation_ratio
+
+    # eigenvalues 4, 1, 1, 0 in a rotated basis: (4 + 1 + 1)^2 / (16 + 1 + 1) = 2
+    rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+    covariance = rotation @ torch.diag(torch.tensor([4.0, 1.0, 1.0, 0.0])) @ rotation.T
+    assert participation_ratio(covariance) == pytest.approx(2.0, rel=1e-6)
+    assert participation_ratio(torch.eye(8)) == pytest.approx(8.0)
+    # the streamed covariance of rows equals torch.cov of them all
+    rows = torch.randn(500, 4, generator=torch.Generator().manual_seed(1)) @ covariance.sqrt().nan_to_num()
+    moments = MomentAccumulator(4)
+    for part in rows.split(128):
+        moments.update(part)
+    assert torch.allclose(moments.covariance(), torch.cov(rows.T).double(), atol=1e-5)
+
+
+def test_ever_used_counts_codes_since_the_codebook_was_set():
+    quantizer = make_quantizer(codebook_size=4, codebook_dim=None).train()
+    with torch.no_grad():
+        quantizer.codebook.weight.copy_(torch.eye(4, 6) * 10)
+    x = torch.zeros(1, 2, 6)
+    x[0, 0, 0], x[0, 1, 2] = 9.0, 9.0  # codes 0 and 2
+    assert quantizer(x, hardness=1.0).stats["ever_used"].item() == 0.5
+    y = torch.zeros(1, 1, 6)
+    y[0, 0, 1] = 9.0  # code 1 as well
+    assert quantizer(y, hardness=1.0).stats["ever_used"].item() == 0.75
+    quantizer.eval()(torch.full((1, 1, 6), 0.0).index_fill_(2, torch.tensor([3]), 9.0), hardness=1.0)
+    assert quantizer.ever_used.sum().item() == 3  # evaluation does not count

@@ -38,6 +38,10 @@ def test_twenty_steps_then_resume(image_folder, tmp_path, caplog):
     evals = [r for r in rows if "eval/psnr" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert all(r["eval/psnr"] > 0 and 0 < r["eval/usage"] <= 1 for r in evals)
+    # the geometry: effective dimensions within the codebook's 8 dimensions, a distance, ever used
+    assert all(1 <= r["eval/dim_latents"] <= 8 and 0 < r["eval/dim_codes"] <= 8 for r in evals)
+    assert all(0 <= r["eval/code_distance"] <= 2 for r in evals)  # unit vectors (l2 codes)
+    assert 0 < train_rows[-1]["quantizer/ever_used"] <= 1
     assert (out / "images" / "recon_00000010.png").is_file()
     assert (out / "images" / "recon_00000020.png").is_file()
     saved = yaml.safe_load((out / "config.yaml").read_text())

@@ -43,7 +43,7 @@ def tiny_tokenizer_argv(dataset: Path, output_dir: Path, max_steps: int, **field
         "quantizer.codebook_size": 32, "quantizer.kmeans_buffer": 512,
         "train.batch_size": 8, "train.mixed_precision": "no", "train.log_every": 1,
         "train.save_every": 5, "train.image_every": 100, "train.eval_every": 0,
-        "train.eval_batches": 1, "train.warmup_steps": 3,
+        "train.eval_batches": 1, "train.warmup_steps": 3, "train.compile": "false",
     }
     values.update({key.replace("__", "."): value for key, value in fields.items()})
     argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", str(output_dir),
@@ -61,6 +61,7 @@ def tiny_prior_argv(codes: Path, output_dir: Path, max_steps: int, **fields) -> 
         "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
         "model.intermediate_size": 64, "train.batch_size": 8, "train.mixed_precision": "no",
         "train.log_every": 1, "train.save_every": 5, "train.image_every": 100, "train.eval_every": 0,
+        "train.compile": "false",
     }
     values.update({key.replace("__", "."): value for key, value in fields.items()})
     argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--codes", str(codes),

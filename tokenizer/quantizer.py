@@ -14,7 +14,7 @@ from .codebook_stats import perplexity, usage
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
-STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "quant_error")
+STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "ever_used", "quant_error")
 
 
 @dataclass
@@ -99,6 +99,8 @@ class ProgressiveQuantizer(nn.Module):
         # Statistics only: kept out of exported weights.
         steps_unused = torch.zeros(config.codebook_size, dtype=torch.long)
         self.register_buffer("steps_since_used", steps_unused, persistent=False)
+        # Codes used by a training batch since the codebook was (re)initialized.
+        self.register_buffer("ever_used", torch.zeros(config.codebook_size, dtype=torch.bool), persistent=False)
         # Recent z_e for the k-means init: checkpointed by the trainer, never exported.
         self.training_state = LatentBuffer(config.kmeans_buffer)
 
@@ -164,6 +166,7 @@ class ProgressiveQuantizer(nn.Module):
         )
         self.codebook.weight.copy_(centroids.to(self.codebook.weight))
         self.initialized.fill_(True)
+        self.ever_used.zero_()  # a new codebook: its codes start unused
         self.training_state.clear()  # its job is done; free the memory
         return True
 
@@ -178,11 +181,13 @@ class ProgressiveQuantizer(nn.Module):
         counts, sq_error, total = packed[:K], packed[K], packed[K + 1]
         if self.training:
             self.steps_since_used.add_(1).masked_fill_(counts > 0, 0)
+            self.ever_used |= counts > 0
         return {
             "hardness": counts.new_tensor(float(hardness)),
             "perplexity": perplexity(counts),
             "usage": usage(counts),
             "dead_codes": (self.steps_since_used >= self.config.dead_code_window).sum(),
+            "ever_used": self.ever_used.float().mean(),
             "quant_error": sq_error / total,  # mean squared distance per vector
         }
 

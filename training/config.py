@@ -41,6 +41,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on GPUs only)
+    compile: bool = False  # compile the model's hot blocks in place (inductor): faster steps, a slow first one
     ema_decay: float = 0.0  # 0 = no EMA
     seed: int = 0
     log_every: int = 10
