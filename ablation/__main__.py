@@ -21,6 +21,7 @@ from ablation.variants import DEFAULT, QUICK, SWEEP, Variant, select
 from common.cli import run_command
 from common.errors import ConfigError
 from pipeline import commands
+from pipeline.report import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Ablation:
         evaluate = ("--tokenizer", str(tok), "--dataset", self.args.dataset, "--lpips_net", "none")
         self.run(f"{name}: rFID", commands.evaluate("rfid", *evaluate, "--split", "test", "--out",
                                                     str(run / "rfid.json")), run / "rfid.json")
-        metrics = json.loads((run / "rfid.json").read_text())["metrics"]
+        metrics = {**json.loads((run / "rfid.json").read_text())["metrics"], **last_geometry(run / "tok")}
         if not s.train_pixels:
             return metrics
         self.run(f"{name}: train pixels", commands.evaluate(
@@ -137,6 +138,12 @@ class Ablation:
         generation = {v.name: [self.generation(v, seed) for seed in gen_seeds] for v in variants} \
             if s.generation else {}
         return results, generation
+
+
+def last_geometry(run: Path) -> dict:
+    """The effective dimension of z_e and of the used codes at the run's last evaluation."""
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/dim_latents" in r]
+    return {"dim_latents": rows[-1]["eval/dim_latents"], "dim_codes": rows[-1]["eval/dim_codes"]} if rows else {}
 
 
 def setting_of(args) -> Setting:

@@ -18,6 +18,8 @@ METRICS = [
     ("codebook_perplexity", "perplexity", True),
     ("train_psnr", "train PSNR", True),
     ("train_ssim", "train SSIM", True),
+    ("dim_latents", "dim z_e", True),  # effective dimension of the encoder outputs (last evaluation)
+    ("dim_codes", "dim codes", True),  # of the codes in use
 ]
 GFID = ("fid", "gFID", False)
 # Logged curves, per variant (mean over seeds): (key in metrics.jsonl, panel title)
@@ -143,7 +145,7 @@ def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows, panels = [], {}
     for key, column, higher in (("psnr", "PSNR (dB)", True), ("rfid", "rFID", False),
-                                ("codebook_usage", "usage", True)):
+                                ("codebook_usage", "usage", True), ("dim_latents", "dim z_e", True)):
         xs, means, lows, highs = [], [], [], []
         for point in points:
             provq, hard, results = point["provq"], point["hard"], point["results"]
