@@ -9,6 +9,10 @@ blocks; ours is the same architecture (tokenizer/convert.py maps one onto the ot
 their VQ losses, backward, clip 1.0 and Adam, on the same batch of 32; ours at hardness 1 (hard VQ,
 the same work as theirs). Steps alternate ABBA so that load from elsewhere hits both alike; the
 figure is the ratio of median step times, for fp32 and bf16 autocast. Writes one JSON.
+
+--compile ours compiles our encoder and decoder in place as train.compile does (the quantizer stays
+eager); --compile both does the same to LlamaGen's encoder and decoder, for a like-for-like ratio.
+Compile time is reported separately (the warm-up steps' seconds), not in the ratio.
 """
 
 from __future__ import annotations
@@ -81,6 +85,11 @@ def step(model, optimizer, loss_fn, images, bf16: bool) -> float:
     return time.perf_counter() - start
 
 
+def compile_blocks(model) -> None:
+    model.encoder.compile()  # both VQModels have .encoder and .decoder
+    model.decoder.compile()
+
+
 def compare(root: Path, bf16: bool, args) -> dict:
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -89,9 +98,13 @@ def compare(root: Path, bf16: bool, args) -> dict:
     runs = {"llamagen": (llamagen_model(root, args.channels_last), theirs_loss),
             "ours": (our_model(args.channels_last), ours_loss)}
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.95)) for k, (m, _) in runs.items()}
+    compiled = {"none": (), "ours": ("ours",), "both": ("ours", "llamagen")}[args.compile]
+    warmup_seconds = {}
     for name, (model, loss_fn) in runs.items():
-        for _ in range(args.warmup):
-            step(model, optimizers[name], loss_fn, images, bf16)
+        if name in compiled:
+            compile_blocks(model)
+        warmup_seconds[name] = round(sum(step(model, optimizers[name], loss_fn, images, bf16)
+                                         for _ in range(args.warmup)), 1)
     seconds = {name: [] for name in runs}
     for i in range(args.steps):
         for name in list(runs) if i % 2 == 0 else list(reversed(runs)):
@@ -100,6 +113,7 @@ def compare(root: Path, bf16: bool, args) -> dict:
     median = {k: statistics.median(v) for k, v in seconds.items()}
     return {"images_per_s": {k: round(args.batch / v, 2) for k, v in median.items()},
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in runs.items()},
+            "compiled": list(compiled), "warmup_seconds_incl_compile": warmup_seconds,
             "ours_speed_vs_llamagen": round(median["llamagen"] / median["ours"], 3)}
 
 
@@ -109,13 +123,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--channels_last", action="store_true", help="both models and the batch")
+    parser.add_argument("--compile", choices=("none", "ours", "both"), default="none")
     parser.add_argument("--out", default="bench/results/tokenizer_vs_llamagen.json")
     args = parser.parse_args(argv)
     root = os.environ.get("LLAMAGEN_DIR")
     if not root or not (Path(root) / "tokenizer" / "tokenizer_image" / "vq_model.py").is_file():
         raise SystemExit("set LLAMAGEN_DIR to a checkout of FoundationVision/LlamaGen")
     result = {"benchmark": "tokenizer training step, ours vs LlamaGen's VQModel", "shape": SHAPE,
-              "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last,
+              "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "compile": args.compile,
               "step": "forward + L2 + VQ losses + backward + clip 1.0 + Adam",
               "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
