@@ -97,7 +97,7 @@ class Ablation:
                      "--tokenizer.train.image_every", str(s.tokenizer_steps),
                      "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
                      *variant.overrides())
-        tok, name = run / "tok" / "tokenizer", f"{run.relative_to(self.out)}"
+        tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")
         evaluate = ("--tokenizer", str(tok), "--dataset", self.args.dataset, "--lpips_net", "none")
@@ -114,7 +114,7 @@ class Ablation:
 
     def generation(self, variant: Variant, seed: int) -> dict:
         run, s, cfg = self.folder(variant, seed), self.setting, self.args.config
-        tok, name = run / "tok" / "tokenizer", f"{run.relative_to(self.out)}"
+        tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: codes", commands.extract_codes(tok, cfg, run / "codes", "--flip_copies", *self.data()),
                  run / "codes" / "tokenizer.json")
         self.run(f"{name}: prior", commands.train_prior(

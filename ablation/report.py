@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ablation.statistics import mean_std, paired_difference, verdict_line
+from ablation.statistics import judgement, mean_std, paired_difference, verdict_line
 from ablation.variants import Variant
 from pipeline.report import markdown_table, plot_panels, read_jsonl, series
 
@@ -141,7 +141,7 @@ def write_report(out: Path, variants: list[Variant], results: dict, generation: 
 
 
 def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
-    """Per (codebook size, steps): best ProVQ minus best hard VQ, paired, for PSNR, rFID and usage."""
+    """Per (codebook size, steps): best ProVQ minus best hard VQ, paired, for PSNR, rFID, usage and dim z_e."""
     out.mkdir(parents=True, exist_ok=True)
     rows, panels = [], {}
     for key, column, higher in (("psnr", "PSNR (dB)", True), ("rfid", "rFID", False),
@@ -154,7 +154,7 @@ def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
             rows.append({"point": label, "metric": column, "best ProVQ": provq, "best hard VQ": hard,
                          "ProVQ - hard": f"{difference.mean:+.4g}",
                          "95% interval": "" if difference.low is None else f"[{difference.low:+.3g}, {difference.high:+.3g}]",
-                         "verdict": verdict_line(column, (provq, hard), difference, higher).split(": ")[-1]})
+                         "verdict": judgement((provq, hard), difference, higher) + "."})
             xs.append(label)
             means.append(difference.mean)
             lows.append(difference.low)

@@ -45,17 +45,26 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     return PairedDifference(mean, mean - half, mean + half, len(differences))
 
 
+def judgement(names: tuple[str, str], difference: PairedDifference, higher: bool) -> str:
+    """What a paired difference says: which of the two is better, or that it cannot tell."""
+    a, b = names
+    if difference.seeds == 0:
+        return "no paired seeds"
+    if difference.low is None:
+        return "one seed: no interval"
+    if not difference.excludes_zero:
+        return "no measurable difference"
+    return f"{a if (difference.mean > 0) == higher else b} is better"
+
+
 def verdict_line(column: str, names: tuple[str, str], difference: PairedDifference, higher: bool) -> str:
     """One line: the paired difference, its interval, and what it says."""
     a, b = names
+    said = judgement(names, difference, higher)
     if difference.seeds == 0:
-        return f"- {column}: no paired seeds."
+        return f"- {column}: {said}."
     if difference.low is None:
-        return f"- {column}: {a} - {b} = {difference.mean:+.4g} (one seed: no interval)."
+        return f"- {column}: {a} - {b} = {difference.mean:+.4g} ({said})."
     interval = f"[{difference.low:+.3g}, {difference.high:+.3g}]"
-    if not difference.excludes_zero:
-        said = "no measurable difference"
-    else:
-        said = f"{a if (difference.mean > 0) == higher else b} is better"
     return (f"- {column}: {a} - {b} = {difference.mean:+.4g}, 95% interval {interval} over "
             f"{difference.seeds} paired seeds: {said}.")

@@ -10,7 +10,6 @@ whose seconds are reported apart. bf16 is measured only to show why no command o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
+from bench.results_io import write_result  # noqa: E402
 from eval.compute import extract  # noqa: E402
 from eval.fid import StatsAccumulator, fid_from_stats  # noqa: E402
 from eval.inception import load_inception, protocol  # noqa: E402
@@ -109,10 +109,7 @@ def main(argv=None) -> dict:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "protocol": protocol(model),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository
 
+from bench.results_io import write_result  # noqa: E402
 from pipeline import commands  # noqa: E402
 from pipeline.report import plot_panels, read_jsonl, series  # noqa: E402
 
@@ -68,9 +69,7 @@ def main(argv=None) -> dict:
                   for name, m in metrics.items()},
               "stage_seconds": timings, "minutes": round((time.time() - started) / 60, 1),
               "torch_threads": os.environ.get("OMP_NUM_THREADS"), "figure": str(figure)}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ shrink (the emoji32 preset, a few steps) so that CI runs the whole script in abo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import train_prior  # noqa: E402
 import train_tokenizer  # noqa: E402
 import training  # noqa: E402
+from bench.results_io import write_result  # noqa: E402
 from common.typed_config import build_config  # noqa: E402
 from eval.compute import extract  # noqa: E402
 from eval.inception import load_inception  # noqa: E402
@@ -258,10 +258,7 @@ def main(argv=None) -> dict:
     result["any_nonfinite_loss"] = result["tokenizer"]["nonfinite_loss"] or result["prior"]["nonfinite_loss"]
     result["seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.out or f"bench/results/gpu_check_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ over a bf16 2048 x 2048 matmul's FLOP/s measured in the same run, interleaved wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import train_prior  # noqa: E402
 import training  # noqa: E402
 from bench.gpu_check import matmul_peak, model_flops_per_token, synthetic_codes  # noqa: E402
+from bench.results_io import write_result  # noqa: E402
 from common.typed_config import build_config  # noqa: E402
 from pipeline.presets import preset_models  # noqa: E402
 from training.config import load_preset  # noqa: E402
@@ -86,10 +86,7 @@ def main(argv=None) -> dict:
             result["models"][name] = {mode: measure(name, mode == "compiled", args, Path(tmp))
                                       for mode in ("eager", "compiled")}
     result["load_average_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

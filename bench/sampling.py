@@ -25,6 +25,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.results_io import write_result  # noqa: E402
 from generator import ARPrior, sample  # noqa: E402
 from pipeline.presets import preset_models  # noqa: E402
 
@@ -171,10 +172,7 @@ def main(argv=None) -> dict:
         print(f"[bench] {name}: {json.dumps(result)}", file=sys.stderr, flush=True)
     results["load_average_after"] = os.getloadavg()  # other work on the CPU skews figures
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
-    return results
+    return write_result(results, out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from bench.results_io import write_result  # noqa: E402
 from pipeline.presets import preset_models  # noqa: E402
 from tokenizer import (  # noqa: E402
     DiscriminatorConfig,
@@ -168,9 +169,7 @@ def main() -> None:
                 entry[variant].update(peak_rss(args, variant, precision))
         result["results"][precision] = entry
     result["load_average_after"] = os.getloadavg()  # other processes on the machine skew timings
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.results_io import write_result  # noqa: E402
 from tokenizer import ProVQTokenizer, QuantizerConfig, ScheduleConfig, TokenizerConfig  # noqa: E402
 
 SHAPE = dict(ch=64, ch_mult=[1, 2, 2], num_res_blocks=2, z_channels=64, codebook_size=1024, codebook_dim=8)
@@ -138,10 +138,7 @@ def main(argv=None) -> dict:
     for precision in ("fp32", "bf16"):
         result[precision] = compare(Path(root), precision == "bf16", args)
     result["load_average_after"] = os.getloadavg()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":
