@@ -133,7 +133,7 @@ def build_parts(config: TokenizerRun, datasets, accelerator, init_from: str | No
         perceptual = perceptual.to(accelerator.device)
     ema = training.build_ema(model, train.ema_decay, accelerator)
     quantizer = accelerator.unwrap_model(model).quantizer
-    accelerator.register_for_checkpointing(quantizer.training_state)
+    accelerator.register_for_checkpointing(quantizer.kmeans_buffer)
     # steps_since_used (dead codes) is kept out of the weights; a resumed run still needs it.
     accelerator.register_for_checkpointing(training.NonPersistentBuffers(quantizer))
     return TokenizerParts(model, optimizer, train_loader, ema, test_loader, gan, perceptual, stage)
@@ -150,12 +150,14 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
     recon = out.reconstruction
     rec = losses.reconstruction_loss(recon, images, weights.reconstruction)
     nll = weights.reconstruction_weight * rec
-    logged = {"loss/reconstruction": rec.detach(), "loss/vq": out.quantizer.vq_loss.detach()}
+    logged = {"loss/reconstruction": rec.detach(), "loss/quantizer": out.quantizer.loss.detach()}
+    if parts.config.model.quantizer.kind == "lfq":
+        logged["loss/entropy"] = out.quantizer.entropy_loss.detach()
     if parts.perceptual is not None:
         perc = parts.perceptual(recon, images).mean()
         nll = nll + weights.perceptual_weight * perc
         logged["loss/perceptual"] = perc.detach()
-    loss = nll + out.quantizer.vq_loss
+    loss = nll + out.quantizer.loss
     gan_on = parts.gan is not None and losses.gan_active(step, weights.disc_start)
     if gan_on:
         g_loss = generator_adversarial_loss(parts.gan, recon, accelerator)

@@ -59,7 +59,7 @@ def train_step(state, images, hardness: float, bf16: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(images, hardness)
         rec = reconstruction_loss(out.reconstruction, images)
-        loss = rec + out.quantizer.vq_loss
+        loss = rec + out.quantizer.loss
         if disc is not None:
             g_loss = hinge_g_loss(disc(out.reconstruction))
             loss = loss + adaptive_gan_weight(rec, g_loss, model.last_layer) * g_loss

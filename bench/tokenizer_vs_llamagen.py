@@ -71,7 +71,7 @@ def theirs_loss(model, images):
 
 def ours_loss(model, images):
     out = model(images, hardness=1.0)
-    return F.mse_loss(out.reconstruction.float(), images) + out.quantizer.vq_loss
+    return F.mse_loss(out.reconstruction.float(), images) + out.quantizer.loss
 
 
 def step(model, optimizer, loss_fn, images, bf16: bool) -> float:

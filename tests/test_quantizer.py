@@ -14,14 +14,14 @@ from tokenizer.quantizer import (
     STAT_NAMES,
     ProgressiveQuantizer,
     QuantizerConfig,
-    vq_loss_weight,
+    quantizer_loss_weight,
 )
 from tokenizer.schedule import ScheduleConfig, hardness
 
 
 def make_quantizer(dim=6, **overrides) -> ProgressiveQuantizer:
     torch.manual_seed(0)
-    fields = dict(codebook_size=16, kmeans_init=False)
+    fields = dict(codebook_size=16, codebook_dim=None, l2_normalize=False, kmeans_init=False)
     fields.update(overrides)
     return ProgressiveQuantizer(dim, QuantizerConfig(**fields))
 
@@ -101,9 +101,9 @@ def test_vq_loss_terms_and_beta_side():
     expected = ((z.detach() - z_q) ** 2).mean()
     assert torch.allclose(out.codebook_loss, expected) and torch.allclose(out.commitment_loss, expected)
     omega = floor + (1 - floor) * h
-    assert math.isclose(vq_loss_weight(h, floor), omega)
-    assert torch.allclose(out.vq_loss, omega * (1 + beta) * expected)
-    out.vq_loss.backward()
+    assert math.isclose(quantizer_loss_weight(h, floor), omega)
+    assert torch.allclose(out.loss, omega * (1 + beta) * expected)
+    out.loss.backward()
     # beta scales the encoder (commitment) side only; the codes get the full weight.
     n = z.numel()
     assert torch.allclose(z.grad, omega * beta * 2 * (z.detach() - z_q) / n, atol=1e-7)
@@ -113,9 +113,9 @@ def test_vq_loss_terms_and_beta_side():
 
 
 def test_omega_endpoints():
-    assert vq_loss_weight(0.0, 0.1) == pytest.approx(0.1)
-    assert vq_loss_weight(1.0, 0.1) == pytest.approx(1.0)
-    assert vq_loss_weight(0.5, 0.2) == pytest.approx(0.6)
+    assert quantizer_loss_weight(0.0, 0.1) == pytest.approx(0.1)
+    assert quantizer_loss_weight(1.0, 0.1) == pytest.approx(1.0)
+    assert quantizer_loss_weight(0.5, 0.2) == pytest.approx(0.6)
 
 
 # ---- stochastic mechanism --------------------------------------------------------------------
@@ -164,9 +164,9 @@ def test_kmeans_init_when_h_leaves_zero():
     assert not quantizer.initialized
     for _ in range(3):
         assert not quantizer(torch.randn(2, 6, 4, 4) + 5, hardness=0.0).initialized_now
-    assert torch.equal(quantizer.codebook.weight, before) and len(quantizer.training_state) == 64
+    assert torch.equal(quantizer.codebook.weight, before) and len(quantizer.kmeans_buffer) == 64
     assert quantizer(torch.randn(2, 6, 4, 4) + 5, hardness=0.1).initialized_now
-    assert quantizer.initialized and len(quantizer.training_state) == 0
+    assert quantizer.initialized and len(quantizer.kmeans_buffer) == 0
     assert quantizer.codebook.weight.mean().item() == pytest.approx(5, abs=0.5)  # on the data
     state = quantizer.state_dict()
     assert "initialized" in state and not any("buffer" in k or "steps_since" in k for k in state)
@@ -252,7 +252,7 @@ def _kmeans_worker(rank: int, world: int, init_file: str, results) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(quantizer)  # as under accelerate
         torch.manual_seed(100 + rank)  # different local data on each rank
         ddp(torch.randn(3, 6, 4, 4) + 3 * rank, hardness=0.0)
-        saved = quantizer.training_state.state_dict()  # a collective, as in accelerate's save_state
+        saved = quantizer.kmeans_buffer.state_dict()  # a collective, as in accelerate's save_state
         resumed = LatentBuffer(40)
         resumed.load_state_dict(saved)
         # Rows tagged 10 * add + rank; rank 1 adds more rows: gathered in global step order.
@@ -263,7 +263,7 @@ def _kmeans_worker(rank: int, world: int, init_file: str, results) -> None:
         tagged_back = LatentBuffer(7)
         tagged_back.load_state_dict(tagged.state_dict())
         out = ddp(torch.randn(1, 6, 4, 4) - 3 * rank, hardness=0.2)
-        (out.vq_loss + out.z_out.mean()).backward()
+        (out.loss + out.z_out.mean()).backward()
         results[rank] = {
             "codebook": quantizer.codebook.weight.detach().clone(),
             "initialized_now": out.initialized_now,

@@ -112,7 +112,7 @@ def test_the_imagenet256_recipe_runs_at_its_real_shapes(tmp_path, monkeypatch):
     assert sum(p.numel() for p in tok.parameters()) > 60e6  # VQ-16 sized, not a toy
     rows = [r for r in logged_steps(tmp_path / "tok" / "metrics.jsonl") if "loss/total" in r]
     assert [r["step"] for r in rows] == [1, 2]
-    for name in ("loss/reconstruction", "loss/perceptual", "loss/vq", "loss/gan_g", "loss/gan_d",
+    for name in ("loss/reconstruction", "loss/perceptual", "loss/quantizer", "loss/gan_g", "loss/gan_d",
                  "gan/logits_real", "gan/logits_fake", "loss/total"):
         assert all(math.isfinite(r[name]) for r in rows), name
     assert all(r["loss/gan_weight"] == 1.0 for r in rows)  # LlamaGen: no adaptive weight

@@ -16,7 +16,8 @@ _EXPORTS = {
     ),
     "model": ("ProVQTokenizer", "TokenizerConfig", "TokenizerOutput"),
     "quantizer": (
-        "STAT_NAMES", "ProgressiveQuantizer", "QuantizerConfig", "QuantizerOutput", "vq_loss_weight",
+        "KINDS", "STAT_NAMES", "ProgressiveQuantizer", "QuantizerConfig", "QuantizerOutput",
+        "quantizer_loss_weight",
     ),
     "schedule": ("ScheduleConfig", "hardness"),
 }
@@ -38,11 +39,12 @@ if TYPE_CHECKING:
     )
     from .model import ProVQTokenizer, TokenizerConfig, TokenizerOutput  # noqa: F401
     from .quantizer import (  # noqa: F401
+        KINDS,
         STAT_NAMES,
         ProgressiveQuantizer,
         QuantizerConfig,
         QuantizerOutput,
-        vq_loss_weight,
+        quantizer_loss_weight,
     )
     from .schedule import ScheduleConfig, hardness  # noqa: F401
 

@@ -26,9 +26,7 @@ class TokenizerConfig:
     latent_channels: int = 32  # encoder output / decoder input channels
     attention: bool = False  # self-attention in the mid block and the lowest-resolution level
     norm_num_groups: int = 8
-    quantizer: QuantizerConfig = field(
-        default_factory=lambda: QuantizerConfig(codebook_size=1024, codebook_dim=8, l2_normalize=True)
-    )
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def architecture(self) -> dict:
         """The fields that decide what the weights compute (not how they are trained)."""
@@ -37,6 +35,7 @@ class TokenizerConfig:
                 "base_channels": self.base_channels, "channel_multipliers": list(self.channel_multipliers),
                 "num_res_blocks": self.num_res_blocks, "latent_channels": self.latent_channels,
                 "attention": self.attention, "norm_num_groups": self.norm_num_groups,
+                "quantizer.kind": q.kind, "quantizer.levels": q.levels, "quantizer.bits": q.bits,
                 "quantizer.codebook_size": q.codebook_size, "quantizer.codebook_dim": q.codebook_dim,
                 "quantizer.l2_normalize": q.l2_normalize}
 
@@ -65,7 +64,7 @@ class TokenizerConfig:
 @dataclass
 class TokenizerOutput:
     reconstruction: torch.Tensor  # (B, 3, H, W), not clamped (losses need the raw values)
-    quantizer: QuantizerOutput  # vq_loss, indices (B, h, w), stats, ...
+    quantizer: QuantizerOutput  # loss, indices (B, h, w), stats, ...
 
 
 def _block_types(config: TokenizerConfig, down: bool) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -11,21 +12,34 @@ import torch.nn.functional as F
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
+from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
+KINDS = ("vq", "fsq", "lfq")
 STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "ever_used", "quant_error")
+VQ_DEFAULTS = {"codebook_size": 1024, "l2_normalize": True, "kmeans_init": True}
 
 
 @dataclass
 class QuantizerConfig:
-    codebook_size: int = 1024
-    codebook_dim: int | None = None  # None: the latent dim; else a linear projection in and out
-    l2_normalize: bool = False  # LlamaGen-style cosine codes: z_e and codes on the unit sphere
-    beta: float = 0.25  # commitment weight (on the encoder side)
+    """One quantizer family under the hardness curriculum; fields marked vq/fsq/lfq belong to that
+    family. None means the family's default; the config keeps the resolved values."""
+
+    kind: str = "vq"  # vq (nearest code of a learned codebook) | fsq | lfq (lookup-free, no codebook)
+    codebook_size: int | None = None  # number of codes; vq: 1024; fsq: prod(levels); lfq: 2 ** bits
+    codebook_dim: int | None = 8  # vq: code vector dim (None: the latent's, no projection); fsq/lfq: derived
+    l2_normalize: bool | None = None  # vq: LlamaGen's cosine codes, z_e and codes on the sphere (default)
+    levels: list[int] | None = None  # fsq: levels per channel, e.g. [8, 5, 5, 5] = 1,000 codes
+    bits: int | None = None  # lfq: bits per code, 2 ** bits codes
+    beta: float = 0.25  # commitment weight (on the encoder side); vq and lfq
+    entropy_weight: float = 0.1  # lfq: weight of the entropy penalty
+    diversity_weight: float = 1.0  # lfq: gamma, the batch-average entropy's weight inside the penalty
+    entropy_temperature: float = 0.01  # lfq: tau of the soft code assignment softmax(-||z - c||^2 / tau)
+    entropy_group_bits: int = 10  # lfq: the batch entropy is exact over groups of this many bits
     omega_floor: float = 0.1  # lambda in omega(h) = lambda + (1 - lambda) h
     mechanism: str = "interpolate"  # interpolate | stochastic
-    kmeans_init: bool = True  # k-means codebook init when h first leaves 0
+    kmeans_init: bool | None = None  # vq: k-means codebook init when h first leaves 0 (default on)
     kmeans_iters: int = 10
     kmeans_buffer: int = 16384  # rows of recent z_e per process kept for the init
     kmeans_seed: int = 0
@@ -33,10 +47,57 @@ class QuantizerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"quantizer.kind must be one of {KINDS}, got {self.kind!r}")
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"quantizer.mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if not 0.0 <= self.omega_floor <= 1.0:
             raise ValueError(f"quantizer.omega_floor must be in [0, 1], got {self.omega_floor}")
+        if self.kind == "vq":
+            for name, default in VQ_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+            self._only_for("vq", levels=None, bits=None)
+        else:
+            self._resolve_lookup_free()
+        if self.codebook_size < 1 or (self.codebook_dim is not None and self.codebook_dim < 1):
+            raise ValueError("quantizer.codebook_size and codebook_dim must be >= 1")
+
+    def _only_for(self, kind: str, **unset) -> None:
+        for name, value in unset.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"quantizer.{name} does not apply to kind {self.kind!r} "
+                                 f"(leave it unset, or set kind: {kind})")
+
+    def _resolve_lookup_free(self) -> None:
+        if self.kind == "fsq":
+            self._only_for("lfq", bits=None)
+            if not self.levels or any(level < 2 for level in self.levels):
+                raise ValueError(f"quantizer.levels must list at least one level count >= 2 per channel, "
+                                 f"got {self.levels}")
+            size, dim = math.prod(self.levels), len(self.levels)
+        else:
+            self._only_for("fsq", levels=None)
+            if self.bits is None or not 1 <= self.bits <= MAX_LFQ_BITS:
+                raise ValueError(f"quantizer.bits must be in [1, {MAX_LFQ_BITS}], got {self.bits}")
+            size, dim = 2**self.bits, self.bits
+        if self.l2_normalize:
+            raise ValueError(f"quantizer.l2_normalize applies to kind vq only, not {self.kind}")
+        if self.kmeans_init:
+            raise ValueError(f"quantizer.kmeans_init applies to kind vq only ({self.kind} has no codebook)")
+        if self.codebook_size not in (None, size):
+            raise ValueError(f"quantizer.codebook_size {self.codebook_size} differs from the {size} codes "
+                             f"of {self.kind} {self.levels or self.bits} (leave it unset)")
+        if self.codebook_dim not in (None, 8, dim):  # 8: the vq default, not a choice
+            raise ValueError(f"quantizer.codebook_dim {self.codebook_dim} differs from the {dim} channels "
+                             f"of {self.kind} {self.levels or self.bits} (leave it unset)")
+        self.codebook_size, self.codebook_dim, self.l2_normalize, self.kmeans_init = size, dim, False, False
+
+    def code_family(self) -> FiniteScalarCodes | BinaryCodes | None:
+        """The lookup-free family's code math; None for vq (its codebook is a learned parameter)."""
+        if self.kind == "fsq":
+            return FiniteScalarCodes(self.levels)
+        return BinaryCodes(self.bits) if self.kind == "lfq" else None
 
 
 @dataclass
@@ -44,65 +105,72 @@ class QuantizerOutput:
     """All tensors keep the input layout: (B, D, H, W) for images, (B, N, D) for sequences."""
 
     z_out: torch.Tensor  # what the decoder gets, in the input's dim (after the out-projection)
-    z_e: torch.Tensor  # encoder output in codebook space (projected, normalized)
-    z_q: torch.Tensor  # nearest codes, in codebook space (no gradient path to the encoder)
+    z_e: torch.Tensor  # encoder output in code space (projected; normalized or bounded by the family)
+    z_q: torch.Tensor  # its hard code, in code space (no gradient path to the encoder)
     indices: torch.Tensor  # long (B, H, W) or (B, N)
-    vq_loss: torch.Tensor  # omega(h) * (codebook_loss + beta * commitment_loss)
-    codebook_loss: torch.Tensor  # mean ||sg(z_e) - z_q||^2 (moves the codes)
-    commitment_loss: torch.Tensor  # mean ||z_e - sg(z_q)||^2 (moves the encoder), unweighted
+    loss: torch.Tensor  # omega(h) * (codebook_loss + beta * commitment_loss + entropy_weight * entropy_loss)
+    codebook_loss: torch.Tensor  # vq: mean ||sg(z_e) - z_q||^2 (moves the codes); else 0
+    commitment_loss: torch.Tensor  # vq, lfq: mean ||z_e - sg(z_q)||^2 (moves the encoder), unweighted
+    entropy_loss: torch.Tensor  # lfq: per-sample entropy - gamma * batch entropy, unweighted; else 0
     stats: dict[str, torch.Tensor]  # STAT_NAMES, 0-dim detached tensors
     initialized_now: bool = False  # True on the step the k-means init ran
 
 
-def vq_loss_weight(hardness: float, omega_floor: float) -> float:
-    """omega(h) = lambda + (1 - lambda) h: the codebook follows the encoder gently while h is small."""
+def quantizer_loss_weight(hardness: float, omega_floor: float) -> float:
+    """omega(h) = lambda + (1 - lambda) h: the quantizer's terms act gently while h is small."""
     return omega_floor + (1.0 - omega_floor) * hardness
 
 
 class ProgressiveQuantizer(nn.Module):
-    """Vector quantizer whose hardness h in [0, 1] is set per call; one code path for ProVQ and hard VQ.
+    """A quantizer whose hardness h in [0, 1] is set per call; one code path for ProVQ and hard
+    quantization (h = 1), for every family (`QuantizerConfig.kind`: vq, fsq, lfq).
 
     Contract: `forward(z, hardness, generator=None)` takes image latents (B, C, H, W)
     or sequences (B, N, C) with C == `latent_dim`, in any float dtype (all
     quantizer math runs in float32, autocast off), and returns a `QuantizerOutput`
-    in the same layout. Let z_e be z projected to `codebook_dim` (and
-    l2-normalized if configured), z_q its nearest code, and
-    z_st = z_e + sg(z_q - z_e) (value exactly z_q, gradient the identity to z_e):
+    in the same layout. Let z_e be z projected to `codebook_dim` and mapped by the
+    family (vq: l2-normalized if configured; fsq: bounded; lfq: as is), z_q its hard
+    code (vq: the nearest codebook vector; fsq: each channel rounded; lfq: each
+    channel's sign), and z_st = z_e + sg(z_q - z_e) (value exactly z_q, gradient the
+    identity to z_e):
 
     - `interpolate`: the decoder gets (1 - h) z_e + h z_st, exactly z_e at h = 0
       and exactly z_q at h = 1;
     - `stochastic`: each position gets z_st with probability h, else z_e; the mask
       is drawn from `generator` (required when 0 < h < 1), never the global RNG.
 
-    In training mode, the first call with h > 0 runs k-means over the recent z_e
-    (`training_state`, a `LatentBuffer` filled while h == 0; checkpoint it with
-    `accelerator.register_for_checkpointing(quantizer.training_state)`, it is not
-    in `state_dict()`) and marks the persistent `initialized` buffer; with torch.distributed initialized it gathers all ranks' data and its
-    stats are reduced over ranks, so every rank must call it (as under DDP).
-    Eval mode does no collectives. `indices_from_latents` / `decode_indices` are
-    the hard encode / decode used for stage 2.
+    vq only: in training mode, the first call with h > 0 runs k-means over the recent
+    z_e (`kmeans_buffer`, a `LatentBuffer` filled while h == 0; checkpoint it with
+    `accelerator.register_for_checkpointing(quantizer.kmeans_buffer)`, it is not in
+    `state_dict()`) and marks the persistent `initialized` buffer. With
+    torch.distributed initialized, k-means gathers all ranks' data, the statistics
+    (and lfq's batch entropy) are reduced over ranks, so every rank must call it (as
+    under DDP). Eval mode does no collectives. `indices_from_latents` /
+    `decode_indices` are the hard encode / decode used for stage 2.
     """
 
     def __init__(self, latent_dim: int, config: QuantizerConfig) -> None:
         super().__init__()
         self.config = config
         self.latent_dim = latent_dim
+        self.family = config.code_family()
         self.codebook_dim = config.codebook_dim or latent_dim
         projected = config.codebook_dim is not None  # also at the latent's own size (taming's quant_conv)
         self.proj_in = nn.Linear(latent_dim, self.codebook_dim) if projected else nn.Identity()
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
-        self.codebook = nn.Embedding(config.codebook_size, self.codebook_dim)
-        bound = 1.0 / config.codebook_size  # taming-transformers / LlamaGen init
-        nn.init.uniform_(self.codebook.weight, -bound, bound)
-        # Persistent: a resumed or reloaded model must not re-run the k-means init.
-        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        if self.family is None:
+            self.codebook = nn.Embedding(config.codebook_size, self.codebook_dim)
+            bound = 1.0 / config.codebook_size  # taming-transformers / LlamaGen init
+            nn.init.uniform_(self.codebook.weight, -bound, bound)
+            # Persistent: a resumed or reloaded model must not re-run the k-means init.
+            self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
         # Statistics only: kept out of exported weights.
         steps_unused = torch.zeros(config.codebook_size, dtype=torch.long)
         self.register_buffer("steps_since_used", steps_unused, persistent=False)
         # Codes used by a training batch since the codebook was (re)initialized.
         self.register_buffer("ever_used", torch.zeros(config.codebook_size, dtype=torch.bool), persistent=False)
         # Recent z_e for the k-means init: checkpointed by the trainer, never exported.
-        self.training_state = LatentBuffer(config.kmeans_buffer)
+        self.kmeans_buffer = LatentBuffer(config.kmeans_buffer)
 
     # ---- layout -------------------------------------------------------------------------
     @staticmethod
@@ -126,13 +194,41 @@ class ProgressiveQuantizer(nn.Module):
 
     # ---- pieces ---------------------------------------------------------------------------
     def codebook_vectors(self) -> torch.Tensor:
-        """The (codebook_size, codebook_dim) codes as used for lookup (normalized if configured)."""
+        """Every code as a (codebook_size, codebook_dim) vector (vq: normalized if configured)."""
+        if self.family is not None:
+            return self.family.all_vectors(self.steps_since_used.device)
         weight = self.codebook.weight.float()
         return F.normalize(weight, dim=-1) if self.config.l2_normalize else weight
 
     def _project_in(self, rows: torch.Tensor) -> torch.Tensor:
         z_e = self.proj_in(rows.float())
+        if self.family is not None:
+            return self.family.latent(z_e)
         return F.normalize(z_e, dim=-1) if self.config.l2_normalize else z_e
+
+    def _hard_codes(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_q, indices) of z_e rows (..., codebook_dim)."""
+        if self.family is not None:
+            return self.family.quantize(z_e)
+        codes = self.codebook_vectors()
+        indices = nearest_code(z_e.reshape(-1, self.codebook_dim), codes).view(z_e.shape[:-1])
+        return F.embedding(indices, codes), indices
+
+    def _losses(self, z_e: torch.Tensor, z_q: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's unweighted terms: codebook, commitment and entropy losses (0 where none)."""
+        zero = z_e.new_zeros(())
+        if self.config.kind == "fsq":  # FSQ needs none: its codes are fixed and its latent bounded
+            return {"codebook_loss": zero, "commitment_loss": zero, "entropy_loss": zero}
+        commitment = F.mse_loss(z_e, z_q.detach())
+        if self.config.kind == "lfq":
+            entropy = zero
+            if self.training:  # a training regularizer; evaluation does no collectives
+                per_sample, batch = lfq_entropy_terms(
+                    z_e, 1.0 / self.config.entropy_temperature, self.config.entropy_group_bits)
+                entropy = per_sample - self.config.diversity_weight * batch
+            return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}
+        return {"codebook_loss": F.mse_loss(z_q, z_e.detach()), "commitment_loss": commitment,
+                "entropy_loss": zero}
 
     def _mix(
         self, z_e: torch.Tensor, z_st: torch.Tensor, hardness: float, generator: torch.Generator | None
@@ -156,18 +252,18 @@ class ProgressiveQuantizer(nn.Module):
     def _maybe_kmeans_init(self, z_e: torch.Tensor, hardness: float) -> bool:
         if not (self.training and self.config.kmeans_init) or bool(self.initialized.item()):
             return False
-        self.training_state.add(z_e)
+        self.kmeans_buffer.add(z_e)
         if hardness <= 0.0:
             return False
         cfg = self.config
         centroids = kmeans_codebook(
-            self.training_state, cfg.codebook_size, cfg.kmeans_iters, cfg.kmeans_seed,
+            self.kmeans_buffer, cfg.codebook_size, cfg.kmeans_iters, cfg.kmeans_seed,
             spherical=cfg.l2_normalize,
         )
         self.codebook.weight.copy_(centroids.to(self.codebook.weight))
         self.initialized.fill_(True)
         self.ever_used.zero_()  # a new codebook: its codes start unused
-        self.training_state.clear()  # its job is done; free the memory
+        self.kmeans_buffer.clear()  # its job is done; free the memory
         return True
 
     @torch.no_grad()
@@ -198,14 +294,14 @@ class ProgressiveQuantizer(nn.Module):
         hardness = float(hardness)
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_e = self._project_in(self._to_rows(z))
-            initialized_now = self._maybe_kmeans_init(z_e, hardness)
-            codes = self.codebook_vectors()
-            indices = nearest_code(z_e.reshape(-1, self.codebook_dim), codes).view(z_e.shape[:-1])
-            z_q = F.embedding(indices, codes)
-            codebook_loss = F.mse_loss(z_q, z_e.detach())
-            commitment_loss = F.mse_loss(z_e, z_q.detach())
-            omega = vq_loss_weight(hardness, self.config.omega_floor)
-            vq_loss = omega * (codebook_loss + self.config.beta * commitment_loss)
+            initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
+            z_q, indices = self._hard_codes(z_e)
+            terms = self._losses(z_e, z_q)
+            cfg = self.config
+            weighted = terms["codebook_loss"] + cfg.beta * terms["commitment_loss"]
+            if cfg.kind == "lfq":
+                weighted = weighted + cfg.entropy_weight * terms["entropy_loss"]
+            loss = quantizer_loss_weight(hardness, cfg.omega_floor) * weighted
             # Value exactly z_q (adds an exact zero), gradient the identity to z_e only.
             z_st = z_q.detach() + (z_e - z_e.detach())
             z_out = self.proj_out(self._mix(z_e, z_st, hardness, generator))
@@ -216,28 +312,30 @@ class ProgressiveQuantizer(nn.Module):
             z_e=self._from_rows(z_e, shape),
             z_q=self._from_rows(z_q, shape),
             indices=indices.view(self._index_shape(shape)),
-            vq_loss=vq_loss,
-            codebook_loss=codebook_loss,
-            commitment_loss=commitment_loss,
+            loss=loss,
             stats=stats,
             initialized_now=initialized_now,
+            **terms,
         )
 
     @torch.no_grad()
     def indices_from_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Hard codes for latents: (B, C, H, W) -> (B, H, W) or (B, N, C) -> (B, N); no collectives."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z_e = self._project_in(self._to_rows(z))
-            indices = nearest_code(z_e.reshape(-1, self.codebook_dim), self.codebook_vectors())
-        return indices.view(self._index_shape(tuple(z.shape)))
+            _, indices = self._hard_codes(self._project_in(self._to_rows(z)))
+        return indices.reshape(self._index_shape(tuple(z.shape)))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Latents for the decoder from codes: (B, H, W) -> (B, C, H, W) or (B, N) -> (B, N, C)."""
         if indices.dim() not in (2, 3):
             raise ValueError(f"expected indices (B, H, W) or (B, N), got {tuple(indices.shape)}")
+        flat = indices.reshape(indices.shape[0], -1)
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            rows = self.proj_out(F.embedding(indices.reshape(indices.shape[0], -1),
-                                             self.codebook_vectors()))
+            if self.family is not None:
+                vectors = self.family.vectors(flat)
+            else:
+                vectors = F.embedding(flat, self.codebook_vectors())
+            rows = self.proj_out(vectors)
         if indices.dim() == 3:
             B, H, W = indices.shape
             return self._from_rows(rows, (B, self.latent_dim, H, W))

@@ -1,0 +1,129 @@
+"""The lookup-free quantizer families: FSQ (Mentzer et al. 2023, arXiv 2309.15505) and LFQ (MAGVIT-v2,
+Yu et al. 2023, arXiv 2310.05737). Each maps a latent to its hard code, and codes to integers and back.
+
+Both are written to agree with vector-quantize-pytorch's `FSQ` and `LFQ` (tests/test_families.py runs
+them side by side). They are our own code rather than that library's modules because the progressive
+quantizer needs the continuous latent z_e and the hard code z_q apart, to mix them by the hardness;
+its modules return only their straight-through output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from .codebook_init import distributed_ready
+
+FSQ_BOUND_EPS = 1e-3  # the paper's: keeps the bounded latent strictly inside the outermost levels
+MAX_LFQ_BITS = 20
+
+
+class FiniteScalarCodes:
+    """FSQ: each channel bounded by tanh and rounded to one of `levels[i]` values in [-1, 1].
+
+    The continuous latent z_e is the bounded, rescaled channel (before rounding), so h = 0 gives the
+    decoder exactly what FSQ would round. Index = sum_i level_i * prod_{j<i} levels_j (the first
+    channel is the least significant digit, as in the paper's code and vector-quantize-pytorch).
+    """
+
+    def __init__(self, levels: list[int]) -> None:
+        self.levels = list(levels)
+        self.dim = len(self.levels)
+        self.num_codes = math.prod(self.levels)
+
+    def _constants(self, device) -> tuple[torch.Tensor, ...]:
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=device)
+        half_width = torch.div(levels, 2, rounding_mode="floor")
+        basis = torch.tensor([math.prod(self.levels[:i]) for i in range(self.dim)], device=device)
+        return levels, half_width, basis
+
+    def latent(self, rows: torch.Tensor) -> torch.Tensor:
+        """tanh-bounded channels scaled so that the code values are {-1, ..., 1} (even levels: -1 to
+        1 - 2/L): the paper's `bound`, divided by the half width."""
+        levels, half_width, _ = self._constants(rows.device)
+        half_l = (levels - 1) * (1 + FSQ_BOUND_EPS) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_l)
+        return (torch.tanh(rows + shift) * half_l - offset) / half_width
+
+    def quantize(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, half_width, basis = self._constants(z_e.device)
+        z_q = torch.round(z_e * half_width) / half_width
+        digits = (z_q * half_width + half_width).round().long()
+        return z_q, (digits * basis).sum(-1)
+
+    def vectors(self, indices: torch.Tensor) -> torch.Tensor:
+        levels, half_width, basis = self._constants(indices.device)
+        digits = torch.div(indices.unsqueeze(-1), basis, rounding_mode="floor") % levels.long()
+        return (digits.float() - half_width) / half_width
+
+    def all_vectors(self, device="cpu") -> torch.Tensor:
+        return self.vectors(torch.arange(self.num_codes, device=device))
+
+
+class BinaryCodes:
+    """LFQ: each channel's sign is a bit, the code is the vector of +-1; index bits most significant
+    first (vector-quantize-pytorch's order). The continuous latent z_e is the projected latent."""
+
+    def __init__(self, bits: int) -> None:
+        self.dim = bits
+        self.num_codes = 2**bits
+
+    def _weights(self, device) -> torch.Tensor:
+        return 2 ** torch.arange(self.dim - 1, -1, -1, device=device)
+
+    def latent(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def quantize(self, z_e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positive = z_e > 0
+        z_q = torch.where(positive, 1.0, -1.0).to(z_e.dtype)
+        return z_q, (positive.long() * self._weights(z_e.device)).sum(-1)
+
+    def vectors(self, indices: torch.Tensor) -> torch.Tensor:
+        bits = torch.bitwise_and(indices.unsqueeze(-1), self._weights(indices.device)) != 0
+        return bits.float() * 2 - 1
+
+    def all_vectors(self, device="cpu") -> torch.Tensor:
+        return self.vectors(torch.arange(self.num_codes, device=device))
+
+
+def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log() + (1 - p) * (1 - p).clamp_min(1e-12).log())
+
+
+def _group_joint_probs(bit_probs: torch.Tensor) -> torch.Tensor:
+    """(N, G) probabilities that each of G independent bits is 1 -> (N, 2^G) joint probabilities,
+    codes ordered with the first bit most significant."""
+    joint = torch.ones(bit_probs.shape[0], 1, dtype=bit_probs.dtype, device=bit_probs.device)
+    for g in range(bit_probs.shape[1]):
+        p = bit_probs[:, g : g + 1]
+        joint = torch.stack([joint * (1 - p), joint * p], dim=-1).flatten(1)
+    return joint
+
+
+def lfq_entropy_terms(
+    z_e: torch.Tensor, inverse_temperature: float, group_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAGVIT-v2's entropy terms of the soft code assignment q(c | z) = softmax(-||z - c||^2 / tau).
+
+    Returns (mean per-sample entropy, entropy of the batch-average assignment). With codes in
+    {-1, 1}^bits the assignment factorizes over bits (q(bit_d = 1) = sigmoid(4 z_d / tau)), so the
+    per-sample entropy is exactly the sum of the bits' entropies, at any number of bits. The batch
+    average does not factorize: it is computed exactly over groups of `group_bits` bits and summed
+    (Open-MAGVIT2's factorization; exact when bits <= group_bits, else an upper bound). The batch
+    average is taken over every process's rows, with gradients, as under DDP.
+    """
+    rows = z_e.reshape(-1, z_e.shape[-1]).float()
+    bit_probs = torch.sigmoid(4 * inverse_temperature * rows)
+    per_sample = _binary_entropy(bit_probs).sum(-1).mean()
+    batch = rows.new_zeros(())
+    for group in bit_probs.split(group_bits, dim=-1):
+        average = _group_joint_probs(group).mean(0)
+        if distributed_ready() and dist.get_world_size() > 1:
+            average = dist_fn.all_reduce(average) / dist.get_world_size()
+        batch = batch - (average * average.clamp_min(1e-12).log()).sum()
+    return per_sample, batch
