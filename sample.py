@@ -5,7 +5,7 @@
     accelerate launch sample.py ...        (each process samples its own batches)
 
 Writes one PNG per image, ``grid.png`` and ``samples.npz`` (uint8 NHWC ``arr_0``,
-the ADM evaluator's layout, plus ``labels``). Labels are class-balanced by
+the ADM evaluator's layout, plus ``labels`` and the sampled code grids ``codes``). Labels are class-balanced by
 default; batch b uses seed ``seed * 1_000_003 + b``, so the images do not
 depend on the number of processes.
 """
@@ -125,21 +125,24 @@ def main(argv=None) -> Path:
     for b, start in tqdm([(starts.index(s), s) for s in mine], desc="sampling",
                          disable=not state.is_main_process):
         chunk = labels[start:start + args.batch_size]
-        images = generate(tok, prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
-        for i, image in enumerate(to_hwc(to_uint8(images))):
+        codes = sample(prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
+        for i, image in enumerate(to_hwc(to_uint8(tok.decode(codes)))):
             Image.fromarray(image).save(out / "images" / f"{start + i:06d}.png")
+        np.save(out / "images" / f"codes_{start:06d}.npy", codes.cpu().numpy().astype(np.int32))
     state.wait_for_everyone()
     if state.is_main_process:
-        write_collection(out, labels)
+        write_collection(out, labels, starts)
     return out / "samples.npz"
 
 
-def write_collection(out: Path, labels: torch.Tensor) -> None:
-    """samples.npz and grid.png from the per-image PNGs every process wrote."""
+def write_collection(out: Path, labels: torch.Tensor, starts: list[int]) -> None:
+    """samples.npz (images, labels and the sampled code grids) and grid.png from the per-image PNGs
+    and per-batch codes every process wrote."""
     arrays = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB"))
                        for i in range(len(labels))])
+    codes = np.concatenate([np.load(out / "images" / f"codes_{start:06d}.npy") for start in starts])
     tmp = out / "samples.tmp.npz"
-    np.savez(tmp, arr_0=arrays, labels=labels.numpy())
+    np.savez(tmp, arr_0=arrays, labels=labels.numpy(), codes=codes)
     tmp.replace(out / "samples.npz")  # the demo and the ablation take samples.npz as "done"
     save_image_grid(to_float(from_hwc(arrays[:100])), out / "grid.png", nrow=10)
     logger.info("%d samples -> %s", len(labels), out / "samples.npz")

@@ -20,6 +20,7 @@ from ablation.report import strongest, write_report, write_sweep_report
 from ablation.variants import DEFAULT, QUICK, SWEEP, Variant, select
 from common.cli import run_command
 from common.errors import ConfigError
+from common.files import write_json_atomic
 from pipeline import commands
 from pipeline.report import read_jsonl
 
@@ -69,9 +70,15 @@ class Ablation:
 
     def run(self, name, command, done) -> None:
         self.stages.append(name)
-        if commands.run_unless_done(name, command, done, self.timings, in_process=not self.args.subprocess):
+        ran = {}
+        if commands.run_unless_done(name, command, done, ran, in_process=not self.args.subprocess):
+            # Merged into what is on disk: the shards of a study share the file.
+            on_disk = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
+            self.timings = {**self.timings, **on_disk, **ran}
             self.timings_path.parent.mkdir(parents=True, exist_ok=True)
-            self.timings_path.write_text(json.dumps(self.timings, indent=1))
+            write_json_atomic(self.timings_path, self.timings)
+        elif name not in self.timings and self.timings_path.exists():
+            self.timings.update(json.loads(self.timings_path.read_text()))
 
     def time_summary(self, started: float) -> dict:
         timed = [self.timings[name] for name in self.stages if name in self.timings]
@@ -91,12 +98,11 @@ class Ablation:
         """Train one variant x seed and evaluate it: test rFID/PSNR/SSIM, train PSNR/SSIM."""
         run, s = self.folder(variant, seed), self.setting
         overrides = (*self.data(), "--tokenizer.model.resolution", str(self.args.resolution),
-                     "--tokenizer.model.quantizer.codebook_size", str(s.codebook_size),
                      "--seed", str(seed), "--max_steps", str(s.tokenizer_steps),
                      "--tokenizer.train.eval_every", str(s.eval_every),
                      "--tokenizer.train.image_every", str(s.tokenizer_steps),
                      "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
-                     *variant.overrides())
+                     *variant.overrides(s.codebook_size))
         tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")
@@ -127,7 +133,7 @@ class Ablation:
         self.run(f"{name}: gFID", commands.evaluate(
             "gfid", "--samples", str(run / "samples" / "samples.npz"), "--ref", str(self.ref),
             "--out", str(run / "gfid.json")), run / "gfid.json")
-        return json.loads((run / "gfid.json").read_text())["metrics"]
+        return {**json.loads((run / "gfid.json").read_text())["metrics"], **prior_measures(run)}
 
     def all_runs(self, variants: list[Variant]) -> tuple[dict, dict]:
         s = self.setting
@@ -140,6 +146,31 @@ class Ablation:
         return results, generation
 
 
+def prior_measures(run: Path) -> dict:
+    """The prior's validation negative log-likelihood in bits per code and per image (test-split
+    codes, at its last validation), and its samples' code-grid diversity against the training codes."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from eval.metrics import code_grid_diversity
+    from generator import CodeDataset
+
+    rows = [r for r in read_jsonl(run / "prior" / "metrics.jsonl") if "val/loss" in r]
+    train = CodeDataset(run / "codes", "train")
+    grid = train.code_shape[0] * train.code_shape[1]
+    measures = {}
+    if rows:
+        bits = rows[-1]["val/loss"] / math.log(2)
+        measures = {"bits_per_code": bits, "bits_per_image": bits * grid}
+    with np.load(run / "samples" / "samples.npz") as samples:
+        if "codes" in samples.files:
+            originals = torch.from_numpy(train.codes[:, 0].astype(np.int64))  # not the flip copies
+            measures.update(code_grid_diversity(torch.from_numpy(samples["codes"]), originals))
+    return measures
+
+
 def last_geometry(run: Path) -> dict:
     """The effective dimension of z_e and of the used codes at the run's last evaluation."""
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/dim_latents" in r]
@@ -150,11 +181,13 @@ def setting_of(args) -> Setting:
     """The named setting with the command line's overrides."""
     setting = SETTINGS["quick" if args.quick else "default"]
     changes = {k: v for k, v in (("seeds", args.seeds), ("tokenizer_steps", args.steps),
+                                 ("prior_steps", args.prior_steps), ("num_samples", args.num_samples),
                                  ("codebook_size", args.codebook_size)) if v is not None}
     if args.variants:
         changes["variants"] = tuple(v.name for v in select(args.variants))
-    if changes.get("seeds", 1) < 1 or changes.get("tokenizer_steps", 1) < 1:
-        raise ConfigError("--seeds and --steps must be >= 1")
+    for name in ("seeds", "tokenizer_steps", "prior_steps", "num_samples"):
+        if changes.get(name, 1) < 1:
+            raise ConfigError(f"--{ {'tokenizer_steps': 'steps'}.get(name, name)} must be >= 1")
     return replace(setting, **changes)
 
 
@@ -170,18 +203,24 @@ def run_ablation(args, started: float) -> Path:
                          "full": args.full})
 
 
+def sweep_settings(args) -> list[Setting]:
+    """The sweep's points as settings: SWEEP_POINTS (and SWEEP_LARGE with --sweep_large)."""
+    base = setting_of(args)
+    names = tuple(v.name for v in select(args.variants or SWEEP))
+    # Traded for time (90 minutes on 2 cores): no gFID, no training-split metrics, 8 eval points.
+    return [replace(base, codebook_size=codebook, tokenizer_steps=steps, generation=False, train_pixels=False,
+                    eval_every=max(50, steps // 8), variants=names)
+            for codebook, steps in (*SWEEP_POINTS, *((SWEEP_LARGE,) if args.sweep_large else ()))]
+
+
 def run_sweep(args, started: float) -> Path:
     """SWEEP's variants at each (codebook size, steps), 3 seeds, no gFID; one report with the paired
     difference best ProVQ minus best hard VQ against size and budget."""
     out = Path(args.output_dir or "runs/ablation_sweep")
-    base = setting_of(args)
     variants = select(args.variants or SWEEP)
     points, summary = [], {}
-    for codebook, steps in (*SWEEP_POINTS, *((SWEEP_LARGE,) if args.sweep_large else ())):
-        # Traded for time (90 minutes on 2 cores): no gFID, no training-split metrics, 8 eval points.
-        setting = replace(base, codebook_size=codebook, tokenizer_steps=steps, generation=False,
-                          train_pixels=False, eval_every=max(50, steps // 8),
-                          variants=tuple(v.name for v in variants))
+    for setting in sweep_settings(args):
+        codebook, steps = setting.codebook_size, setting.tokenizer_steps
         ablation = Ablation(args, setting, out / f"k{codebook}_s{steps}")
         results, _ = ablation.all_runs(variants)
         points.append({"codebook_size": codebook, "steps": steps, "label": f"{codebook} codes, {steps} steps",
@@ -192,7 +231,43 @@ def run_sweep(args, started: float) -> Path:
     return write_sweep_report(out, points, summary)
 
 
-def main(argv=None) -> Path:
+def run_study(args, started: float) -> Path:
+    """The study (ablation/study.py): every phase, or this shard's share, then the report."""
+    from ablation.study import Study, StudyPlan
+    from ablation.study_report import write_study_report
+
+    out = Path(args.output_dir or "runs/study")
+    shard, shards = parse_shard(args.shard)
+    base = setting_of(args)
+    plan = StudyPlan(seeds=base.seeds, resolutions=(args.resolution, 2 * args.resolution),
+                     generation_at_high=args.study_high_generation, shard=shard, shards=shards)
+    setting = replace(base, train_pixels=False)  # traded for time: test-split metrics only
+    study = Study(args, setting, plan, out)
+    found = study.run()
+    minutes = {key: sum(a.time_summary(started)[key] for a in study.ablations.values())
+               for key in ("stage_minutes", "stages", "untimed_stages")}
+    description = (f"Dataset `{args.dataset}`, preset `{args.config}`, about {setting.codebook_size} codes "
+                   f"(FSQ levels and LFQ bits for that count), {setting.tokenizer_steps} tokenizer steps, "
+                   f"priors of {setting.prior_steps} steps with {setting.num_samples} samples for gFID "
+                   f"against the training split; resolutions {', '.join(map(str, plan.resolutions))} px; "
+                   f"generation at {plan.resolutions[0]} px"
+                   f"{' and above' if plan.generation_at_high else ' only'}.")
+    return write_study_report(out, plan.variants, found, {
+        "description": description, "seeds": plan.seeds, **minutes,
+        "minutes": round((time.time() - started) / 60, 1)})
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        shard, shards = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
+    if not 0 <= shard < shards:
+        raise ConfigError(f"--shard {text!r}: i must be in [0, n)")
+    return shard, shards
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/emoji32.yaml")
     parser.add_argument("--dataset", default="emoji", help="emoji, a hub dataset name or a folder")
@@ -205,15 +280,29 @@ def main(argv=None) -> Path:
     parser.add_argument("--sweep_large", action="store_true", help=f"with --sweep: also {SWEEP_LARGE}")
     parser.add_argument("--variants", default=None, help="comma-separated variant names (see ablation/variants.py)")
     parser.add_argument("--steps", type=int, default=None, help="tokenizer steps per run")
+    parser.add_argument("--prior_steps", type=int, default=None, help="prior steps per generation run")
+    parser.add_argument("--num_samples", type=int, default=None, help="samples per generation run (gFID)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--codebook_size", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="gFID for every seed, not only seed 0")
     parser.add_argument("--cfg_scale", type=float, default=2.0)
+    parser.add_argument("--study", action="store_true",
+                        help="the study: every family's hard, switch and ramp variants, generation, 64 px "
+                             "(ablation/study.py); report in <output_dir>/study_report.md")
+    parser.add_argument("--study_high_generation", action="store_true",
+                        help="with --study: priors and gFID at 64 px too")
+    parser.add_argument("--shard", default="0/1",
+                        help="with --study: run share i of n (i/n) of each phase; the shards wait for each other")
     parser.add_argument("--subprocess", action="store_true",
                         help="run each stage as its own process (slower start, isolated memory)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> Path:
+    args = build_parser().parse_args(argv)
     started = time.time()
-    report = run_sweep(args, started) if args.sweep else run_ablation(args, started)
+    runner = run_study if args.study else run_sweep if args.sweep else run_ablation
+    report = runner(args, started)
     print(f"\n[ablation] report: {report} ({(time.time() - started) / 60:.1f} min)", flush=True)
     return report
 

@@ -160,7 +160,7 @@ def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
             lows.append(difference.low)
             highs.append(difference.high)
         panels[column] = (xs, means, lows, highs)
-    _interval_plot(panels, out / "sweep.png")
+    interval_plot(panels, out / "sweep.png", "best ProVQ - best hard VQ")
     table_rows = [{"point": p["label"], **{v: _cell(values(p["results"][v], "psnr")) for v in p["results"]}}
                   for p in points]
     lines = ["# ProVQ scale sweep", "", f"{time_line(info)}", "",
@@ -175,7 +175,8 @@ def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
     return path
 
 
-def _interval_plot(panels: dict, path: Path) -> Path:
+def interval_plot(panels: dict, path: Path, what: str) -> Path:
+    """One panel per metric: a point per comparison, its mean paired difference with the 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +190,7 @@ def _interval_plot(panels: dict, path: Path) -> Path:
         ax.errorbar(positions, means, yerr=errors, fmt="o", capsize=4)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xticks(list(positions), xs, rotation=20, fontsize=7)
-        ax.set_title(f"{column}: best ProVQ - best hard VQ", fontsize=9)
+        ax.set_title(f"{column}: {what}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")

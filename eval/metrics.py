@@ -76,3 +76,17 @@ def codebook_usage(counts: torch.Tensor) -> dict:
         "codebook_perplexity": float(perplexity(counts[counts > 0])) if counts.sum() > 0 else 0.0,
         "codes_used": int((counts > 0).sum()),
     }
+
+
+def code_grid_diversity(sampled: torch.Tensor, training: torch.Tensor) -> dict:
+    """How varied a prior's samples are, in code space: the fraction of distinct code grids among
+    the samples, the fraction that copy a training grid exactly, and the share of the training
+    codes' vocabulary the samples use. ``sampled`` (N, h, w) and ``training`` (M, h, w) integer grids."""
+    rows = {tuple(g) for g in training.reshape(len(training), -1).tolist()}
+    grids = [tuple(g) for g in sampled.reshape(len(sampled), -1).tolist()]
+    train_vocabulary = set(training.unique().tolist())
+    return {
+        "distinct_grids": len(set(grids)) / max(len(grids), 1),
+        "copied_grids": sum(g in rows for g in grids) / max(len(grids), 1),
+        "vocabulary_used": len(set(sampled.unique().tolist()) & train_vocabulary) / max(len(train_vocabulary), 1),
+    }

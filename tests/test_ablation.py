@@ -30,14 +30,18 @@ def test_variants_differ_only_in_discretization():
     # fields that decide how discretization arrives, and no two variants are alike.
     rest, decided = [], []
     for v in variants:
-        argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o", *v.overrides()]
+        argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o", *v.overrides(1024)]
         config = config_to_dict(parse_config(make_parser("t"), train_tokenizer.TokenizerRun, "tokenizer", argv)[0])
         quantizer = config["tokenizer"]["model"]["quantizer"]
         decided.append((quantizer.pop("schedule"), quantizer.pop("kmeans_init"),
-                        quantizer.pop("l2_normalize"), quantizer.pop("mechanism")))
+                        quantizer.pop("l2_normalize"), quantizer.pop("mechanism"),
+                        # the family and the parameters that give it about 1,024 codes
+                        *(quantizer.pop(k) for k in ("kind", "levels", "bits", "codebook_size", "codebook_dim"))))
         rest.append(config)
-    assert [(d[0]["kind"], d[1], d[2], d[3]) for d in decided] == [
-        (v.schedule, v.kmeans, v.l2, v.mechanism) for v in variants]
+    assert [(d[0]["kind"], d[1], d[2], d[3], d[4]) for d in decided] == [
+        (v.schedule, v.kmeans, v.l2, v.mechanism, v.family) for v in variants]
+    assert {json.dumps(d[4:]) for d in decided} == {json.dumps(f) for f in (
+        ("vq", None, None, 1024, 8), ("fsq", [8, 5, 5, 5], None, 1000, 4), ("lfq", None, 10, 1024, 10))}
     long = next(d[0] for d, v in zip(decided, variants, strict=True) if v.name == "cosine+kmeans+l2+long")
     assert (long["warmup"], long["transition"]) == (0.1, 0.6)
     assert len({json.dumps(d, sort_keys=True) for d in decided}) == len(variants)
@@ -112,31 +116,24 @@ def test_sweep_report_plots_the_paired_difference_per_point(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
-def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path, monkeypatch):
+def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path):
     def args(*argv):
-        parser_args = ["--output_dir", str(tmp_path / "out"), *argv]
-        namespace = argparse.Namespace(quick=False, seeds=None, steps=None, codebook_size=None, variants=None,
-                                       full=False, subprocess=False, dataset="emoji", resolution=32,
-                                       config="configs/emoji32.yaml", cfg_scale=2.0, sweep="--sweep" in argv,
-                                       sweep_large=False, output_dir=parser_args[1])
-        for flag, value in zip(argv[::2], argv[1::2], strict=False):
-            setattr(namespace, flag.lstrip("-"), int(value) if value.isdigit() else value)
-        return namespace
+        return ablation_main.build_parser().parse_args(["--output_dir", str(tmp_path / "out"), *argv])
 
     setting = ablation_main.setting_of(args("--variants", "vq+l2,cosine+l2", "--steps", "120", "--seeds", "2",
-                                            "--codebook_size", "256"))
-    assert (setting.variants, setting.tokenizer_steps, setting.seeds, setting.codebook_size) == (
-        ("vq+l2", "cosine+l2"), 120, 2, 256)
+                                            "--codebook_size", "256", "--prior_steps", "50"))
+    assert (setting.variants, setting.tokenizer_steps, setting.seeds, setting.codebook_size,
+            setting.prior_steps, setting.num_samples) == (("vq+l2", "cosine+l2"), 120, 2, 256, 50, 500)
     with pytest.raises(ConfigError, match="unknown variant"):
         ablation_main.setting_of(args("--variants", "nope"))
-    planned = []
-    monkeypatch.setattr(ablation_main.Ablation, "all_runs", lambda self, variants: (
-        planned.append((self.setting.codebook_size, self.setting.tokenizer_steps, self.out.name,
-                        self.setting.generation)) or _results({v.name: [20.0, 20.5, 21.0] for v in variants}), {}))
-    ablation_main.run_sweep(args("--sweep", "1"), 0.0)
-    assert planned == [(1024, 400, "k1024_s400", False), (1024, 2000, "k1024_s2000", False),
-                       (16384, 400, "k16384_s400", False)]
-    assert (tmp_path / "out" / "report.md").is_file()
+    with pytest.raises(ConfigError, match="--steps must be >= 1"):
+        ablation_main.setting_of(args("--steps", "0"))
+    points = [(s.codebook_size, s.tokenizer_steps, s.generation, s.train_pixels, s.eval_every, s.variants)
+              for s in ablation_main.sweep_settings(args("--sweep", "--seeds", "3"))]
+    sweep = ("vq+kmeans+l2", "step+kmeans+l2", "cosine+kmeans+l2")
+    assert points == [(1024, 400, False, False, 50, sweep), (1024, 2000, False, False, 250, sweep),
+                      (16384, 400, False, False, 50, sweep)]
+    assert len(ablation_main.sweep_settings(args("--sweep", "--sweep_large"))) == 4
 
 
 def test_finished_stages_are_skipped_and_their_times_survive_a_resume(tmp_path):
