@@ -81,9 +81,10 @@ class Ablation:
             self.timings.update(json.loads(self.timings_path.read_text()))
 
     def time_summary(self, started: float) -> dict:
-        timed = [self.timings[name] for name in self.stages if name in self.timings]
-        return {"stage_minutes": round(sum(timed) / 60, 1), "stages": len(self.stages),
-                "untimed_stages": len(self.stages) - len(timed),
+        stages = list(dict.fromkeys(self.stages))  # a stage's result may be read more than once
+        timed = [self.timings[name] for name in stages if name in self.timings]
+        return {"stage_minutes": round(sum(timed) / 60, 1), "stages": len(stages),
+                "untimed_stages": len(stages) - len(timed),
                 "minutes": round((time.time() - started) / 60, 1)}
 
     def data(self) -> tuple[str, ...]:
