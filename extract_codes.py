@@ -28,7 +28,9 @@ logger = logging.getLogger("extract_codes")
 
 
 @dataclass
-class ExtractRun:
+class ExtractCodesConfig:
+    """What extract_codes.py reads: the ``data:`` section."""
+
     data: DataConfig = field(default_factory=DataConfig)
 
 
@@ -57,7 +59,7 @@ def shard_loader(dataset, items: range, batch_size: int, num_workers: int):
                                        collate_fn=collate)
 
 
-def extract_split(tok, config: ExtractRun, split: str, args, state) -> CodesManifest:
+def extract_split(tok, config: ExtractCodesConfig, split: str, args, state) -> CodesManifest:
     dataset = load_split(config.data, split, train=False)
     manifest = CodesManifest(
         tokenizer_fingerprint=tok.fingerprint(), code_shape=tuple(tok.code_shape),
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--flip_copies", action="store_true", help="also store codes of flipped images")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
-    config, args = parse_config(parser, ExtractRun, None, argv)
+    config, args = parse_config(parser, ExtractCodesConfig, None, argv)
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()

@@ -27,7 +27,6 @@ from generator import (
     ARPrior,
     CodeDataset,
     PriorConfig,
-    check_fingerprint,
     load_manifest,
 )
 from generator.sampling import sample
@@ -42,21 +41,25 @@ class PriorTrainConfig(training.TrainConfig):
 
 
 @dataclass
-class PriorStage:
+class PriorSection:
+    """The preset's ``prior:`` section."""
+
     model: PriorConfig = field(default_factory=PriorConfig)
     train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
 
 
 @dataclass
-class PriorRun:
-    prior: PriorStage = field(default_factory=PriorStage)
+class TrainPriorConfig:
+    """What train_prior.py reads: the ``prior:`` section."""
+
+    prior: PriorSection = field(default_factory=PriorSection)
 
 
 def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
     """The prior's vocabulary and grid are the codes'; a configured fingerprint must match theirs."""
     manifest = load_manifest(codes, "train")
     if model.tokenizer_fingerprint:
-        check_fingerprint(manifest, model.tokenizer_fingerprint)
+        manifest.check_tokenizer(model.tokenizer_fingerprint)
     return dataclasses.replace(
         model, codebook_size=manifest.codebook_size, code_height=manifest.code_shape[0],
         code_width=manifest.code_shape[1], num_classes=manifest.num_classes,
@@ -64,14 +67,14 @@ def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
     )
 
 
-def build_dataloaders(codes: Path, train: PriorTrainConfig, fingerprint: str):
+def build_dataloaders(codes: Path, train_config: PriorTrainConfig, fingerprint: str):
     train_set = CodeDataset(codes, "train", expected_fingerprint=fingerprint)
-    common = dict(batch_size=train.batch_size)  # the codes are in memory: no loader workers needed
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=True, **common)
+    batch_size = train_config.batch_size  # the codes are in memory: no loader workers needed
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True)
     val_loader = None
     if (Path(codes) / "test").is_dir():
         val_set = CodeDataset(codes, "test", expected_fingerprint=fingerprint)
-        val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
+        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False)
     return train_set, train_loader, val_loader
 
 
@@ -131,18 +134,18 @@ class PriorParts(training.TrainParts):
     num_grids: int  # training code grids
 
 
-def build_parts(model_config: PriorConfig, codes: Path, train: PriorTrainConfig, accelerator) -> PriorParts:
+def build_parts(model_config: PriorConfig, codes: Path, train_config: PriorTrainConfig, accelerator) -> PriorParts:
     model = ARPrior(model_config)
-    if train.compile:  # the decoder layers, in place: one compiled graph serves them all
+    if train_config.compile:  # the decoder layers, in place: one compiled graph serves them all
         for layer in model.llama.model.layers:
             layer.compile()
     fingerprint = model_config.tokenizer_fingerprint
-    train_set, train_loader, val_loader = build_dataloaders(codes, train, fingerprint)
-    optimizer = training.make_optimizer(model, train, train.lr)
+    train_set, train_loader, val_loader = build_dataloaders(codes, train_config, fingerprint)
+    optimizer = training.make_optimizer(model, train_config, train_config.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
-    ema = training.build_ema(model, train.ema_decay, accelerator)
+    ema = training.build_ema(model, train_config.ema_decay, accelerator)
     grid_tokenizer = load_grid_tokenizer(codes, fingerprint, accelerator.device)
     return PriorParts(model, optimizer, train_loader, ema, val_loader, grid_tokenizer, len(train_set))
 
@@ -155,40 +158,34 @@ def train_step(parts: PriorParts, batch: dict, ctx: training.StepContext) -> tra
     return training.StepTerms(averaged={"loss/ce": out.loss.detach(), "train/accuracy": out.accuracy.detach()})
 
 
-def prior_stage(parts: PriorParts, run) -> training.Stage:
-    """The loop's view of stage 2: its step, and validation and sample grids when due."""
-    train, accelerator = run.train, run.accelerator
-    periodic = []
-    if parts.val_loader is not None:
-        periodic.append(training.Periodic(train.eval_every, lambda step: run.metrics_log.log(
-            step, validate(parts.model, parts.val_loader, accelerator, train.val_batches))))
-    if parts.grid_tokenizer is not None:
-        periodic.append(training.Periodic(train.image_every, lambda step: write_samples(
-            parts.model, parts.grid_tokenizer, accelerator,
-            run.output_dir / "images" / f"samples_{step:08d}.png", train.grid_cfg_scale)))
-    return training.Stage("prior", train_step, periodic, items="codes",
-                 postfix={"loss": "loss/ce", "acc": "train/accuracy"})
-
-
-def train(config: PriorRun, codes: str | Path, output_dir: str | Path, resume: str | None = None) -> Path:
-    output_dir, codes, train = Path(output_dir), Path(codes), config.prior.train
-    model_config = bind_to_codes(config.prior.model, codes)
-    config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
-    run = training.start_run(config, train, output_dir, "prior", resume)
-    parts = build_parts(model_config, codes, train, run.accelerator)
-    run.resume()
-    logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
-                run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
-                train.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
-    training.train_loop(run, parts, prior_stage(parts, run))
-    return training.finish_run(run, parts, output_dir / "prior")
+def build_parser():
+    parser = training.make_parser(__doc__.splitlines()[0])
+    parser.add_argument("--codes", required=True, help="folder written by extract_codes.py")
+    return parser
 
 
 def main(argv=None) -> Path:
-    parser = training.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--codes", required=True, help="folder written by extract_codes.py")
-    config, args = training.parse_config(parser, PriorRun, "prior", argv)
-    return train(config, args.codes, args.output_dir, resume=args.resume)
+    config, args = training.parse_config(build_parser(), TrainPriorConfig, "prior", argv)
+    output_dir, codes, train_config = Path(args.output_dir), Path(args.codes), config.prior.train
+    model_config = bind_to_codes(config.prior.model, codes)  # data: the codes decide vocabulary and grid
+    config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
+    run = training.start_run(config, train_config, output_dir, "prior", args.resume)
+    parts = build_parts(model_config, codes, train_config, run.accelerator)  # model and optimizer
+    run.resume()
+    logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
+                run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
+                train_config.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
+    for step in run.steps(parts, "prior", items="codes", postfix={"loss": "loss/ce", "acc": "train/accuracy"}):
+        for batch, ctx in step.micro_batches():
+            terms = train_step(parts, batch, ctx)
+        step.log(terms)
+        if parts.val_loader is not None and step.due(train_config.eval_every):
+            run.metrics_log.log(step.number, validate(parts.model, parts.val_loader, run.accelerator,
+                                                      train_config.val_batches))
+        if parts.grid_tokenizer is not None and step.due(train_config.image_every):
+            write_samples(parts.model, parts.grid_tokenizer, run.accelerator,
+                          output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale)
+    return training.finish_run(run, parts, output_dir / "prior")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import training
 from common.cli import run_command
 from common.errors import ConfigError
 from common.files import load_weights
+from common.moments import MomentAccumulator
 from common.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from data import DataConfig, DatasetError, ImageDataset, SkipTracker, collate, load_split
-from data.pixels import save_image_grid
-from eval.metrics import codebook_usage, psnr
+from data.pixels import save_image_grid, to_uint8
+from eval.metrics import codebook_usage, uint8_psnr
 from tokenizer import ProVQTokenizer, TokenizerConfig, losses
-from tokenizer.codebook_stats import MomentAccumulator, participation_ratio
+from tokenizer.codebook_stats import participation_ratio
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import LossConfig
 from tokenizer.schedule import hardness
@@ -35,11 +36,13 @@ logger = logging.getLogger("train_tokenizer")
 @dataclass
 class TokenizerTrainConfig(training.TrainConfig):
     disc_lr: float = 1e-4
-    eval_batches: int = 8  # test batches for the PSNR/usage evaluation
+    eval_batches: int = 8  # test batches for the PSNR/usage evaluation; 0 = all
 
 
 @dataclass
-class TokenizerStage:
+class TokenizerSection:
+    """The preset's ``tokenizer:`` section."""
+
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -47,21 +50,23 @@ class TokenizerStage:
 
 
 @dataclass
-class TokenizerRun:
+class TrainTokenizerConfig:
+    """What train_tokenizer.py reads: the ``data:`` and ``tokenizer:`` sections."""
+
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
 
 
-def load_data(config: TokenizerRun) -> tuple[ImageDataset, ImageDataset]:
+def load_data(config: TrainTokenizerConfig) -> tuple[ImageDataset, ImageDataset]:
     """The training and test splits, checked before the run writes anything."""
-    data, train = config.data, config.tokenizer.train
+    data, train_config = config.data, config.tokenizer.train
     if data.resolution != config.tokenizer.model.resolution:
         raise ConfigError(f"data.resolution {data.resolution} differs from tokenizer.model.resolution "
                           f"{config.tokenizer.model.resolution}: the export would claim a resolution it "
                           "was not trained at; set both")
-    train_set = load_split(data, data.train_split, train=True, seed=train.seed)
+    train_set = load_split(data, data.train_split, train=True, seed=train_config.seed)
     test_set = load_split(data, data.test_split, train=False)
-    needed = train.batch_size * training.launched_processes()
+    needed = train_config.batch_size * training.launched_processes()
     if len(train_set) < needed:
         raise DatasetError(f"the training split has {len(train_set)} images, fewer than one global batch "
                            f"({needed}): lower tokenizer.train.batch_size or add images")
@@ -69,9 +74,9 @@ def load_data(config: TokenizerRun) -> tuple[ImageDataset, ImageDataset]:
 
 
 def build_dataloaders(datasets: tuple[ImageDataset, ImageDataset], batch_size: int, num_workers: int):
-    common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    train_loader = torch.utils.data.DataLoader(datasets[0], shuffle=True, drop_last=True, **common)
-    test_loader = torch.utils.data.DataLoader(datasets[1], shuffle=False, **common)
+    loader_args = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(datasets[0], shuffle=True, drop_last=True, **loader_args)
+    test_loader = torch.utils.data.DataLoader(datasets[1], shuffle=False, **loader_args)
     return train_loader, test_loader
 
 
@@ -88,16 +93,16 @@ class TokenizerParts(training.TrainParts):
     test_loader: torch.utils.data.DataLoader
     gan: GAN | None
     perceptual: torch.nn.Module | None
-    config: TokenizerStage
+    config: TokenizerSection
     skips: SkipTracker = field(default_factory=SkipTracker)
 
     def accumulated(self) -> list:
         return [self.model] + ([self.gan.disc] if self.gan is not None else [])
 
 
-def build_gan(stage: TokenizerStage, accelerator) -> GAN:
-    disc = PatchDiscriminator(stage.discriminator)
-    optimizer = training.make_optimizer(disc, stage.train, stage.train.disc_lr)
+def build_gan(section: TokenizerSection, accelerator) -> GAN:
+    disc = PatchDiscriminator(section.discriminator)
+    optimizer = training.make_optimizer(disc, section.train, section.train.disc_lr)
     disc, optimizer = accelerator.prepare(disc, optimizer)
     return GAN(disc, optimizer)
 
@@ -114,63 +119,64 @@ def check_init_from(model: TokenizerConfig, folder: str | None) -> None:
         raise ConfigError(f"--init_from {folder} is another tokenizer than tokenizer.model describes: {listed}")
 
 
-def build_parts(config: TokenizerRun, datasets, accelerator, init_from: str | None = None) -> TokenizerParts:
+def build_parts(config: TrainTokenizerConfig, datasets, accelerator, init_from: str | None = None) -> TokenizerParts:
     """Model, data, optimizer, GAN, perceptual loss and EMA, prepared and registered for checkpoints."""
-    stage = config.tokenizer
-    train, loss_config = stage.train, stage.loss
-    model = ProVQTokenizer(stage.model)
+    section = config.tokenizer
+    train_config, loss_config = section.train, section.loss
+    model = ProVQTokenizer(section.model)
     if init_from is not None:  # weights only: the optimizer starts fresh; a resume loads over them
         load_weights(model, Path(init_from) / WEIGHTS_NAME)
-    if train.compile:  # in place, so the weights keep their names; the quantizer stays eager (it
-        model.encoder.compile()  # takes the hardness as a number and runs collectives)
+    if train_config.compile:  # in place, so the weights keep their names; the quantizer stays eager
+        model.encoder.compile()  # (it takes the hardness as a number and runs collectives)
         model.decoder.compile()
-    train_loader, test_loader = build_dataloaders(datasets, train.batch_size, config.data.num_workers)
-    optimizer = training.make_optimizer(model, train, train.lr)
+    train_loader, test_loader = build_dataloaders(datasets, train_config.batch_size, config.data.num_workers)
+    optimizer = training.make_optimizer(model, train_config, train_config.lr)
     model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
-    gan = build_gan(stage, accelerator) if loss_config.gan_weight > 0 else None
+    gan = build_gan(section, accelerator) if loss_config.gan_weight > 0 else None
     perceptual = losses.make_perceptual_loss(loss_config.perceptual_weight, loss_config.perceptual_net)
     if perceptual is not None:
         perceptual = perceptual.to(accelerator.device)
-    ema = training.build_ema(model, train.ema_decay, accelerator)
+    ema = training.build_ema(model, train_config.ema_decay, accelerator)
     quantizer = accelerator.unwrap_model(model).quantizer
     accelerator.register_for_checkpointing(quantizer.kmeans_buffer)
     # steps_since_used (dead codes) is kept out of the weights; a resumed run still needs it.
     accelerator.register_for_checkpointing(training.NonPersistentBuffers(quantizer))
-    return TokenizerParts(model, optimizer, train_loader, ema, test_loader, gan, perceptual, stage)
+    return TokenizerParts(model, optimizer, train_loader, ema, test_loader, gan, perceptual, section)
 
 
 def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) -> training.StepTerms:
-    """One micro-batch: generator update, then (after disc_start) discriminator update."""
-    train, weights, accelerator = parts.config.train, parts.config.loss, ctx.accelerator
+    """One micro-batch: the loss and the generator's update, then (after disc_start) the
+    discriminator's update."""
+    train_config, loss_config, accelerator = parts.config.train, parts.config.loss, ctx.accelerator
     parts.skips.update(batch)
     images, step = batch["image"], ctx.step
-    h = hardness(step, parts.config.model.quantizer.schedule, train.max_steps)
+    h = hardness(step, parts.config.model.quantizer.schedule, train_config.max_steps)
     # Per micro-batch, so the micro-batches of one accumulated step get different masks.
     out = parts.model(images, hardness=h, generator=ctx.generator())
     recon = out.reconstruction
-    rec = losses.reconstruction_loss(recon, images, weights.reconstruction)
-    nll = weights.reconstruction_weight * rec
+    rec = losses.reconstruction_loss(recon, images, loss_config.reconstruction)
+    pixel_loss = loss_config.reconstruction_weight * rec  # what the adaptive GAN weight balances against
     logged = {"loss/reconstruction": rec.detach(), "loss/quantizer": out.quantizer.loss.detach()}
     if parts.config.model.quantizer.kind == "lfq":
         logged["loss/entropy"] = out.quantizer.entropy_loss.detach()
     if parts.perceptual is not None:
         perc = parts.perceptual(recon, images).mean()
-        nll = nll + weights.perceptual_weight * perc
+        pixel_loss = pixel_loss + loss_config.perceptual_weight * perc
         logged["loss/perceptual"] = perc.detach()
-    loss = nll + out.quantizer.loss
-    gan_on = parts.gan is not None and losses.gan_active(step, weights.disc_start)
+    loss = pixel_loss + out.quantizer.loss
+    gan_on = parts.gan is not None and losses.gan_active(step, loss_config.disc_start)
     if gan_on:
         g_loss = generator_adversarial_loss(parts.gan, recon, accelerator)
         weight = torch.ones((), device=images.device)
-        if weights.adaptive_gan_weight:
+        if loss_config.adaptive_gan_weight:
             last = accelerator.unwrap_model(parts.model).last_layer
-            weight = losses.adaptive_gan_weight(nll, g_loss, last, max_weight=weights.max_adaptive_weight)
-        loss = loss + weights.gan_weight * weight * g_loss
+            weight = losses.adaptive_gan_weight(pixel_loss, g_loss, last, max_weight=loss_config.max_adaptive_weight)
+        loss = loss + loss_config.gan_weight * weight * g_loss
         logged.update({"loss/gan_g": g_loss.detach(), "loss/gan_weight": weight.detach()})
     training.check_finite(step, **logged, total=loss)
-    training.optimizer_step(parts.optimizer, parts.model, loss, ctx, train.lr, "generator")
+    training.optimizer_step(parts.optimizer, parts.model, loss, ctx, train_config.lr, "generator")
     if gan_on:
-        logged.update(discriminator_step(parts.gan, images, recon.detach(), ctx, weights.disc_loss_weight))
+        logged.update(discriminator_step(parts.gan, images, recon.detach(), ctx, loss_config.disc_loss_weight))
     logged["loss/total"] = loss.detach()
     if parts.ema is not None and out.quantizer.initialized_now:
         sync_ema_codebook(parts.ema, accelerator.unwrap_model(parts.model))
@@ -209,9 +215,10 @@ def discriminator_step(gan: GAN, real, fake, ctx: training.StepContext, weight: 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, max_batches: int) -> dict:
-    """Hard-quantized PSNR, codebook usage and the geometry of latents and codes on the first test
-    batches (all processes' together): the effective dimension (participation ratio) of the
-    encoder outputs z_e and of the codes they use, and z_e's mean distance to its code."""
+    """Hard-quantized PSNR (on uint8 pixels, as ``python -m eval rfid``), codebook usage and the
+    geometry of latents and codes on the first ``max_batches`` test batches (0: all; all processes'
+    together): the effective dimension (participation ratio) of the encoder outputs z_e and of the
+    codes they use, and z_e's mean distance to its code."""
     model.eval()
     tok = accelerator.unwrap_model(model)
     size, device = tok.config.quantizer.codebook_size, accelerator.device
@@ -219,7 +226,7 @@ def evaluate(model, loader, accelerator, max_batches: int) -> dict:
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # PSNR, distance to the code, images
     latents = MomentAccumulator(tok.quantizer.codebook_dim, device)
     for i, batch in enumerate(loader):
-        if i >= max_batches:
+        if max_batches and i >= max_batches:
             break
         images = batch["image"]
         out = tok(images, hardness=1.0)  # eval mode: hard codes, no statistics kept, no collectives
@@ -227,12 +234,11 @@ def evaluate(model, loader, accelerator, max_batches: int) -> dict:
         counts += torch.bincount(q.indices.flatten(), minlength=size).double()
         rows_e, rows_q = (t.movedim(1, -1).reshape(-1, t.shape[1]) for t in (q.z_e, q.z_q))
         latents.update(rows_e)
-        recon = out.reconstruction.float().clamp(-1, 1)
-        sums += torch.stack([psnr((recon + 1) / 2, (images + 1) / 2).double().sum(),
+        sums += torch.stack([uint8_psnr(to_uint8(images), to_uint8(out.reconstruction)).double().sum(),
                              (rows_e - rows_q).norm(dim=-1).double().mean() * images.shape[0],
                              torch.tensor(float(images.shape[0]), dtype=torch.float64, device=device)])
-    counts, sums, *moments = (accelerator.reduce(t, "sum") for t in (counts, sums, *latents.tensors()))
-    latents.count, latents.sum, latents.outer = moments
+    counts, sums = (accelerator.reduce(t, "sum") for t in (counts, sums))
+    latents.reduce(lambda t: accelerator.reduce(t, "sum"))
     model.train()
     used = counts > 0
     codes = tok.quantizer.codebook_vectors()[used].double()
@@ -258,44 +264,36 @@ def write_reconstructions(model, loader, accelerator, path: Path, count: int = 8
         save_image_grid(torch.cat([images, recon]), path, nrow=images.shape[0])
 
 
-def tokenizer_stage(parts: TokenizerParts, run) -> training.Stage:
-    """The loop's view of stage 1: its step, and evaluations and pictures when due."""
-    train, accelerator = parts.config.train, run.accelerator
-
-    def evaluate_now(step: int) -> None:
-        run.metrics_log.log(step, evaluate(parts.model, parts.test_loader, accelerator, train.eval_batches))
-
-    def pictures_now(step: int) -> None:
-        write_reconstructions(parts.model, parts.test_loader, accelerator,
-                              run.output_dir / "images" / f"recon_{step:08d}.png")
-
-    return training.Stage("tokenizer", train_step, [training.Periodic(train.eval_every, evaluate_now),
-                                           training.Periodic(train.image_every, pictures_now)],
-                 items="images", postfix={"h": "quantizer/hardness", "rec": "loss/reconstruction",
-                                          "usage": "quantizer/usage"})
-
-
-def train(config: TokenizerRun, output_dir: str | Path, resume: str | None = None,
-          init_from: str | None = None) -> Path:
-    output_dir = Path(output_dir)
-    datasets = load_data(config)
-    check_init_from(config.tokenizer.model, init_from)
-    run = training.start_run(config, config.tokenizer.train, output_dir, "tokenizer", resume)
-    parts = build_parts(config, datasets, run.accelerator, init_from)
-    run.resume()
-    logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
-                run.accelerator.device, run.accelerator.num_processes, run.threads, run.train.mixed_precision)
-    training.train_loop(run, parts, tokenizer_stage(parts, run))
-    parts.skips.report()
-    return training.finish_run(run, parts, output_dir / "tokenizer")
-
-
-def main(argv=None) -> Path:
+def build_parser():
     parser = training.make_parser(__doc__.splitlines()[0])
     parser.add_argument("--init_from", default=None,
                         help="start from the weights of this tokenizer folder (ours, or python -m tokenizer.convert's)")
-    config, args = training.parse_config(parser, TokenizerRun, "tokenizer", argv)
-    return train(config, args.output_dir, resume=args.resume, init_from=args.init_from)
+    return parser
+
+
+def main(argv=None) -> Path:
+    config, args = training.parse_config(build_parser(), TrainTokenizerConfig, "tokenizer", argv)
+    train_config, output_dir = config.tokenizer.train, Path(args.output_dir)
+    datasets = load_data(config)  # data, checked before anything is written
+    check_init_from(config.tokenizer.model, args.init_from)
+    run = training.start_run(config, train_config, output_dir, "tokenizer", args.resume)
+    parts = build_parts(config, datasets, run.accelerator, args.init_from)  # models and optimizers
+    run.resume()
+    logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
+                run.accelerator.device, run.accelerator.num_processes, run.threads, train_config.mixed_precision)
+    progress = {"h": "quantizer/hardness", "rec": "loss/reconstruction", "usage": "quantizer/usage"}
+    for step in run.steps(parts, "tokenizer", items="images", postfix=progress):
+        for batch, ctx in step.micro_batches():
+            terms = train_step(parts, batch, ctx)
+        step.log(terms)
+        if step.due(train_config.eval_every):
+            run.metrics_log.log(step.number, evaluate(parts.model, parts.test_loader, run.accelerator,
+                                                      train_config.eval_batches))
+        if step.due(train_config.image_every):
+            write_reconstructions(parts.model, parts.test_loader, run.accelerator,
+                                  output_dir / "images" / f"recon_{step.number:08d}.png")
+    parts.skips.report()
+    return training.finish_run(run, parts, output_dir / "tokenizer")
 
 
 if __name__ == "__main__":

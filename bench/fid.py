@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from bench.results_io import write_result  # noqa: E402
 from eval.compute import extract  # noqa: E402
-from eval.fid import StatsAccumulator, fid_from_stats  # noqa: E402
+from common.moments import MomentAccumulator  # noqa: E402
+from eval.fid import feature_stats, fid_from_stats  # noqa: E402
 from eval.inception import load_inception, protocol  # noqa: E402
 
 BF16_MAX_RELATIVE_FID_CHANGE = 1e-3  # the bar: bf16 only if FID moves by less than 0.1%
@@ -66,10 +67,10 @@ def fid_helper():
 
 
 def stats_of(features: list[torch.Tensor], model):
-    accumulator = StatsAccumulator()
+    accumulator = MomentAccumulator(2048)
     for chunk in features:
         accumulator.update(chunk)
-    return accumulator.finalize(model.checksum)
+    return feature_stats(accumulator, model.checksum)
 
 
 def main(argv=None) -> dict:

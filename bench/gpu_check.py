@@ -118,7 +118,7 @@ def endless(loader, device):
 
 def check_tokenizer(sizes: Sizes, folder: Path) -> dict:
     mapping = load_preset(sizes.preset)
-    config = build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
+    config = build_config(train_tokenizer.TrainTokenizerConfig, {k: mapping[k] for k in ("data", "tokenizer")})
     config.tokenizer.loss.disc_start = 0
     config.tokenizer.loss.gan_weight = config.tokenizer.loss.gan_weight or 0.1  # the CPU preset has none
     config.tokenizer.loss.perceptual_weight = config.tokenizer.loss.perceptual_weight or 1.0
@@ -157,7 +157,7 @@ def model_flops_per_token(prior) -> float:
 
 def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
     mapping = load_preset(sizes.preset)
-    run = build_config(train_prior.PriorRun, {"prior": mapping["prior"]})
+    run = build_config(train_prior.TrainPriorConfig, {"prior": mapping["prior"]})
     model_config = preset_models(sizes.preset, sizes.classes)[1]
     train = run.prior.train
     train.batch_size, train.mixed_precision = sizes.prior_batch, "bf16"

@@ -40,7 +40,7 @@ MODELS = {"demo": ("emoji32", 10, 64, {}), "gpt_b": ("imagenet256", 1000, 8, {})
 def measure(name: str, compiled: bool, args, folder: Path) -> dict:
     preset, classes, batch, changes = MODELS[name]
     model_config = replace(preset_models(preset, classes)[1], **changes)
-    train = build_config(train_prior.PriorRun, {"prior": load_preset(preset)["prior"]}).prior.train
+    train = build_config(train_prior.TrainPriorConfig, {"prior": load_preset(preset)["prior"]}).prior.train
     train = replace(train, batch_size=batch, mixed_precision="bf16", compile=compiled)
     codes = synthetic_codes(folder / f"{name}_{compiled}", model_config, batch * 4)
     accelerator = training.make_accelerator(train, folder)

@@ -2,7 +2,7 @@
 
 from eval.fid import (
     FeatureStats,
-    StatsAccumulator,
+    feature_stats,
     fid_from_stats,
     frechet_distance,
     load_stats,
@@ -11,6 +11,6 @@ from eval.fid import (
 from eval.inception import PROTOCOL, FIDInception, load_inception, protocol
 
 __all__ = [
-    "FeatureStats", "StatsAccumulator", "fid_from_stats", "frechet_distance", "load_stats", "save_stats",
+    "FeatureStats", "feature_stats", "fid_from_stats", "frechet_distance", "load_stats", "save_stats",
     "PROTOCOL", "FIDInception", "load_inception", "protocol",
 ]

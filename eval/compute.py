@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from common.moments import MomentAccumulator
 from data.pixels import to_uint8
-from eval.fid import FeatureStats, InceptionScoreAccumulator, StatsAccumulator
-from eval.inception import FIDInception, InceptionOutput, preprocess, protocol
-from eval.metrics import codebook_usage, psnr, ssim
+from eval.fid import FeatureStats, InceptionScoreAccumulator, feature_stats
+from eval.inception import FEATURE_DIM, FIDInception, InceptionOutput, preprocess, protocol
+from eval.metrics import codebook_usage, ssim, uint8_psnr
 from training.accelerator import process_state
 
 
@@ -83,7 +84,7 @@ class StatsResult:
 def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResult:
     """Streamed float64 statistics of every image of `source`, each counted once over all processes."""
     model, procs = setup.model, setup.procs
-    features = StatsAccumulator(device=procs.device)
+    features = MomentAccumulator(FEATURE_DIM, device=procs.device)
     scores = InceptionScoreAccumulator(len(source), device=procs.device) if model.fc is not None else None
     skipped = torch.zeros((), dtype=torch.float64, device=procs.device)
     with setup.progress(source, desc) as bar:
@@ -96,7 +97,7 @@ def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResu
                     scores.update(out.logits, batch.indices)
             bar.update()
     procs.sum(features.tensors() + [skipped] + (scores.tensors() if scores else []))
-    stats = features.finalize(model.checksum, protocol(model))
+    stats = feature_stats(features, model.checksum, protocol(model))
     return StatsResult(stats, scores.finalize() if scores else None,
                        int(skipped.item()) + len(getattr(source, "unreadable", [])))
 
@@ -124,7 +125,7 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
     pixels only: no Inception at all.
     """
     model, procs = setup.model, setup.procs
-    originals, reconstructions = StatsAccumulator(device=procs.device), StatsAccumulator(device=procs.device)
+    originals, reconstructions = (MomentAccumulator(FEATURE_DIM, device=procs.device) for _ in range(2))
     codebook_size = tokenizer.config.quantizer.codebook_size
     counts = torch.zeros(codebook_size, dtype=torch.float64, device=procs.device)
     # psnr, ssim, lpips sums, images, skipped: one tensor so a single reduction sums them all
@@ -155,8 +156,8 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
     if model is None:
         return ReconstructionResult(None, None, metrics, int(sums[3].item()))
     proto = protocol(model)
-    return ReconstructionResult(None if originals_known else originals.finalize(model.checksum, proto),
-                                reconstructions.finalize(model.checksum, proto), metrics, int(sums[3].item()))
+    return ReconstructionResult(None if originals_known else feature_stats(originals, model.checksum, proto),
+                                feature_stats(reconstructions, model.checksum, proto), metrics, int(sums[3].item()))
 
 
 def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model) -> torch.Tensor:
@@ -166,5 +167,5 @@ def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model) -> t
     if lpips_model is not None:
         with torch.inference_mode():
             lpips_sum = lpips_model(x.float() * 2 - 1, y.float() * 2 - 1).sum().item()
-    return torch.tensor([psnr(x, y).double().sum().item(), ssim(x, y).double().sum().item(), lpips_sum,
+    return torch.tensor([uint8_psnr(real, fake).double().sum().item(), ssim(x, y).double().sum().item(), lpips_sum,
                          float(len(real))], dtype=torch.float64, device=real.device)

@@ -13,6 +13,7 @@ import torch
 
 from common.errors import FormatError
 from common.files import write_atomic
+from common.moments import MomentAccumulator
 
 STATS_FORMAT = 1
 
@@ -32,35 +33,13 @@ class FeatureStats:
     protocol: dict = field(default_factory=dict)
 
 
-class StatsAccumulator:
-    """Running sum and sum of outer products in float64, so 50k images never sit in memory.
-
-    Raw moments in float64 lose ~2 of 16 digits to cancellation for pool3 features (non-negative,
-    O(1)), far below FID's noise; they also add across processes, which merging centred ones would not.
-    """
-
-    def __init__(self, dim: int = 2048, device="cpu"):
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-
-    def update(self, features: torch.Tensor) -> None:
-        x = features.detach().to(self.sum.device, torch.float64)
-        self.sum += x.sum(0)
-        self.outer += x.T @ x
-        self.count += x.shape[0]
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors to sum across processes."""
-        return [self.sum, self.outer, self.count]
-
-    def finalize(self, checksum: str | None = None, protocol: dict | None = None) -> FeatureStats:
-        n = int(self.count.item())
-        if n < 2:
-            raise StatsError(f"need at least 2 images for a covariance, got {n}")
-        mean = self.sum / n
-        cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
-        return FeatureStats(mean.cpu().numpy(), cov.cpu().numpy(), n, checksum, dict(protocol or {}))
+def feature_stats(moments: MomentAccumulator, checksum: str | None = None, protocol: dict | None = None) -> FeatureStats:
+    """The mean and covariance of streamed Inception features (``common.moments.MomentAccumulator``)."""
+    n = moments.rows
+    if n < 2:
+        raise StatsError(f"need at least 2 images for a covariance, got {n}")
+    return FeatureStats(moments.mean().cpu().numpy(), moments.covariance().cpu().numpy(), n, checksum,
+                        dict(protocol or {}))
 
 
 def save_stats(stats: FeatureStats, path: str | Path) -> None:

@@ -33,9 +33,11 @@ PROTOCOL = {
     "tensors in [-1, 1] are first rounded to uint8: round((x + 1) * 127.5)",
 }
 
+FEATURE_DIM = 2048  # pool3 features of the FID Inception network
+
 
 class InceptionOutput(NamedTuple):
-    features: torch.Tensor  # (N, 2048) pool3
+    features: torch.Tensor  # (N, FEATURE_DIM) pool3
     logits: torch.Tensor | None  # (N, 1008) when the weights have the classifier, else None
 
 

@@ -21,6 +21,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_MAX_DB / 10)))).float()
 
 
+def uint8_psnr(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of uint8 (N, 3, H, W) images: the protocol of published tables, on the pixels an
+    image file holds. Training's evaluation and ``python -m eval rfid`` both report this one."""
+    return psnr(real.double() / 255, fake.double() / 255)
+
+
 def _gaussian_window(channels: int, device) -> torch.Tensor:
     coords = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - (SSIM_WINDOW - 1) / 2
     g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))

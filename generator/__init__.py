@@ -5,7 +5,6 @@ from .code_shards import (
     CodeDataset,
     CodeShardWriter,
     CodesManifest,
-    check_fingerprint,
     load_manifest,
 )
 from .errors import CodeRangeError, FingerprintMismatchError
@@ -22,7 +21,6 @@ __all__ = [
     "PriorConfig",
     "PriorOutput",
     "TOKENIZER_RECORD",
-    "check_fingerprint",
     "load_manifest",
     "sample",
 ]

@@ -17,7 +17,7 @@ from common.errors import ConfigError, FormatError, MissingFileError
 from common.files import read_versioned, write_atomic, write_json_atomic
 from common.typed_config import build_config
 
-from .errors import CodeRangeError, check_fingerprints
+from .errors import CodeRangeError, check_fingerprint
 
 FORMAT_VERSION = 1
 VERSION_KEY = "format_version"
@@ -69,6 +69,11 @@ class CodesManifest:
     def num_shards(self) -> int:
         return -(-self.num_items // self.shard_size)
 
+    def check_tokenizer(self, fingerprint: str) -> None:
+        """Raise FingerprintMismatchError naming both fingerprints if the codes are another tokenizer's."""
+        check_fingerprint(self.tokenizer_fingerprint, fingerprint, f"the {self.split!r} codes",
+                          expected_from="the expected tokenizer")
+
     def shard_items(self, index: int) -> range:
         """The dataset indices a shard holds (the same plan on every process and every run)."""
         if not 0 <= index < self.num_shards:
@@ -93,12 +98,6 @@ def load_manifest(root: str | os.PathLike, split: str) -> CodesManifest:
         raise FormatError(f"{path}: {error}") from error
 
 
-def check_fingerprint(manifest: CodesManifest, expected: str) -> None:
-    """Raise FingerprintMismatchError naming both fingerprints if the codes are another tokenizer's."""
-    check_fingerprints(manifest.tokenizer_fingerprint, expected,
-                       f"the {manifest.split!r} codes", expected_from="the expected tokenizer")
-
-
 class CodeShardWriter:
     """Writes one split's shards; finished shards are detected and kept, so extraction resumes.
 
@@ -118,7 +117,7 @@ class CodeShardWriter:
         self.folder = split_folder(root, manifest.split)
         self.folder.mkdir(parents=True, exist_ok=True)
         if (self.folder / MANIFEST_NAME).is_file():
-            check_fingerprint(load_manifest(root, manifest.split), manifest.tokenizer_fingerprint)
+            load_manifest(root, manifest.split).check_tokenizer(manifest.tokenizer_fingerprint)
 
     def _metadata(self, index: int) -> dict[str, str]:
         m = self.manifest
@@ -197,7 +196,7 @@ class CodeDataset(Dataset):
     def __init__(self, root: str | os.PathLike, split: str, expected_fingerprint: str | None = None):
         self.manifest = m = load_manifest(root, split)
         if expected_fingerprint is not None:
-            check_fingerprint(m, expected_fingerprint)
+            m.check_tokenizer(expected_fingerprint)
         folder = split_folder(root, split)
         codes, labels = [], []
         for index, name in enumerate(m.shards):
@@ -217,7 +216,7 @@ class CodeDataset(Dataset):
         if not path.is_file():
             raise MissingFileError(f"code shard {path} listed in the manifest is missing")
         with safe_open(str(path), framework="np") as f:
-            check_fingerprints(f.metadata().get("tokenizer_fingerprint"), m.tokenizer_fingerprint,
+            check_fingerprint(f.metadata().get("tokenizer_fingerprint"), m.tokenizer_fingerprint,
                                f"shard {path}", expected_from="its manifest")
         return load_file(str(path))
 

@@ -11,7 +11,7 @@ class FingerprintMismatchError(UserError, ValueError):
     """Codes or a prior that belong to a different tokenizer than the one in use."""
 
 
-def check_fingerprints(
+def check_fingerprint(
     found: str | None, expected: str | None, what: str, expected_from: str = "the tokenizer in use"
 ) -> None:
     """Raise FingerprintMismatchError naming both fingerprints when they differ.

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from common.pretrained import PretrainedMixin
 
-from .errors import CodeRangeError, check_fingerprints
+from .errors import CodeRangeError, check_fingerprint
 from .positions import POSITION_EMBEDDINGS, GridRotaryEmbedding, add_output_dropout
 
 
@@ -204,4 +204,4 @@ class ARPrior(PretrainedMixin, nn.Module):
 
     def check_tokenizer(self, fingerprint: str | None) -> None:
         """Raise FingerprintMismatchError if this prior was trained for another tokenizer."""
-        check_fingerprints(self.config.tokenizer_fingerprint, fingerprint, "this prior")
+        check_fingerprint(self.config.tokenizer_fingerprint, fingerprint, "this prior")

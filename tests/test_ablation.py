@@ -31,7 +31,7 @@ def test_variants_differ_only_in_discretization():
     rest, decided = [], []
     for v in variants:
         argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o", *v.overrides(1024)]
-        config = config_to_dict(parse_config(make_parser("t"), train_tokenizer.TokenizerRun, "tokenizer", argv)[0])
+        config = config_to_dict(parse_config(make_parser("t"), train_tokenizer.TrainTokenizerConfig, "tokenizer", argv)[0])
         quantizer = config["tokenizer"]["model"]["quantizer"]
         decided.append((quantizer.pop("schedule"), quantizer.pop("kmeans_init"),
                         quantizer.pop("l2_normalize"), quantizer.pop("mechanism"),

@@ -13,12 +13,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from common.errors import FormatError
+from common.moments import MomentAccumulator
 from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
     FeatureStats,
     InceptionScoreAccumulator,
-    StatsAccumulator,
     StatsError,
+    feature_stats,
     fid_from_stats,
     frechet_distance,
     load_stats,
@@ -94,9 +95,9 @@ def test_frechet_distance_matches_direct_scipy_on_random_features(method):
 @pytest.mark.parametrize("method", ["eigh", "sqrtm"])
 def test_fid_of_a_set_with_itself_is_zero_even_with_singular_covariance(method):
     features = np.random.default_rng(7).random((20, 64))  # 20 images < 64 dims: rank-deficient
-    accumulator = StatsAccumulator(dim=64)
+    accumulator = MomentAccumulator(64)
     accumulator.update(torch.from_numpy(features))
-    stats = accumulator.finalize("x" * 64)
+    stats = feature_stats(accumulator, "x" * 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sqrtm warns about the singular product
         assert fid_from_stats(stats, stats, method=method) == pytest.approx(0.0, abs=1e-4)
@@ -105,10 +106,10 @@ def test_fid_of_a_set_with_itself_is_zero_even_with_singular_covariance(method):
 def test_streamed_statistics_equal_numpy_mean_and_cov():
     rng = np.random.default_rng(1)
     features = rng.random((103, 16)).astype(np.float32) * 3
-    accumulator = StatsAccumulator(dim=16)
+    accumulator = MomentAccumulator(16)
     for start in range(0, 103, 25):  # uneven last batch
         accumulator.update(torch.from_numpy(features[start:start + 25]))
-    stats = accumulator.finalize("abc")
+    stats = feature_stats(accumulator, "abc")
     assert stats.count == 103
     np.testing.assert_allclose(stats.mean, features.astype(np.float64).mean(0), rtol=1e-12)
     np.testing.assert_allclose(stats.cov, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
@@ -345,7 +346,7 @@ def test_ranks_together_count_each_image_once(tmp_path, model):
     images = np.random.default_rng(6).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images)
     source = NpzSource(tmp_path / "s.npz")
-    single = StatsAccumulator()
+    single = MomentAccumulator(2048)
     single.update(extract(model, torch.from_numpy(images).permute(0, 3, 1, 2)).features)
     ranks = [_RecordingProcesses(rank, 2) for rank in range(2)]
     for procs in ranks:
@@ -353,10 +354,10 @@ def test_ranks_together_count_each_image_once(tmp_path, model):
             source_stats(source, EvalSetup(model, procs, batch_size=2))
         except ValueError:  # a lone rank may hold < 2 images: finalize refuses, the sums are kept
             pass
-    summed = [sum(p.tensors[i] for p in ranks) for i in range(3)]
-    assert summed[2].item() == 5
-    torch.testing.assert_close(summed[0], single.sum, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(summed[1], single.outer, rtol=1e-5, atol=1e-4)
+    count, total, outer = (sum(p.tensors[i] for p in ranks) for i in range(3))  # MomentAccumulator order
+    assert count.item() == 5
+    torch.testing.assert_close(total, single.sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outer, single.outer, rtol=1e-5, atol=1e-4)
 
 
 def test_cli_stats_then_fid_against_an_adm_reference(tmp_path, folders, folder_stats, fid_ab, capsys):

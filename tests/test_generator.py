@@ -17,7 +17,6 @@ from generator import (
     CodesManifest,
     FingerprintMismatchError,
     PriorConfig,
-    check_fingerprint,
     load_manifest,
 )
 from generator.code_shards import shard_name
@@ -278,7 +277,7 @@ def test_fingerprint_mismatch_names_both(tmp_path):
     with pytest.raises(FingerprintMismatchError, match="tok-A.*tok-B"):
         CodeDataset(tmp_path, "train", expected_fingerprint="tok-B")
     with pytest.raises(FingerprintMismatchError, match="tok-A.*tok-B"):
-        check_fingerprint(load_manifest(tmp_path, "train"), "tok-B")
+        load_manifest(tmp_path, "train").check_tokenizer("tok-B")
     with pytest.raises(FingerprintMismatchError):  # a folder of another tokenizer is not reused
         CodeShardWriter(tmp_path, make_manifest(tokenizer_fingerprint="tok-B"))
 

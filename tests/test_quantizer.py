@@ -296,7 +296,8 @@ def test_kmeans_init_identical_on_two_processes(tmp_path):
 
 
 def test_participation_ratio_of_a_known_spectrum():
-    from tokenizer.codebook_stats import MomentAccumulator, participation_ratio
+    from common.moments import MomentAccumulator
+    from tokenizer.codebook_stats import participation_ratio
 
     # eigenvalues 4, 1, 1, 0 in a rotated basis: (4 + 1 + 1)^2 / (16 + 1 + 1) = 2
     rotation, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))

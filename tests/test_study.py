@@ -21,7 +21,7 @@ from training.config import make_parser, parse_config
 def quantizer_of(name: str, codebook_size: int = 1024) -> dict:
     argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o",
             *VARIANTS[name].overrides(codebook_size)]
-    config = parse_config(make_parser("t"), train_tokenizer.TokenizerRun, "tokenizer", argv)[0]
+    config = parse_config(make_parser("t"), train_tokenizer.TrainTokenizerConfig, "tokenizer", argv)[0]
     return config_to_dict(config)["tokenizer"]["model"]["quantizer"]
 
 

@@ -139,8 +139,8 @@ PRESETS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
 def test_every_preset_builds_models_whose_stages_fit(name):
     """Each preset builds the scripts' typed configs and its models; the prior fits the codes."""
     mapping = load_preset(name)
-    tokenizer_run = build_config(train_tokenizer.TokenizerRun, {k: mapping[k] for k in ("data", "tokenizer")})
-    prior_run = build_config(train_prior.PriorRun, {"prior": mapping["prior"]})
+    tokenizer_run = build_config(train_tokenizer.TrainTokenizerConfig, {k: mapping[k] for k in ("data", "tokenizer")})
+    prior_run = build_config(train_prior.TrainPriorConfig, {"prior": mapping["prior"]})
     tok_config = tokenizer_run.tokenizer.model
     assert tok_config.resolution == tokenizer_run.data.resolution
     tok = ProVQTokenizer(tok_config)

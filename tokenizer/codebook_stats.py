@@ -23,27 +23,3 @@ def participation_ratio(covariance: torch.Tensor) -> float:
     eigenvalues = torch.linalg.eigvalsh(covariance.double()).clamp_min(0)
     total = eigenvalues.sum()
     return float(total**2 / eigenvalues.pow(2).sum()) if total > 0 else 0.0
-
-
-class MomentAccumulator:
-    """Count, sum and sum of outer products of rows (N, D), float64: add over batches and processes,
-    then the covariance."""
-
-    def __init__(self, dim: int, device="cpu"):
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-
-    def update(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().reshape(-1, rows.shape[-1]).double()
-        self.count += rows.shape[0]
-        self.sum += rows.sum(0)
-        self.outer += rows.T @ rows
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.count, self.sum, self.outer]
-
-    def covariance(self) -> torch.Tensor:
-        n = self.count.clamp_min(2)
-        mean = self.sum / n
-        return (self.outer - n * torch.outer(mean, mean)) / (n - 1)

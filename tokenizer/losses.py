@@ -94,14 +94,14 @@ def gan_active(step: int, disc_start: int) -> bool:
 
 
 def adaptive_gan_weight(
-    nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+    pixel_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
     max_weight: float = 1e4, eps: float = 1e-4,
 ) -> torch.Tensor:
-    """VQGAN (Esser et al. 2021) weight ||grad nll|| / (||grad g|| + eps) at the decoder's last layer.
+    """VQGAN (Esser et al. 2021) weight ||grad pixel_loss|| / (||grad g_loss|| + eps) at the decoder's last layer.
 
     Detached and clamped to [0, max_weight]; both losses must still have their graphs.
     """
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    pixel_grad = torch.autograd.grad(pixel_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grad.float().norm() / (g_grad.float().norm() + eps)
+    weight = pixel_grad.float().norm() / (g_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()

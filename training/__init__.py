@@ -7,7 +7,7 @@
     metrics_log.py      metrics.jsonl and the trackers
     checkpoint.py       atomic checkpoints, resume
     export.py           EMA and the exported weights
-    loop.py             the one training loop: Run, Stage, train_loop
+    loop.py             the loop's mechanics: TrainingRun.steps, OptimizerStep.micro_batches
 """
 
 from common.errors import ConfigError
@@ -21,14 +21,12 @@ from training.checkpoint import CheckpointManager, NonPersistentBuffers
 from training.config import TrainConfig, load_preset, make_parser, parse_config, preset_section
 from training.export import build_ema
 from training.loop import (
-    Periodic,
-    Run,
-    Stage,
+    OptimizerStep,
     StepContext,
+    TrainingRun,
     TrainParts,
     finish_run,
     start_run,
-    train_loop,
 )
 from training.metrics_log import StepTerms
 from training.optimization import DivergenceError, check_finite, make_optimizer, optimizer_step
@@ -38,13 +36,12 @@ __all__ = [
     "ConfigError",
     "DivergenceError",
     "NonPersistentBuffers",
-    "Periodic",
-    "Run",
-    "Stage",
+    "OptimizerStep",
     "StepContext",
     "StepTerms",
     "TrainConfig",
     "TrainParts",
+    "TrainingRun",
     "build_ema",
     "check_finite",
     "configure_threads",
@@ -59,5 +56,4 @@ __all__ = [
     "process_state",
     "optimizer_step",
     "start_run",
-    "train_loop",
 ]
