@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt venv test demo ablation lint clean
+.PHONY: setup apt venv test test-fast demo ablation study lint clean
 
 setup: apt $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# The edit loop: every room, without the end-to-end and subprocess tests (marked slow).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
 lint: setup
 	$(VENV)/bin/ruff check .
 
@@ -40,6 +44,9 @@ demo: setup
 
 ablation: setup
 	$(PY) -m ablation --output_dir runs/ablation
+
+study: setup
+	$(PY) -m ablation --study --output_dir runs/study
 
 clean:
 	rm -rf $(VENV) runs

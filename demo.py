@@ -9,7 +9,6 @@ their last checkpoint, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import CommandParser, run_command
 from data.pixels import from_hwc, save_image_grid, to_float
 from pipeline import commands
 from pipeline.report import markdown_table, plot_panels, read_jsonl, series
@@ -110,7 +110,7 @@ def write_report(args, timings: dict) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/emoji32.yaml")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--num_samples", type=int, default=500)
@@ -133,4 +133,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("demo.py", main)

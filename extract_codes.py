@@ -81,7 +81,7 @@ def extract_split(tok, config: ExtractCodesConfig, split: str, args, state) -> C
 
 
 def main(argv=None) -> None:
-    parser = make_parser(__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], training_run=False)
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or hub id)")
     parser.add_argument("--splits", default="train,test", help="comma-separated: train, test or split names")
     parser.add_argument("--flip_copies", action="store_true", help="also store codes of flipped images")

@@ -5,16 +5,16 @@
     accelerate launch sample.py ...        (each process samples its own batches)
 
 Writes one PNG per image, ``grid.png`` and ``samples.npz`` (uint8 NHWC ``arr_0``,
-the ADM evaluator's layout, plus ``labels`` and the sampled code grids ``codes``). Labels are class-balanced by
-default; batch b uses seed ``seed * 1_000_003 + b``, so the images do not
-depend on the number of processes.
+the ADM evaluator's layout, plus ``labels`` and the sampled code grids ``codes``).
+Labels are class-balanced by default; batch b uses seed ``seed * 1_000_003 + b``,
+so the images depend on neither the number of processes nor a ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +24,11 @@ from tqdm.auto import tqdm
 
 from common.cli import run_command
 from common.errors import ConfigError
-from common.typed_config import build_config
 from data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
 from generator import ARPrior
 from generator.sampling import SamplingConfig, sample
 from tokenizer import ProVQTokenizer
-from training import configure_threads, process_state
-from training.config import load_yaml
+from training import configure_threads, make_parser, parse_config, process_state
 
 logger = logging.getLogger("sample")
 # The command's defaults (CFG on, as LlamaGen samples); the preset's `sample:` section and the
@@ -85,24 +83,30 @@ def unguided_if_unlabelled(args, num_classes: int) -> SamplingConfig:
     return replace(args.sampling, cfg_scale=1.0)
 
 
+@dataclass
+class SampleCommandConfig:
+    """What sample.py reads: the preset's ``sample:`` section (over DEFAULTS), and its flags."""
+
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(**DEFAULTS))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags; ``args.sampling`` is the SamplingConfig of flags over the preset's ``sample:``
     section over the defaults, checked before anything is loaded or written."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__.splitlines()[0], training_run=False, config_required=False)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--prior", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--config", default=None, help="preset whose `sample:` section gives defaults")
     parser.add_argument("--num_images", type=int, default=64)
     parser.add_argument("--labels", default=None, help="comma-separated class ids (default: balanced)")
     parser.add_argument("--batch_size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the batches a previous run of the same command wrote (same seeds: the same images)")
     for name, value in DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value}")
-    args = parser.parse_args(argv)
-    section = load_yaml(args.config).get("sample", {}) if args.config else {}
-    flags = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name) is not None}
-    args.sampling = build_config(SamplingConfig, {**DEFAULTS, **section, **flags}, prefix="sample.")
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"sample.{name}, default {value}")
+    config, args = parse_config(parser, SampleCommandConfig, None, argv, defaults={"sample": DEFAULTS},
+                                shortcuts={name: f"sample.{name}" for name in DEFAULTS})
+    args.sampling = config.sample
     if args.num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {args.num_images}")
     if args.batch_size < 1:
@@ -124,11 +128,14 @@ def main(argv=None) -> Path:
     mine = starts[state.process_index::state.num_processes]
     for b, start in tqdm([(starts.index(s), s) for s in mine], desc="sampling",
                          disable=not state.is_main_process):
+        codes_file = out / "images" / f"codes_{start:06d}.npy"  # written last: the batch is complete
+        if args.resume and codes_file.is_file():
+            continue
         chunk = labels[start:start + args.batch_size]
         codes = sample(prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
         for i, image in enumerate(to_hwc(to_uint8(tok.decode(codes)))):
             Image.fromarray(image).save(out / "images" / f"{start + i:06d}.png")
-        np.save(out / "images" / f"codes_{start:06d}.npy", codes.cpu().numpy().astype(np.int32))
+        np.save(codes_file, codes.cpu().numpy().astype(np.int32))
     state.wait_for_everyone()
     if state.is_main_process:
         write_collection(out, labels, starts)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ablation.report import strongest, write_report, write_sweep_report
 from ablation.variants import DEFAULT, QUICK, SWEEP, Variant, select
-from common.cli import run_command
+from common.cli import CommandParser, run_command
 from common.errors import ConfigError
 from common.files import write_json_atomic
 from pipeline import commands
@@ -240,7 +240,8 @@ def run_study(args, started: float) -> Path:
     out = Path(args.output_dir or "runs/study")
     shard, shards = parse_shard(args.shard)
     base = setting_of(args)
-    plan = StudyPlan(seeds=base.seeds, resolutions=(args.resolution, 2 * args.resolution),
+    resolutions = (args.resolution, 2 * args.resolution) if args.study_high_resolution else (args.resolution,)
+    plan = StudyPlan(seeds=base.seeds, resolutions=resolutions,
                      generation_at_high=args.study_high_generation, shard=shard, shards=shards)
     setting = replace(base, train_pixels=False)  # traded for time: test-split metrics only
     study = Study(args, setting, plan, out)
@@ -268,8 +269,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return shard, shards
 
 
+def _yes_no(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ablation", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m ablation", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/emoji32.yaml")
     parser.add_argument("--dataset", default="emoji", help="emoji, a hub dataset name or a folder")
     parser.add_argument("--resolution", type=int, default=32)
@@ -290,8 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study", action="store_true",
                         help="the study: every family's hard, switch and ramp variants, generation, 64 px "
                              "(ablation/study.py); report in <output_dir>/study_report.md")
+    parser.add_argument("--study_high_resolution", type=_yes_no, default=True, metavar="true|false",
+                        help="with --study: the pairs at twice --resolution too (default true)")
     parser.add_argument("--study_high_generation", action="store_true",
-                        help="with --study: priors and gFID at 64 px too")
+                        help="with --study: priors and gFID at twice --resolution too")
     parser.add_argument("--shard", default="0/1",
                         help="with --study: run share i of n (i/n) of each phase; the shards wait for each other")
     parser.add_argument("--subprocess", action="store_true",

@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
 
 from bench.results_io import write_result  # noqa: E402
-from eval.compute import extract  # noqa: E402
 from common.moments import MomentAccumulator  # noqa: E402
+from eval.compute import extract  # noqa: E402
 from eval.fid import feature_stats, fid_from_stats  # noqa: E402
 from eval.inception import load_inception, protocol  # noqa: E402
 

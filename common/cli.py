@@ -11,15 +11,24 @@ user error when PROVQ_DEBUG=1.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from common.errors import UserError
+from common.errors import ConfigError, UserError
 
 T = TypeVar("T")
 DEBUG_VARIABLE = "PROVQ_DEBUG"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose mistakes (a missing, unknown or malformed flag) are ``ConfigError``s, so they end
+    like every other user error: one line and exit status 2 under ``run_command``."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def user_error_line(command: str, error: BaseException) -> str:

@@ -10,6 +10,8 @@ import sys
 
 from tqdm import tqdm
 
+from common.cli import CommandParser
+
 from .config import DataConfig
 from .dataset import resolve_source
 from .images import open_rgb
@@ -79,7 +81,7 @@ def _optional(text: str) -> str | None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
+    parser = CommandParser(prog="python -m data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     describe_parser = commands.add_parser("describe", help="print one JSON summary of a dataset")
     for field in dataclasses.fields(DataConfig):

@@ -1,4 +1,4 @@
-"""Image decoding to RGB (any mode, alpha on white), resizing, and the deterministic flip."""
+"""Image files: finding them in folders, decoding to RGB (any mode, alpha on white), resizing, and the deterministic flip."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +20,16 @@ IMAGE_EXTENSIONS = {
 }
 TEST_FRACTION = 0.1  # share of the items in_test_split puts in the held-out split
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def image_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """The image files in a folder (and its sub-folders when ``recursive``), sorted: the one scanner
+    of image folders, for datasets and for evaluation inputs."""
+    return sorted(filter(is_image_file, folder.rglob("*") if recursive else folder.iterdir()))
 
 
 def _refuse_truncated_images() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from common.errors import UserError
 
 from .config import DataConfig
-from .images import IMAGE_EXTENSIONS, in_test_split
+from .images import image_files, in_test_split, is_image_file
 
 SPLIT_FOLDERS = ("train", "val", "validation", "test")
 
@@ -162,18 +162,10 @@ def unknown_dataset_message(name: str, reason: object = None) -> str:
             "(needs network access, or a local hub cache with HF_HUB_OFFLINE=1)")
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
-def _images_in(folder: Path, recursive: bool) -> list[Path]:
-    return sorted(filter(_is_image, folder.rglob("*") if recursive else folder.iterdir()))
-
-
 def _class_folders(folder: Path) -> list[Path]:
     """Non-hidden sub-folders holding at least one image (stops at the first found)."""
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [p for p in subfolders if any(map(_is_image, p.rglob("*")))]
+    return [p for p in subfolders if any(map(is_image_file, p.rglob("*")))]
 
 
 def list_folder(folder: Path, class_names: list[str] | None = None):
@@ -182,18 +174,18 @@ def list_folder(folder: Path, class_names: list[str] | None = None):
     (a val/ folder reuses train/'s classes)."""
     classes = _class_folders(folder)
     if not classes:
-        return _images_in(folder, recursive=False), None, class_names or []
+        return image_files(folder, recursive=False), None, class_names or []
     if class_names is None:
         class_names = [c.name for c in classes]
     unknown = sorted({c.name for c in classes} - set(class_names))
     if unknown:
         raise DatasetError(f"{folder} has class folders not in the train split: {unknown[:5]}")
-    loose = _images_in(folder, recursive=False)
+    loose = image_files(folder, recursive=False)
     if loose:
         logging.warning("%s: %d images beside the class folders are ignored", folder, len(loose))
     files, labels = [], []
     for class_folder in classes:
-        images = _images_in(class_folder, recursive=True)
+        images = image_files(class_folder, recursive=True)
         files += images
         labels += [class_names.index(class_folder.name)] * len(images)
     return files, labels, class_names

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import run_command
+from common.cli import CommandParser, run_command
 from common.errors import ConfigError
 from eval import stats_cache
 from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
@@ -39,7 +39,7 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "also write the JSO
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m eval", description=__doc__,
         epilog="Several processes: `accelerate launch --multi_gpu --num_processes N -m eval ...` (CPU-only "
                "machines too: `accelerate launch --cpu` starts one process) or `torchrun --nproc_per_node N "

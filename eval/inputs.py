@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.errors import FormatError, MissingFileError
 from data import DataConfig, DatasetError, load_split
-from data.images import IMAGE_EXTENSIONS, open_rgb
+from data.images import IMAGE_EXTENSIONS, image_files, open_rgb
 from data.pixels import from_hwc, to_uint8
 
 
@@ -88,7 +88,7 @@ class FolderSource(_MapSource):
         folder = Path(folder)
         if not folder.is_dir():
             raise MissingFileError(f"not a folder of images: {folder}")
-        candidates = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        candidates = image_files(folder, recursive=True)
         self.paths, self.unreadable, sizes = [], [], {}
         for path in candidates:
             try:

@@ -3,6 +3,7 @@ traceback, nothing half-written. A bug keeps its traceback; PROVQ_DEBUG=1 shows 
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import re
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from training_helpers import REPO, subprocess_env, tiny_tokenizer_argv
+from training_helpers import REPO, run_in_process, subprocess_env, tiny_tokenizer_argv
 
 from generator import ARPrior, PriorConfig
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
@@ -54,24 +55,32 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def sample_argv(models, out, *extra):
-    return ["sample.py", "--tokenizer", str(models["tok"]), "--prior", str(models["prior"]),
+    return ["--tokenizer", str(models["tok"]), "--prior", str(models["prior"]),
             "--output_dir", str(out), "--num_images", "2", *extra]
 
 
 def extract_argv(tokenizer, files, out):
-    return ["extract_codes.py", "--config", EMOJI32, "--tokenizer", str(tokenizer), "--output_dir", str(out),
+    return ["--config", EMOJI32, "--tokenizer", str(tokenizer), "--output_dir", str(out),
             "--data.dataset", str(files["images"]), "--data.resolution", "16"]
 
 
+# command -> (module with main(argv), how a process starts it)
+ENTRY_POINTS = {
+    "train_tokenizer.py": ("train_tokenizer", ["train_tokenizer.py"]),
+    "extract_codes.py": ("extract_codes", ["extract_codes.py"]),
+    "sample.py": ("sample", ["sample.py"]),
+    "python -m eval": ("eval.__main__", ["-m", "eval"]),
+}
+# name -> (arguments, command, the message its one line must say)
 CASES = {
-    "section typo": (lambda m, f, out: ["train_tokenizer.py", *tiny_tokenizer_argv(f["images"], out, 2),
-                                        "--no_such.field", "3"],
+    "section typo": (lambda m, f, out: [*tiny_tokenizer_argv(f["images"], out, 2), "--no_such.field", "3"],
                      "train_tokenizer.py", "--no_such.field: this command reads no section 'no_such'"),
-    "unknown field": (lambda m, f, out: ["train_tokenizer.py", *tiny_tokenizer_argv(f["images"], out, 2),
-                                         "--tokenizer.model.nope", "1"],
+    "unknown field": (lambda m, f, out: [*tiny_tokenizer_argv(f["images"], out, 2), "--tokenizer.model.nope", "1"],
                       "train_tokenizer.py", "unknown config field 'tokenizer.model.nope'"),
-    "empty folder": (lambda m, f, out: ["train_tokenizer.py", *tiny_tokenizer_argv(f["empty"], out, 2)],
+    "empty folder": (lambda m, f, out: tiny_tokenizer_argv(f["empty"], out, 2),
                      "train_tokenizer.py", "has no images"),
+    "unknown flag": (lambda m, f, out: [*extract_argv(m["tok"], f, out), "--max_steps", "3"],
+                     "extract_codes.py", "unrecognized argument: --max_steps"),
     "truncated weights": (lambda m, f, out: extract_argv(m["truncated"], f, out),
                           "extract_codes.py", "not a complete safetensors file"),
     "pickle as safetensors": (lambda m, f, out: extract_argv(m["pickled"], f, out),
@@ -82,10 +91,12 @@ CASES = {
                 "sample.py", r"top_p must be in \(0, 1\], got 0.0"),
     "negative cfg": (lambda m, f, out: sample_argv(m, out, "--cfg_scale", "-1"),
                      "sample.py", "cfg_scale must be >= 0, got -1.0"),
-    "npz without arr_0": (lambda m, f, out: ["-m", "eval", "gfid", "--samples", str(f["no_arr_0"]),
-                                             "--ref", str(f["no_arr_0"]), "--out", str(out / "gfid.json")],
+    "npz without arr_0": (lambda m, f, out: ["gfid", "--samples", str(f["no_arr_0"]), "--ref", str(f["no_arr_0"]),
+                                             "--out", str(out / "gfid.json")],
                           "python -m eval", "has no 'arr_0'"),
 }
+# One real process per entry point; the other cases run in this process (the same run_command path).
+IN_A_PROCESS = {"section typo", "truncated weights", "label out of range", "npz without arr_0"}
 
 
 def run(argv: list[str], **env) -> subprocess.CompletedProcess:
@@ -93,24 +104,47 @@ def run(argv: list[str], **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_a_user_error_is_one_line_and_exit_status_2(case, models, files, tmp_path):
-    build, command, message = CASES[case]
-    out = tmp_path / "out"
-    done = run(build(models, files, out))
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+def run_here(command: str, argv: list[str], capsys) -> tuple[int, str]:
+    """run_command(command, main, argv) in this process: (exit status, what it printed on stderr)."""
+    from common.cli import run_command
+
+    main = importlib.import_module(ENTRY_POINTS[command][0]).main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(lambda args: run_command(command, main, args), argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def check_one_line(code: int, stderr: str, command: str, message: str, out: Path) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in lines if line.startswith(f"{command}: error: ")]
     assert len(errors) == 1, lines
     assert re.search(message, errors[0]), errors[0]
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))  # nothing half-written
 
 
+@pytest.mark.parametrize("case", sorted(set(CASES) - IN_A_PROCESS))
+def test_a_user_error_is_one_line_and_exit_status_2(case, models, files, tmp_path, capsys):
+    build, command, message = CASES[case]
+    out = tmp_path / "out"
+    code, stderr = run_here(command, build(models, files, out), capsys)
+    check_one_line(code, stderr, command, message, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(IN_A_PROCESS))
+def test_a_user_error_of_a_real_process_is_one_line_and_exit_status_2(case, models, files, tmp_path):
+    build, command, message = CASES[case]
+    out = tmp_path / "out"
+    done = run([*ENTRY_POINTS[command][1], *build(models, files, out)])
+    check_one_line(done.returncode, done.stderr, command, message, out)
+
+
 @pytest.mark.slow
 def test_provq_debug_shows_the_traceback_of_a_user_error(models, tmp_path):
-    done = run(sample_argv(models, tmp_path / "out", "--top_p", "0"), PROVQ_DEBUG="1")
+    done = run(["sample.py", *sample_argv(models, tmp_path / "out", "--top_p", "0")], PROVQ_DEBUG="1")
     assert done.returncode == 1 and "Traceback" in done.stderr and "top_p must be in" in done.stderr
 
 

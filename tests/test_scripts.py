@@ -226,3 +226,40 @@ def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
         run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "guided", "--cfg_scale", "2"))
     with pytest.raises(ConfigError, match="unlabelled"):
         run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "labelled", "--labels", "0"))
+
+
+def test_each_command_takes_only_the_flags_it_uses(tokenizer, prior, image_folder, tmp_path):
+    from common.errors import ConfigError
+
+    for flag in ("--max_steps", "--seed", "--resume"):  # extraction resumes by itself, shard by shard
+        with pytest.raises(ConfigError, match=f"unrecognized argument: {flag}"):
+            run_in_process(extract_codes.main, extract_argv(tokenizer[0], image_folder, tmp_path / "c", flag, "1"))
+    with pytest.raises(ConfigError, match="unrecognized argument: --max_steps"):
+        run_in_process(sample.main, sample_argv(tokenizer[0], prior, tmp_path / "s", "--max_steps", "3"))
+    with pytest.raises(ConfigError, match="the following arguments are required: --prior"):
+        run_in_process(sample.main, ["--tokenizer", str(tokenizer[0]), "--output_dir", str(tmp_path / "s")])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s").exists()
+
+
+def test_sample_resume_keeps_finished_batches_and_gives_the_same_set(samples, tokenizer, prior, tmp_path):
+    work = tmp_path / "samples"
+    shutil.copytree(samples[0], work)
+    (work / "samples.npz").unlink()
+    for name in ("000004.png", "000005.png", "codes_000004.npy"):  # the second batch, killed half-way
+        (work / "images" / name).unlink()
+    kept = (work / "images" / "000000.png").stat().st_mtime_ns
+    run_in_process(sample.main, sample_argv(tokenizer[0], prior, work, "--seed", "3", "--resume"))
+    assert (work / "images" / "000000.png").stat().st_mtime_ns == kept
+    first, resumed = (np.load(out / "samples.npz") for out in (samples[0], work))
+    for key in ("arr_0", "labels", "codes"):
+        assert np.array_equal(first[key], resumed[key]), key
+
+
+def test_sample_config_section_and_flags_override_the_defaults(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sample:\n  temperature: 0.5\n  top_k: 7\n")
+    base = ["--tokenizer", "t", "--prior", "p", "--output_dir", str(tmp_path / "o")]
+    assert sample.parse_args(base).sampling == sample.SamplingConfig(**sample.DEFAULTS)
+    args = sample.parse_args([*base, "--config", str(preset), "--top_k", "3", "--sample.top_p", "0.9"])
+    assert (args.sampling.cfg_scale, args.sampling.temperature, args.sampling.top_k, args.sampling.top_p) == (
+        2.0, 0.5, 3, 0.9)

@@ -92,3 +92,40 @@ def test_the_ema_takes_the_kmeans_codebook_when_the_init_replaces_it():
     train_tokenizer.sync_ema_codebook(ema, tok)
     assert torch.equal(shadow["quantizer.codebook.weight"], tok.quantizer.codebook.weight)
     assert torch.equal(shadow["encoder.conv_in.weight"], encoder_shadow)
+
+
+@pytest.mark.slow
+def test_training_and_eval_report_the_same_psnr(image_folder, tmp_path):
+    """One PSNR protocol (uint8 pixels): the training log's last evaluation over the whole test split
+    equals `python -m eval rfid --pixel_only` on the exported tokenizer and the same split."""
+    from eval.__main__ import main as eval_main
+
+    out = tmp_path / "run"
+    export = run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, out, 3, train__eval_batches=0))
+    logged = [r for r in logged_steps(out / "metrics.jsonl") if "eval/psnr" in r][-1]
+    result = run_in_process(eval_main, ["rfid", "--tokenizer", str(export), "--dataset", str(image_folder),
+                                        "--split", "test", "--pixel_only", "--lpips_net", "none"])
+    assert result["num_images"] > 0
+    assert logged["eval/psnr"] == pytest.approx(result["metrics"]["psnr"], rel=1e-12)
+    assert logged["eval/usage"] == pytest.approx(result["metrics"]["codebook_usage"], rel=1e-12)
+
+
+@pytest.mark.parametrize("kind, fields", [("fsq", {"levels": "[4,4,2]"}), ("lfq", {"bits": 5})])
+def test_each_family_trains_and_logs_the_same_statistics(image_folder, tmp_path, kind, fields):
+    out = tmp_path / "run"
+    extra = {f"quantizer__{k}": v for k, v in fields.items()}
+    export = run_in_process(train_tokenizer.main, tiny_tokenizer_argv(
+        image_folder, out, 4, quantizer__kind=kind, quantizer__codebook_size="null", quantizer__codebook_dim="null",
+        quantizer__l2_normalize="false", quantizer__kmeans_init="false", quantizer__schedule__warmup=1,
+        quantizer__schedule__transition=2, train__eval_every=4, **extra))
+    tok = ProVQTokenizer.from_pretrained(export)
+    assert tok.config.quantizer.kind == kind and tok.config.quantizer.codebook_size == 32
+    rows = logged_steps(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss/total" in r]
+    assert [r["quantizer/hardness"] for r in train_rows] == [0.0, 0.0, 0.5, 1.0]
+    for name in ("quantizer/usage", "quantizer/perplexity", "quantizer/dead_codes", "quantizer/quant_error",
+                 "loss/quantizer"):
+        assert all(name in r for r in train_rows), name
+    assert ("loss/entropy" in train_rows[-1]) == (kind == "lfq")
+    evaluated = [r for r in rows if "eval/dim_codes" in r][-1]
+    assert 0 < evaluated["eval/usage"] <= 1 and 1 <= evaluated["eval/dim_latents"] <= tok.quantizer.codebook_dim

@@ -14,13 +14,13 @@ and counted. Files are read with torch.load(weights_only=True) only: nothing is 
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from common.cli import CommandParser
 from common.errors import FormatError, MissingFileError
 
 from .model import ProVQTokenizer, TokenizerConfig
@@ -207,7 +207,7 @@ def _flag(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m tokenizer.convert", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m tokenizer.convert", description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES)
     parser.add_argument("checkpoint", help="LlamaGen .pt (model/ema) or taming .ckpt (state_dict)")
     parser.add_argument("--output_dir", required=True)

@@ -9,6 +9,7 @@ it reads; every field can be overridden by its dotted path, e.g.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from common.cli import CommandParser
 from common.errors import ConfigError
 from common.files import write_atomic
 from common.typed_config import build_config, config_to_dict
@@ -78,20 +80,23 @@ def _load(text):
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: plain data only
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every script takes; scripts add their own."""
-    parser = argparse.ArgumentParser(
+def make_parser(description: str, training_run: bool = True, config_required: bool = True) -> argparse.ArgumentParser:
+    """The one parser builder of the stage scripts: ``--config`` and ``--output_dir``, and for a
+    training run ``--max_steps --seed --resume``; scripts add their own flags."""
+    parser = CommandParser(
         description=description,
         epilog="Any config field can be overridden by its dotted path, e.g. "
         "--data.resolution 64.",
     )
-    parser.add_argument("--config", required=True, help="preset YAML file (configs/*.yaml)")
+    parser.add_argument("--config", required=config_required, default=None,
+                        help="preset YAML file (configs/*.yaml)")
     parser.add_argument("--output_dir", required=True, help="run folder")
-    parser.add_argument("--max_steps", type=int, default=None, help="override <stage>.train.max_steps")
-    parser.add_argument("--seed", type=int, default=None, help="override <stage>.train.seed")
-    parser.add_argument(
-        "--resume", default=None, help="'latest' or a checkpoint folder to continue from"
-    )
+    if training_run:
+        parser.add_argument("--max_steps", type=int, default=None, help="override <stage>.train.max_steps")
+        parser.add_argument("--seed", type=int, default=None, help="override <stage>.train.seed")
+        parser.add_argument(
+            "--resume", default=None, help="'latest' or a checkpoint folder to continue from"
+        )
     return parser
 
 
@@ -99,20 +104,26 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 SECTIONS = ("data", "tokenizer", "prior", "sample")
 
 
-def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | None, argv=None):
+def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | None, argv=None,
+                 shortcuts: dict[str, str] | None = None, defaults: dict | None = None):
     """Parse the command line into ``(config, args)``; ``config`` is a ``schema`` instance.
 
-    A preset section no stage reads, or an override of a section this script does not read,
-    is a ``ConfigError`` that names it: a typo never passes silently.
+    Dotted flags override fields of the preset, which overrides ``defaults``; ``shortcuts`` maps a
+    plain flag to the field it sets (a training ``stage``'s ``--max_steps`` and ``--seed`` are
+    ``<stage>.train.max_steps`` and ``<stage>.train.seed``). A preset section no stage reads, or an
+    override of a section this script does not read, is a ``ConfigError`` that names it: a typo
+    never passes silently.
     """
     args, rest = parser.parse_known_args(argv)
     overrides = _pairs(rest, parser)
+    shortcuts = dict(shortcuts or {})
     if stage is not None:
-        if args.max_steps is not None:
-            overrides[f"{stage}.train.max_steps"] = args.max_steps
-        if args.seed is not None:
-            overrides[f"{stage}.train.seed"] = args.seed
-    mapping = load_yaml(args.config)
+        shortcuts.update({"max_steps": f"{stage}.train.max_steps", "seed": f"{stage}.train.seed"})
+    for name, dotted in shortcuts.items():
+        if getattr(args, name, None) is not None:
+            overrides[dotted] = getattr(args, name)
+    # A deep copy: the overrides below write into the mapping, never into the caller's defaults.
+    mapping = copy.deepcopy(_merge(defaults or {}, load_yaml(args.config) if args.config else {}))
     wanted = {f.name for f in dataclasses.fields(schema)}
     known = sorted(wanted | set(SECTIONS))
     unknown = sorted(set(mapping) - set(known))
