@@ -22,6 +22,8 @@ METRICS = [
     ("dim_codes", "dim codes", True),  # of the codes in use
 ]
 GFID = ("fid", "gFID", False)
+SWEEP_METRICS = [("psnr", "PSNR (dB)", True), ("rfid", "rFID", False), ("codebook_usage", "usage", True),
+                 ("dim_latents", "dim z_e", True)]
 # Logged curves, per variant (mean over seeds): (key in metrics.jsonl, panel title)
 CURVES = [
     ("eval/usage", "codebook usage (test batches)"),
@@ -99,10 +101,15 @@ def mean_curve(logs: list[list[dict]], key: str) -> tuple[list, list]:
     return steps, [statistics.fmean(c[1][i] for c in curves if i < len(c[1])) for i in range(len(steps))]
 
 
+def curve_panels(folder_of, variants: list[Variant]) -> list[tuple[str, dict]]:
+    """Per logged curve, per variant, its (steps, mean over seeds) from the runs' metrics.jsonl."""
+    logs = {v.name: [read_jsonl(p) for p in folder_of(v)] for v in variants}
+    return [(title, {v.name: mean_curve(logs[v.name], key) for v in variants}) for key, title in CURVES]
+
+
 def curves_plot(folder_of, variants: list[Variant], path: Path) -> Path:
     """Per variant, the mean over seeds of each logged curve (hard VQ dashed, warm-up dotted)."""
-    logs = {v.name: [read_jsonl(p) for p in folder_of(v)] for v in variants}
-    panels = [(title, {v.name: mean_curve(logs[v.name], key) for v in variants}) for key, title in CURVES]
+    panels = curve_panels(folder_of, variants)
     styles = {v.name: {"linestyle": "--" if v.hard else ":" if not v.smooth else "-"} for v in variants}
     return plot_panels(panels, path, styles=styles)
 
@@ -143,24 +150,16 @@ def write_report(out: Path, variants: list[Variant], results: dict, generation: 
 def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
     """Per (codebook size, steps): best ProVQ minus best hard VQ, paired, for PSNR, rFID, usage and dim z_e."""
     out.mkdir(parents=True, exist_ok=True)
-    rows, panels = [], {}
-    for key, column, higher in (("psnr", "PSNR (dB)", True), ("rfid", "rFID", False),
-                                ("codebook_usage", "usage", True), ("dim_latents", "dim z_e", True)):
-        xs, means, lows, highs = [], [], [], []
+    rows = []
+    for key, column, higher in SWEEP_METRICS:
         for point in points:
             provq, hard, results = point["provq"], point["hard"], point["results"]
             difference = paired_difference(values(results[provq], key), values(results[hard], key))
-            label = point["label"]
-            rows.append({"point": label, "metric": column, "best ProVQ": provq, "best hard VQ": hard,
+            rows.append({"point": point["label"], "metric": column, "best ProVQ": provq, "best hard VQ": hard,
                          "ProVQ - hard": f"{difference.mean:+.4g}",
                          "95% interval": "" if difference.low is None else f"[{difference.low:+.3g}, {difference.high:+.3g}]",
                          "verdict": judgement((provq, hard), difference, higher) + "."})
-            xs.append(label)
-            means.append(difference.mean)
-            lows.append(difference.low)
-            highs.append(difference.high)
-        panels[column] = (xs, means, lows, highs)
-    interval_plot(panels, out / "sweep.png", "best ProVQ - best hard VQ")
+    interval_plot(sweep_panels(points), out / "sweep.png", "best ProVQ - best hard VQ")
     table_rows = [{"point": p["label"], **{v: _cell(values(p["results"][v], "psnr")) for v in p["results"]}}
                   for p in points]
     lines = ["# ProVQ scale sweep", "", f"{time_line(info)}", "",
@@ -173,6 +172,17 @@ def write_sweep_report(out: Path, points: list[dict], info: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def sweep_panels(points: list[dict]) -> dict:
+    """Per metric: (point labels, mean paired difference best ProVQ - best hard VQ, interval lows, highs)."""
+    panels = {}
+    for key, column, _ in SWEEP_METRICS:
+        differences = [paired_difference(values(p["results"][p["provq"]], key), values(p["results"][p["hard"]], key))
+                       for p in points]
+        panels[column] = ([p["label"] for p in points], [d.mean for d in differences],
+                          [d.low for d in differences], [d.high for d in differences])
+    return panels
 
 
 def interval_plot(panels: dict, path: Path, what: str) -> Path:

@@ -76,8 +76,9 @@ def summary_rows(families: dict, found: dict, resolution: int) -> list[dict]:
     return rows
 
 
-def plot_differences(families: dict, found: dict, path: Path) -> Path:
-    """Per plotted metric, every family's paired differences with their 95% intervals."""
+def difference_panels(families: dict, found: dict) -> dict:
+    """Per plotted metric: (comparison labels, mean paired differences, interval lows, highs) of every
+    family's four reconstruction questions at the first resolution."""
     low = min(found)
     panels = {}
     for key, column, _ in PLOTTED:
@@ -90,13 +91,13 @@ def plot_differences(families: dict, found: dict, path: Path) -> Path:
                 lows.append(d.low)
                 highs.append(d.high)
         panels[column] = (xs, means, lows, highs)
-    return interval_plot(panels, path, "paired difference")
+    return panels
 
 
 def write_study_report(out: Path, families: dict, found: dict, info: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     low, *higher = sorted(found)
-    plot = plot_differences(families, found, out / "study_differences.png")
+    plot = interval_plot(difference_panels(families, found), out / "study_differences.png", "paired difference")
     lines = ["# Where annealing pays: the study", "", info["description"], "", time_line(info), "",
              f"## {low} px: paired differences (95% t-intervals over {info['seeds']} seeds)", "",
              markdown_table(summary_rows(families, found, low), ["family", "comparison", "PSNR (dB)", "rFID", "usage"]),

@@ -11,7 +11,7 @@ from training_helpers import REPO
 
 import train_tokenizer
 from ablation import __main__ as ablation_main
-from ablation.report import strongest, write_report, write_sweep_report
+from ablation.report import curve_panels, strongest, sweep_panels, write_report, write_sweep_report
 from ablation.statistics import paired_difference, verdict_line
 from ablation.variants import DEFAULT, SWEEP, VARIANTS, select
 from common.errors import ConfigError
@@ -88,8 +88,9 @@ def test_report_has_table_paired_verdicts_time_and_a_plot(tmp_path):
         for seed in (0, 1):
             log = tmp_path / v.name / f"seed{seed}" / "tok" / "metrics.jsonl"
             log.parent.mkdir(parents=True)
-            log.write_text("".join(json.dumps({"step": s, "eval/usage": s / 100, "eval/dim_latents": 3.0,
-                                               "quantizer/ever_used": 0.5}) + "\n" for s in (10, 20)))
+            log.write_text("".join(json.dumps({"step": s, "eval/usage": s / 100 + seed / 10,
+                                               "eval/dim_latents": 3.0, "quantizer/ever_used": 0.5}) + "\n"
+                                   for s in (10, 20)))
     info = {"setting": {"seeds": 3, "tokenizer_steps": 20, "prior_steps": 5, "num_samples": 10,
                         "codebook_size": 1024},
             "dataset": "emoji", "config": "configs/emoji32.yaml", "gfid_reference": "train split",
@@ -102,7 +103,14 @@ def test_report_has_table_paired_verdicts_time_and_a_plot(tmp_path):
     assert "- PSNR (dB): cosine+kmeans+l2 - step+kmeans+l2 = +0.2, 95% interval [+0.2, +0.2]" in text
     assert "- gFID: cosine+kmeans+l2 - step+kmeans+l2 = -2 (one seed: no interval)." in text
     assert "12.5 min summed over the 40 stages" in text and "3 stages ran without" in text
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "![usage, PSNR and the geometry of latents and codes over the steps](curves.png)" in text
+    assert (tmp_path / "curves.png").is_file()
+    # what the curves show: per variant the mean over its two seeds, step by step; no PSNR was logged
+    panels = dict(curve_panels(lambda v: sorted(tmp_path.glob(f"{v.name}/seed*/tok/metrics.jsonl")), variants))
+    usage = panels["codebook usage (test batches)"]
+    assert set(usage) == {v.name for v in variants}
+    assert all(u == ([10, 20], [pytest.approx(0.15), pytest.approx(0.25)]) for u in usage.values())
+    assert all(curve == ([], []) for curve in panels["PSNR, test batches (dB)"].values())
 
 
 def test_sweep_report_plots_the_paired_difference_per_point(tmp_path):
@@ -113,7 +121,13 @@ def test_sweep_report_plots_the_paired_difference_per_point(tmp_path):
     info = {"stage_minutes": 80.0, "stages": 54, "untimed_stages": 0, "minutes": 81.0}
     text = write_sweep_report(tmp_path, points, info).read_text()
     assert "| 16384 codes, 400 steps | PSNR (dB) | cosine+kmeans+l2 | vq+kmeans+l2 | +0.5 |" in text
-    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep.png").is_file()
+    # the plotted points: PSNR differences 0.5, 0.3, 0.7 -> mean 0.5, sd 0.2, t(0.975, 2) = 4.303
+    labels, means, lows, highs = sweep_panels(points)["PSNR (dB)"]
+    half = 4.302652729911275 * 0.2 / 3**0.5
+    assert labels == ["1024 codes, 400 steps", "16384 codes, 400 steps"]
+    assert means == [pytest.approx(0.5)] * 2 and lows == [pytest.approx(0.5 - half)] * 2
+    assert highs == [pytest.approx(0.5 + half)] * 2
 
 
 def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path):

@@ -375,26 +375,44 @@ def test_cli_stats_then_fid_against_an_adm_reference(tmp_path, folders, folder_s
     assert "inception_score_unavailable" in result["metrics"] and "seconds" in result
 
 
-def test_rfid_on_a_tiny_random_tokenizer(tmp_path, capsys):
+def test_rfid_on_a_tiny_random_tokenizer(tmp_path, capsys, model):
+    """`python -m eval rfid` against the same numbers computed here by hand: PSNR from the rounded
+    pixels, usage from the codes, FID from numpy's mean and covariance of the Inception features."""
     from eval.__main__ import main
     from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 
     config = TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2], latent_channels=4,
                              norm_num_groups=4, quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4))
     torch.manual_seed(0)
-    ProVQTokenizer(config).save_pretrained(tmp_path / "tok")
+    tok = ProVQTokenizer(config).eval()
+    tok.save_pretrained(tmp_path / "tok")
     make_shapes(tmp_path / "data" / "train", 2, 0, size=16)
-    make_shapes(tmp_path / "data" / "test", 5, 1, size=16)
+    test_images = make_shapes(tmp_path / "data" / "test", 5, 1, size=16)
     result = main(["rfid", "--tokenizer", str(tmp_path / "tok"), "--dataset", str(tmp_path / "data"),
                    "--split", "test", "--batch_size", "3", "--lpips_net", "none",  # no trunk download
                    "--out", str(tmp_path / "rfid.json")])
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "rfid.json").read_text())
     metrics = result["metrics"]
     assert result["num_images"] == 5 and result["skipped"] == 0
-    assert metrics["rfid"] > 0 and np.isfinite(metrics["psnr"]) and -1 <= metrics["ssim"] <= 1
-    assert 0 < metrics["codebook_usage"] <= 1 and 1 <= metrics["codebook_perplexity"] <= 16
+
+    real = torch.from_numpy(np.stack([np.array(Image.open(p)) for p in sorted(test_images.glob("*.png"))]))
+    real = real.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        codes = tok.encode(real.float() / 127.5 - 1)
+        fake = ((tok.decode(codes) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    mse = ((real.double() - fake.double()) / 255).pow(2).flatten(1).mean(1).numpy()
+    assert metrics["psnr"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse))), rel=1e-6)  # fp32 per image
+    counts = np.bincount(codes.flatten().numpy(), minlength=16)
+    assert metrics["codebook_usage"] == (counts > 0).mean() and metrics["codes_used"] == (counts > 0).sum()
+    p = counts[counts > 0] / counts.sum()
+    assert metrics["codebook_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
+    features = [extract(model, images).features.double().numpy() for images in (real, fake)]
+    (mu1, s1), (mu2, s2) = ((f.mean(0), np.cov(f, rowvar=False)) for f in features)
+    direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics["rfid"] == pytest.approx(direct, rel=1e-3)  # float32 features, other batches
+    assert -1 <= metrics["ssim"] <= 1
     assert "lpips" not in metrics and metrics["lpips_unavailable"] == "disabled by --lpips_net none"
-    assert len(result["tokenizer_fingerprint"]) == 64 and result["protocol"]["checksum"]
+    assert result["tokenizer_fingerprint"] == tok.fingerprint()
 
 
 def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path, monkeypatch, capsys):

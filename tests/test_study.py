@@ -99,7 +99,7 @@ def test_shards_run_each_job_once_and_wait_for_each_other(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_one_family_study_on_tiny_images(tmp_path, image_folder):
     """FSQ's five variants x 2 seeds at 16 px: tokenizers, rFID, priors, samples, gFID, report."""
-    from ablation.study_report import write_study_report
+    from ablation.study_report import difference_panels, write_study_report
 
     preset = tmp_path / "tiny.yaml"
     preset.write_text(TINY_PRESET.format(base=REPO / "configs" / "emoji32.yaml"))
@@ -123,7 +123,13 @@ def test_one_family_study_on_tiny_images(tmp_path, image_folder):
                                  "untimed_stages": 0, "minutes": 0})
     text = report.read_text()
     assert "the same time on hard codes" in text and "`cosine+fsq` vs `step@end+fsq`" in text
-    assert (tmp_path / "study" / "study_differences.png").stat().st_size > 0
+    assert (tmp_path / "study" / "study_differences.png").is_file()
+    labels, means, _, _ = difference_panels(families, found)["PSNR (dB)"]
+    assert labels[1] == "fsq: cosine-step@end"  # the ramp against the switch at its end, paired by seed
+    results = at["results"]
+    expected = sum(a["psnr"] - b["psnr"] for a, b in zip(results["cosine+fsq"], results["step@end+fsq"],
+                                                           strict=True)) / 2
+    assert means[1] == pytest.approx(expected)
 
 
 TINY_PRESET = """base: {base}

@@ -133,6 +133,10 @@ def test_preset_base_is_deep_merged(tmp_path):
 
 
 PRESETS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+CODE_GRID = {"emoji32": 8, "emoji32_fsq": 8, "emoji32_lfq": 8, "imagenet256": 16, "imagenet100_256": 16,
+             "imagenet256_fsq": 16, "imagenet256_lfq": 16}
+CODES = {"emoji32": 1024, "emoji32_fsq": 1000, "emoji32_lfq": 1024, "imagenet256": 16384,
+         "imagenet100_256": 16384, "imagenet256_fsq": 15360, "imagenet256_lfq": 16384}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -144,8 +148,8 @@ def test_every_preset_builds_models_whose_stages_fit(name):
     tok_config = tokenizer_run.tokenizer.model
     assert tok_config.resolution == tokenizer_run.data.resolution
     tok = ProVQTokenizer(tok_config)
-    side = tok_config.resolution // tok.downsample_factor
-    assert tok.code_shape == (side, side)
+    side = CODE_GRID[name]  # what each preset promises (README): 32 px -> 8x8 codes, 256 px -> 16x16
+    assert tok.code_shape == (side, side) and tok.config.quantizer.codebook_size == CODES[name]
     with torch.no_grad():
         latents = tok.encoder(torch.zeros(1, 3, 64, 64))  # 64 px: cheap, and any size works
     assert latents.shape[-1] == 64 // tok.downsample_factor
