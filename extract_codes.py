@@ -88,6 +88,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
     config, args = parse_config(parser, ExtractCodesConfig, None, argv)
+    for flag in ("batch_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()

@@ -21,6 +21,7 @@ import torch
 import training
 from common.cli import run_command
 from common.errors import FormatError, MissingFileError
+from common.typed_config import check_ranges
 from data.pixels import save_image_grid
 from generator import (
     TOKENIZER_RECORD,
@@ -38,6 +39,10 @@ logger = logging.getLogger("train_prior")
 class PriorTrainConfig(training.TrainConfig):
     val_batches: int = 0  # test-split batches for the validation loss; 0 = all
     grid_cfg_scale: float = 2.0  # CFG of the sample grids written during training
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, non_negative=("val_batches", "grid_cfg_scale"))
 
 
 @dataclass
@@ -67,15 +72,21 @@ def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
     )
 
 
-def build_dataloaders(codes: Path, train_config: PriorTrainConfig, fingerprint: str):
+def load_codes(codes: Path, fingerprint: str) -> tuple[CodeDataset, CodeDataset | None]:
+    """The training codes and, when extracted, the test codes: read whole and checked before the run
+    writes anything."""
     train_set = CodeDataset(codes, "train", expected_fingerprint=fingerprint)
+    val_set = CodeDataset(codes, "test", expected_fingerprint=fingerprint) if (Path(codes) / "test").is_dir() else None
+    return train_set, val_set
+
+
+def build_dataloaders(datasets: tuple[CodeDataset, CodeDataset | None], train_config: PriorTrainConfig):
+    train_set, val_set = datasets
     batch_size = train_config.batch_size  # the codes are in memory: no loader workers needed
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True)
-    val_loader = None
-    if (Path(codes) / "test").is_dir():
-        val_set = CodeDataset(codes, "test", expected_fingerprint=fingerprint)
-        val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, shuffle=False)
-    return train_set, train_loader, val_loader
+    val_loader = None if val_set is None else torch.utils.data.DataLoader(val_set, batch_size=batch_size,
+                                                                          shuffle=False)
+    return train_loader, val_loader
 
 
 @torch.no_grad()
@@ -134,20 +145,21 @@ class PriorParts(training.TrainParts):
     num_grids: int  # training code grids
 
 
-def build_parts(model_config: PriorConfig, codes: Path, train_config: PriorTrainConfig, accelerator) -> PriorParts:
+def build_parts(model_config: PriorConfig, codes: Path, datasets, train_config: PriorTrainConfig,
+                accelerator) -> PriorParts:
     model = ARPrior(model_config)
     if train_config.compile:  # the decoder layers, in place: one compiled graph serves them all
         for layer in model.llama.model.layers:
             layer.compile()
     fingerprint = model_config.tokenizer_fingerprint
-    train_set, train_loader, val_loader = build_dataloaders(codes, train_config, fingerprint)
+    train_loader, val_loader = build_dataloaders(datasets, train_config)
     optimizer = training.make_optimizer(model, train_config, train_config.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     ema = training.build_ema(model, train_config.ema_decay, accelerator)
     grid_tokenizer = load_grid_tokenizer(codes, fingerprint, accelerator.device)
-    return PriorParts(model, optimizer, train_loader, ema, val_loader, grid_tokenizer, len(train_set))
+    return PriorParts(model, optimizer, train_loader, ema, val_loader, grid_tokenizer, len(datasets[0]))
 
 
 def train_step(parts: PriorParts, batch: dict, ctx: training.StepContext) -> training.StepTerms:
@@ -169,8 +181,9 @@ def main(argv=None) -> Path:
     output_dir, codes, train_config = Path(args.output_dir), Path(args.codes), config.prior.train
     model_config = bind_to_codes(config.prior.model, codes)  # data: the codes decide vocabulary and grid
     config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
+    datasets = load_codes(codes, model_config.tokenizer_fingerprint)
     run = training.start_run(config, train_config, output_dir, "prior", args.resume)
-    parts = build_parts(model_config, codes, train_config, run.accelerator)  # model and optimizer
+    parts = build_parts(model_config, codes, datasets, train_config, run.accelerator)  # model and optimizer
     run.resume()
     logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
                 run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,

@@ -21,6 +21,7 @@ from common.errors import ConfigError
 from common.files import load_weights
 from common.moments import MomentAccumulator
 from common.pretrained import CONFIG_NAME, WEIGHTS_NAME
+from common.typed_config import check_ranges
 from data import DataConfig, DatasetError, ImageDataset, SkipTracker, collate, load_split
 from data.pixels import save_image_grid, to_uint8
 from eval.metrics import codebook_usage, uint8_psnr
@@ -37,6 +38,10 @@ logger = logging.getLogger("train_tokenizer")
 class TokenizerTrainConfig(training.TrainConfig):
     disc_lr: float = 1e-4
     eval_batches: int = 8  # test batches for the PSNR/usage evaluation; 0 = all
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, positive=("disc_lr",), non_negative=("eval_batches",))
 
 
 @dataclass

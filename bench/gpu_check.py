@@ -163,7 +163,9 @@ def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
     train.batch_size, train.mixed_precision = sizes.prior_batch, "bf16"
     codes = synthetic_codes(folder / "codes", model_config, sizes.prior_batch * 2)
     accelerator = training.make_accelerator(train, folder / "prior")
-    parts = train_prior.build_parts(train_prior.bind_to_codes(model_config, codes), codes, train, accelerator)
+    bound = train_prior.bind_to_codes(model_config, codes)
+    datasets = train_prior.load_codes(codes, bound.tokenizer_fingerprint)
+    parts = train_prior.build_parts(bound, codes, datasets, train, accelerator)
     seconds, nonfinite = timed_steps(accelerator, parts, train_prior.train_step, train, sizes)
     prior = accelerator.unwrap_model(parts.model)
     tokens_per_s = sizes.prior_batch * prior.config.num_tokens / seconds

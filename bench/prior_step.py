@@ -44,7 +44,9 @@ def measure(name: str, compiled: bool, args, folder: Path) -> dict:
     train = replace(train, batch_size=batch, mixed_precision="bf16", compile=compiled)
     codes = synthetic_codes(folder / f"{name}_{compiled}", model_config, batch * 4)
     accelerator = training.make_accelerator(train, folder)
-    parts = train_prior.build_parts(train_prior.bind_to_codes(model_config, codes), codes, train, accelerator)
+    bound = train_prior.bind_to_codes(model_config, codes)
+    datasets = train_prior.load_codes(codes, bound.tokenizer_fingerprint)
+    parts = train_prior.build_parts(bound, codes, datasets, train, accelerator)
     batches = iter(training.reproducibility.batches(parts.train_loader, accelerator, 0))
     seconds, peaks = [], []
     started = time.perf_counter()

@@ -9,14 +9,20 @@ is present with the expected shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from common.errors import FormatError, MissingFileError
+from common.errors import FormatError, MissingFileError, UserError
+
+# What numpy and zipfile raise for a file that is cut short, empty or of another kind.
+DAMAGED_ARCHIVE = (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -31,6 +37,41 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """A folder a command may write into: absent, or an existing folder (not a file)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FormatError(f"{flag} {path} is an existing file, not a folder: pick another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FormatError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+@contextlib.contextmanager
+def read_npz(path: str | os.PathLike, what: str = "an .npz file") -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` of an .npz (never unpickling) whose missing, empty, truncated or foreign file is a
+    ``FormatError`` / ``MissingFileError`` naming it, also when a member turns out cut short."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path} does not exist (expected {what})")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            yield npz
+    except UserError:
+        raise
+    except DAMAGED_ARCHIVE as error:
+        raise damaged_archive(path, what, error) from None
+
+
+def damaged_archive(path: Path, what: str, error: BaseException) -> FormatError:
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return FormatError(f"{path} is not a complete .npz file ({detail}): it may be truncated or another "
+                       f"kind of file (expected {what})")
 
 
 def read_versioned(path: str | os.PathLike, key: str, current: int) -> tuple[dict, int]:

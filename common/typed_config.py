@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union
@@ -70,19 +71,35 @@ def _scalar(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # no setting of this project means NaN or infinity
+                raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
     else:
         raise ConfigError(f"{name}: unsupported field type {hint}")
     raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
+
+
+def check_ranges(config, positive=(), non_negative=(), fraction=()) -> None:
+    """Each named field of ``config`` within its meaning: > 0, >= 0, or in [0, 1]; a ValueError that
+    names the first one outside (build_config turns it into a ConfigError with the field's path)."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            value = getattr(config, name)
+            if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"{name} must be {want}, got {value}")
 
 
 def config_to_dict(config) -> dict:

@@ -43,3 +43,5 @@ class DataConfig:
             raise ValueError(f"train_crop must be one of {CROPS}, got {self.train_crop!r}")
         if self.resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")

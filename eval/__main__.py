@@ -8,10 +8,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from common.cli import CommandParser, run_command
 from common.errors import ConfigError
+from common.files import read_npz
 from eval import stats_cache
 from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
 from eval.fid import fid_from_stats, load_stats, save_stats
@@ -76,15 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _is_stats_file(path: str) -> bool:
     if not (path.endswith(".npz") and Path(path).is_file()):
         return False
-    with np.load(path) as npz:
+    with read_npz(path, "samples (arr_0) or statistics (mu, sigma)") as npz:
         return {"mu", "sigma"} <= set(npz.files)
 
 
-def _stats_of(path: str, setup: EvalSetup, desc: str) -> StatsResult:
-    """Precomputed statistics when the file holds them (an ADM reference batch holds both), else computed."""
-    if _is_stats_file(path):
-        return StatsResult(load_stats(path), None, 0)
-    return source_stats(open_images(path), setup, desc)
+def _open_input(path: str):
+    """Precomputed statistics when the file holds them (an ADM reference batch holds both), else the
+    images to compute them from; every input is opened (and refused when unusable) before any work."""
+    return StatsResult(load_stats(path), None, 0) if _is_stats_file(path) else open_images(path)
+
+
+def _stats_of(opened, setup: EvalSetup, desc: str) -> StatsResult:
+    return opened if isinstance(opened, StatsResult) else source_stats(opened, setup, desc)
 
 
 def _inception_score_fields(result: StatsResult, model) -> dict:
@@ -141,7 +143,8 @@ def run_rfid(args, setup: EvalSetup) -> dict:
 def _pair(args, setup: EvalSetup, inputs: dict[str, str]) -> dict:
     """FID between two inputs (and IS of the first); ``inputs`` maps a name to a path."""
     (name_a, a), (name_b, b) = inputs.items()
-    first, second = _stats_of(a, setup, name_a), _stats_of(b, setup, name_b)
+    opened = _open_input(a), _open_input(b)
+    first, second = _stats_of(opened[0], setup, name_a), _stats_of(opened[1], setup, name_b)
     metrics = {"fid": fid_from_stats(first.stats, second.stats, args.frechet_method),
                **_inception_score_fields(first, setup.model)}
     return {"metrics": metrics,

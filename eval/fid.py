@@ -12,7 +12,7 @@ import scipy.linalg
 import torch
 
 from common.errors import FormatError
-from common.files import write_atomic
+from common.files import read_npz, write_atomic
 from common.moments import MomentAccumulator
 
 STATS_FORMAT = 1
@@ -58,7 +58,7 @@ def save_stats(stats: FeatureStats, path: str | Path) -> None:
 
 def load_stats(path: str | Path) -> FeatureStats:
     """Ours, or an ADM evaluator reference batch (keys `mu`, `sigma`; its images are not read)."""
-    with np.load(path, allow_pickle=False) as npz:
+    with read_npz(path, "Inception statistics: mu and sigma") as npz:
         keys = set(npz.files)
         if not {"mu", "sigma"} <= keys:
             raise StatsError(f"{path}: a statistics file needs keys 'mu' and 'sigma'; it has {sorted(keys)}")

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import FormatError, MissingFileError
+from common.files import DAMAGED_ARCHIVE, damaged_archive
 from data import DataConfig, DatasetError, load_split
 from data.images import IMAGE_EXTENSIONS, image_files, open_rgb
 from data.pixels import from_hwc, to_uint8
@@ -123,12 +124,17 @@ class NpzSource:
 
     def __init__(self, path: str | Path, key: str = "arr_0"):
         self.path, self.member = Path(path), f"{key}.npy"
-        with zipfile.ZipFile(self.path) as archive:
-            if self.member not in archive.namelist():
-                names = [n.removesuffix(".npy") for n in archive.namelist()]
-                raise FormatError(f"{self.path} has no '{key}' (ADM layout: uint8 NHWC images); keys: {names}")
-            with archive.open(self.member) as file:
-                shape, dtype = self._header(file)
+        if not self.path.is_file():
+            raise MissingFileError(f"{self.path} does not exist (expected samples: an .npz with {key})")
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                if self.member not in archive.namelist():
+                    names = [n.removesuffix(".npy") for n in archive.namelist()]
+                    raise FormatError(f"{self.path} has no '{key}' (ADM layout: uint8 NHWC images); keys: {names}")
+                with archive.open(self.member) as file:
+                    shape, dtype = self._header(file)
+        except DAMAGED_ARCHIVE as error:
+            raise damaged_archive(self.path, f"samples: an .npz with {key}", error) from None
         if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
             raise FormatError(f"{self.path}:{key} must be uint8 (N, H, W, 3), got {dtype} {shape}")
         self.shape, self.name = shape, str(self.path)
@@ -156,7 +162,12 @@ class NpzSource:
             self._header(file)
             for start in range(0, len(self), batch_size):
                 count = min(batch_size, len(self) - start)
-                chunk = file.read(count * row)  # read even when not ours: a zip stream cannot seek cheaply
+                try:
+                    chunk = file.read(count * row)  # read even when not ours: a zip stream cannot seek cheaply
+                except DAMAGED_ARCHIVE as error:
+                    raise damaged_archive(self.path, "samples", error) from None
+                if len(chunk) != count * row:
+                    raise FormatError(f"{self.path} ends after {start} of its {len(self)} images: it is truncated")
                 if start not in mine:
                     continue
                 images = np.frombuffer(chunk, dtype=np.uint8).reshape(count, *self.shape[1:])

@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from common.errors import FormatError
 from data.emoji import cache_root
 from data.sources import digest
 from eval.compute import EvalSetup, StatsResult, source_stats
@@ -33,8 +34,13 @@ def cached(source, checksum: str) -> FeatureStats | None:
     path = cache_path(source.dataset.fingerprint, checksum)
     if not path.is_file():
         return None
+    try:
+        stats = load_stats(path)
+    except FormatError as error:  # our own cache, damaged (a full disk, a kill): computed again
+        logger.warning("ignoring a damaged statistics cache file (%s); computing the statistics again", error)
+        return None
     logger.info("statistics of %s from the cache: %s", source.name, path)
-    return load_stats(path)
+    return stats
 
 
 def store(source, stats: FeatureStats, skipped: int) -> None:

@@ -213,12 +213,20 @@ class CodeDataset(Dataset):
 
     @staticmethod
     def _read_shard(path: Path, m: CodesManifest) -> dict[str, np.ndarray]:
+        rerun = ("rerun extract_codes.py with the same arguments: it rewrites missing and damaged "
+                 "shards and keeps the others")
         if not path.is_file():
-            raise MissingFileError(f"code shard {path} listed in the manifest is missing")
-        with safe_open(str(path), framework="np") as f:
-            check_fingerprint(f.metadata().get("tokenizer_fingerprint"), m.tokenizer_fingerprint,
-                               f"shard {path}", expected_from="its manifest")
-        return load_file(str(path))
+            raise MissingFileError(f"code shard {path} listed in the manifest is missing; {rerun}")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                fingerprint = (f.metadata() or {}).get("tokenizer_fingerprint")
+            shard = load_file(str(path))
+        except Exception as error:  # safetensors' own errors for a cut or foreign file
+            raise FormatError(f"code shard {path} is damaged ({' '.join(str(error).split())}); {rerun}") from None
+        check_fingerprint(fingerprint, m.tokenizer_fingerprint, f"shard {path}", expected_from="its manifest")
+        if set(shard) != {"codes", "labels"}:
+            raise FormatError(f"code shard {path} holds {sorted(shard)}, not codes and labels; {rerun}")
+        return shard
 
     @property
     def code_shape(self) -> tuple[int, int]:

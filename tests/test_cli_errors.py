@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.numpy import load_file
 from training_helpers import REPO, run_in_process, subprocess_env, tiny_tokenizer_argv
 
 from generator import ARPrior, PriorConfig
@@ -175,3 +177,184 @@ def test_run_command_turns_only_user_errors_into_one_line(capsys):
         run_command("tool", user_error, [])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "tool: error: a bad value spread over lines\n"
+
+
+# ---- values that parse but make no sense, damaged files, paths that are files, malformed YAML -------------
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def trained(models, files, image_folder, tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer run with checkpoints after steps 1 and 2, and codes of the image folder."""
+    import extract_codes
+    import train_tokenizer
+
+    root = tmp_path_factory.mktemp("trained")
+    run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, root / "tok", 2, train__save_every=1))
+    run_in_process(extract_codes.main, extract_argv(models["tok"], {"images": image_folder}, root / "codes"))
+    return {"run": root / "tok", "codes": root / "codes"}
+
+
+BAD_VALUES = {
+    "nan learning rate": ("train_tokenizer.py", ["--tokenizer.train.lr", "nan"],
+                          r"tokenizer.train.lr: expected a finite number, got 'nan'"),
+    "infinite weight": ("train_tokenizer.py", ["--tokenizer.loss.reconstruction_weight", ".inf"],
+                        r"reconstruction_weight: expected a finite number"),
+    "negative count": ("train_tokenizer.py", ["--tokenizer.train.warmup_steps", "-1"],
+                       r"warmup_steps must be >= 0, got -1"),
+    "probability above 1": ("train_tokenizer.py", ["--tokenizer.train.ema_decay", "1.5"],
+                            r"ema_decay must be in \[0, 1\], got 1.5"),
+    "negative workers": ("train_tokenizer.py", ["--data.num_workers", "-2"], r"num_workers must be >= 0, got -2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_a_number_outside_its_meaning_is_refused_before_anything_is_written(case, files, tmp_path, capsys):
+    command, extra, message = BAD_VALUES[case]
+    out = tmp_path / "out"
+    code, stderr = run_here(command, [*tiny_tokenizer_argv(files["images"], out, 2), *extra], capsys)
+    check_one_line(code, stderr, command, message, out)
+
+
+def test_an_infinite_sampling_setting_is_refused(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stderr = run_here("sample.py", sample_argv(models, out, "--temperature", "inf"), capsys)
+    check_one_line(code, stderr, "sample.py", r"sample.temperature: expected a finite number, got inf", out)
+
+
+@pytest.mark.parametrize("command", ["train_tokenizer.py", "sample.py", "extract_codes.py"])
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(command, models, files, tmp_path, capsys):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("my notes")
+    argv = {"train_tokenizer.py": lambda: tiny_tokenizer_argv(files["images"], existing, 2),
+            "sample.py": lambda: sample_argv(models, existing),
+            "extract_codes.py": lambda: extract_argv(models["tok"], files, existing)}[command]()
+    code, stderr = run_here(command, argv, capsys)
+    check_one_line(code, stderr, command, rf"--output_dir {existing} is an existing file", tmp_path / "none")
+    assert existing.read_text() == "my notes"
+
+
+def test_a_config_that_is_not_yaml_is_one_line_naming_the_line(files, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tokenizer:\n  train:\n    lr: [1e-4\n    batch_size: 8\n")
+    argv = tiny_tokenizer_argv(files["images"], tmp_path / "out", 2)
+    argv[argv.index("--config") + 1] = str(bad)
+    code, stderr = run_here("train_tokenizer.py", argv, capsys)
+    check_one_line(code, stderr, "train_tokenizer.py", rf"{bad} is not valid YAML: .* at line \d+", tmp_path / "out")
+
+
+def test_resuming_from_a_damaged_checkpoint_names_it_and_the_ones_that_load(trained, image_folder, tmp_path, capsys):
+    run = tmp_path / "tok"
+    shutil.copytree(trained["run"], run)
+    truncate(run / "checkpoints" / "step_00000002" / "model.safetensors")
+    before = snapshot(run)
+    argv = [*tiny_tokenizer_argv(image_folder, run, 4, train__save_every=1), "--resume", "latest"]
+    code, stderr = run_here("train_tokenizer.py", argv, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert re.search(r"checkpoint .*step_00000002 is damaged \(model.safetensors cannot be read whole\); resume "
+                     r"from an earlier one that loads: --resume .*step_00000001", stderr), stderr
+    assert snapshot(run) == before  # nothing written, nothing overwritten
+
+
+def test_training_the_prior_on_a_damaged_shard_names_it(trained, models, image_folder, tmp_path, capsys):
+    import extract_codes
+    import train_prior
+    from common.cli import run_command
+    from generator import CodeDataset
+
+    codes = tmp_path / "codes"
+    shutil.copytree(trained["codes"], codes)
+    shard = sorted((codes / "train").glob("shard-*.safetensors"))[0]
+    whole = load_file(str(shard))
+    truncate(shard)
+    argv = ["--config", EMOJI32, "--codes", str(codes), "--output_dir", str(tmp_path / "prior"),
+            "--max_steps", "1", "--prior.train.compile", "false"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_in_process(lambda args: run_command("train_prior.py", train_prior.main, args), argv)
+    check_one_line(2, capsys.readouterr().err, "train_prior.py",
+                   rf"code shard {shard} is damaged .*rerun extract_codes.py", tmp_path / "prior")
+    # what the message promises: extraction again rewrites the damaged shard and keeps the others
+    kept = {p: p.read_bytes() for p in codes.rglob("shard-*") if p != shard}
+    run_in_process(extract_codes.main, extract_argv(models["tok"], {"images": image_folder}, codes))
+    rewritten = load_file(str(shard))
+    assert all(np.array_equal(rewritten[k], whole[k]) for k in ("codes", "labels"))
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert len(CodeDataset(codes, "train")) > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+@pytest.mark.parametrize("which", ["--samples", "--ref"])
+def test_a_damaged_npz_is_named_before_any_work(damage, which, files, tmp_path, capsys):
+    good = tmp_path / "good.npz"
+    np.savez(good, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes({"truncated": good.read_bytes()[:300], "empty": b"", "text": b"mu,sigma\n1,2\n"}[damage])
+    argv = ["gfid", "--samples", str(good), "--ref", str(good), "--out", str(tmp_path / "out" / "gfid.json")]
+    argv[argv.index(which) + 1] = str(bad)
+    code, stderr = run_here("python -m eval", argv, capsys)
+    check_one_line(code, stderr, "python -m eval", rf"{bad} is not a complete .npz file", tmp_path / "out")
+    assert "samples:" not in stderr  # refused before any image went through Inception
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_tokenizer_config_is_named(damage, models, files, tmp_path, capsys):
+    folder = tmp_path / "tok"
+    shutil.copytree(models["tok"], folder)
+    config = folder / "config.json"
+    config.write_text("" if damage == "empty" else config.read_text()[:40])
+    code, stderr = run_here("extract_codes.py", extract_argv(folder, files, tmp_path / "out"), capsys)
+    check_one_line(code, stderr, "extract_codes.py", rf"{config} is not a JSON file", tmp_path / "out")
+
+
+def test_a_damaged_codes_manifest_is_named(trained, tmp_path, capsys):
+    codes = tmp_path / "codes"
+    shutil.copytree(trained["codes"], codes)
+    (codes / "train" / "manifest.json").write_text('{"format_version": 1, "tokenizer_finger')
+    import train_prior
+    from common.cli import run_command
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_in_process(lambda args: run_command("train_prior.py", train_prior.main, args),
+                       ["--config", EMOJI32, "--codes", str(codes), "--output_dir", str(tmp_path / "prior")])
+    check_one_line(2, capsys.readouterr().err, "train_prior.py", r"manifest.json is not a JSON file",
+                   tmp_path / "prior")
+
+
+@pytest.mark.parametrize("damage, message", [("empty", "is empty: not a checkpoint"),
+                                             ("truncated", "is not a complete torch checkpoint")])
+def test_a_damaged_published_checkpoint_is_named(damage, message, tmp_path, capsys):
+    from common.cli import run_command
+    from tokenizer import convert
+
+    checkpoint = tmp_path / "vq_ds16_c2i.pt"
+    torch.save({"model": {"w": torch.zeros(64, 64)}}, checkpoint)
+    checkpoint.write_bytes(b"" if damage == "empty" else checkpoint.read_bytes()[:200])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_command("python -m tokenizer.convert", convert.main,
+                    ["--from", "llamagen", str(checkpoint), "--output_dir", str(tmp_path / "out")])
+    check_one_line(2, capsys.readouterr().err, "python -m tokenizer.convert", message, tmp_path / "out")
+
+
+def test_a_damaged_statistics_cache_file_is_computed_again(files, tmp_path, monkeypatch, caplog):
+    from eval import stats_cache
+    from eval.__main__ import main as eval_main
+
+    monkeypatch.setenv("PROVQ_STATS_CACHE", str(tmp_path / "cache"))
+    argv = ["stats", "--dataset", str(files["images"]), "--split", "train", "--resolution", "16",
+            "--out", str(tmp_path / "a.npz")]
+    first = run_in_process(eval_main, argv)
+    cached = sorted((tmp_path / "cache").glob("*.npz"))
+    assert len(cached) == 1 and first["cached"] is False
+    truncate(cached[0])
+    again = run_in_process(eval_main, [*argv[:-1], str(tmp_path / "b.npz")])
+    assert again["cached"] is False and "ignoring a damaged statistics cache file" in caplog.text
+    assert stats_cache.cached is not None and np.array_equal(np.load(tmp_path / "a.npz")["mu"],
+                                                             np.load(tmp_path / "b.npz")["mu"])

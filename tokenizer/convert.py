@@ -14,6 +14,7 @@ and counted. Files are read with torch.load(weights_only=True) only: nothing is 
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -37,14 +38,21 @@ def load_checkpoint(path: str | Path, source: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise FormatError(f"{path} is empty: not a checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an UnpicklingError for any object beyond tensors and containers
+    except pickle.UnpicklingError as error:  # an object beyond tensors and containers
+        first = (str(error).splitlines() or [type(error).__name__])[0]
         raise FormatError(
-            f"{path} cannot be read as tensors only ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "objects in it would have to be unpickled, which runs code from the file. Where you trust it, "
-            "save just its state dict: torch.save(torch.load(path)['model' or 'state_dict'], 'weights.pt')"
+            f"{path} cannot be read as tensors only ({first}); objects in it would have to be unpickled, "
+            "which runs code from the file. Where you trust it, save just its state dict: "
+            "torch.save(torch.load(path)['model' or 'state_dict'], 'weights.pt')"
         ) from None
+    except Exception as error:  # torch's reader on a cut zip, EOFError on a cut legacy file, ...
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise FormatError(f"{path} is not a complete torch checkpoint ({type(error).__name__}: {first}): "
+                          "it may be truncated, or another kind of file") from None
     if not isinstance(checkpoint, dict):
         raise FormatError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
     for key in ("ema", "model", "state_dict") if source == "llamagen" else ("state_dict",):

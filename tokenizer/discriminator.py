@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from common.typed_config import check_ranges
+
 
 @dataclass
 class DiscriminatorConfig:
@@ -20,6 +22,7 @@ class DiscriminatorConfig:
     def __post_init__(self) -> None:
         if self.norm not in ("batch", "group"):
             raise ValueError(f"discriminator norm must be 'batch' or 'group', got {self.norm!r}")
+        check_ranges(self, positive=("in_channels", "base_channels", "num_layers"))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

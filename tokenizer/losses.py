@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import MissingFileError
+from common.typed_config import check_ranges
 
 
 @dataclass
@@ -29,6 +30,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.reconstruction not in ("l1", "l2"):
             raise ValueError(f"reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}")
+        check_ranges(self, non_negative=("reconstruction_weight", "perceptual_weight", "gan_weight",
+                                         "max_adaptive_weight", "disc_start", "disc_loss_weight"))
 
 
 def reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.typed_config import check_ranges
+
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
 from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
@@ -51,8 +53,9 @@ class QuantizerConfig:
             raise ValueError(f"quantizer.kind must be one of {KINDS}, got {self.kind!r}")
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"quantizer.mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
-        if not 0.0 <= self.omega_floor <= 1.0:
-            raise ValueError(f"quantizer.omega_floor must be in [0, 1], got {self.omega_floor}")
+        check_ranges(self, fraction=("omega_floor",), positive=("entropy_temperature", "entropy_group_bits",
+                                                                  "kmeans_buffer", "dead_code_window"),
+                     non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
         if self.kind == "vq":
             for name, default in VQ_DEFAULTS.items():
                 if getattr(self, name) is None:

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -94,6 +95,12 @@ class CheckpointManager:
                     "use --resume latest or a folder under checkpoints/"
                 )
         read_marker(path)  # refuse an unreadable or newer checkpoint before building anything
+        damaged = damaged_files(path)
+        if damaged:
+            others = [p.name for p in self.complete() if p != path and not damaged_files(p)]
+            hint = (f"resume from an earlier one that loads: --resume {self.root / others[-1]} "
+                    f"(loadable: {', '.join(others)})" if others else "no other checkpoint here loads")
+            raise FormatError(f"checkpoint {path} is damaged ({', '.join(damaged)} cannot be read whole); {hint}")
         return path
 
     @staticmethod
@@ -101,6 +108,26 @@ class CheckpointManager:
         marker = read_marker(path)
         accelerator.load_state(str(path))
         return int(marker["step"])
+
+
+def damaged_files(path: Path) -> list[str]:
+    """The files of a checkpoint folder that cannot be read whole: safetensors by their header and
+    size, Accelerate's torch.save files (zip archives) by their checksums. Nothing is unpickled."""
+    from safetensors import safe_open
+
+    damaged = []
+    for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.name != CHECKPOINT_MARKER):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            else:
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        raise zipfile.BadZipFile("checksum mismatch")
+        except Exception:  # any reader's complaint means the same: this file is not whole
+            damaged.append(file.name)
+    return damaged
 
 
 def read_marker(path: Path) -> dict:

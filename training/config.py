@@ -20,8 +20,8 @@ import yaml
 
 from common.cli import CommandParser
 from common.errors import ConfigError
-from common.files import write_atomic
-from common.typed_config import build_config, config_to_dict
+from common.files import check_output_dir, write_atomic
+from common.typed_config import build_config, check_ranges, config_to_dict
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -59,7 +59,10 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges(self, positive=("lr",), fraction=("min_lr_ratio", "beta1", "beta2", "ema_decay"),
+                     non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints",
+                                   "image_every", "eval_every"))
 
 
 class _Loader(yaml.SafeLoader):
@@ -116,6 +119,7 @@ def parse_config(parser: argparse.ArgumentParser, schema: type, stage: str | Non
     """
     args, rest = parser.parse_known_args(argv)
     overrides = _pairs(rest, parser)
+    check_output_dir(args.output_dir)  # before anything else reads or writes
     shortcuts = dict(shortcuts or {})
     if stage is not None:
         shortcuts.update({"max_steps": f"{stage}.train.max_steps", "seed": f"{stage}.train.seed"})
@@ -166,8 +170,16 @@ def load_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: 'base' files include each other")
-    with path.open() as f:
-        mapping = _load(f) or {}
+    try:
+        with path.open() as f:
+            mapping = _load(f) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as error:
+        raise ConfigError(f"{path} is not a YAML text file ({error})") from None
     if not isinstance(mapping, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     base = mapping.pop("base", None)
