@@ -142,21 +142,26 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats, method: str = "eigh") -> fl
 
 
 class InceptionScoreAccumulator:
-    """IS over `splits` contiguous chunks of the image indices, from sums alone.
+    """IS over `splits` chunks of the images, from sums alone.
 
     Per split, mean KL(p(y|x) || p(y)) = mean(sum p log p) - sum p(y) log p(y), with p(y) the
-    split's mean prediction: so two sums per split suffice, and they add across processes.
+    split's mean prediction: so two sums per split suffice, and they add across processes. The
+    ADM evaluator splits samples it assumes randomly ordered; files are often sorted by class
+    (sample.py writes them so), which would give each split a tenth of the classes and cap IS.
+    So image i goes to the split of its place in a fixed random permutation (seed 0): the same
+    assignment on every process, whatever the order of the files.
     """
 
     def __init__(self, total: int, splits: int = 10, classes: int = 1008, device="cpu"):
         self.total, self.splits = total, splits
+        self.place = torch.randperm(total, generator=torch.Generator().manual_seed(0)).to(device)
         self.prob_sum = torch.zeros(splits, classes, dtype=torch.float64, device=device)
         self.neg_entropy_sum = torch.zeros(splits, dtype=torch.float64, device=device)
         self.count = torch.zeros(splits, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
         p = torch.softmax(logits.double(), dim=1).to(self.prob_sum.device)
-        split = (indices.to(self.prob_sum.device) * self.splits) // self.total
+        split = (self.place[indices.to(self.place.device)] * self.splits) // self.total
         self.prob_sum.index_add_(0, split, p)
         self.neg_entropy_sum.index_add_(0, split, (p * torch.log(p.clamp_min(1e-30))).sum(1))
         self.count.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))

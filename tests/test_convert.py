@@ -6,6 +6,7 @@ small model of each, an input batch and what their code computed from it.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -110,6 +111,11 @@ def test_missing_unknown_and_pickled_tensors_are_refused_by_name(tmp_path):
     save_checkpoint("llamagen", {**state, "decoder.extra.weight": torch.zeros(3)}, tmp_path / "vq.pt")
     with pytest.raises(FormatError, match="'decoder.extra.weight' of the checkpoint maps to nothing"):
         main(argv)
+
+    # LlamaGen's vq_train.py saves its argparse Namespace beside the weights: that class is let in
+    torch.save({"model": state, "args": argparse.Namespace(lr=1e-4, vq_model="VQ-16")}, tmp_path / "vq.pt")
+    main([*argv[:3], "--output_dir", str(tmp_path / "with_args"), "--resolution", "32"])
+    assert (tmp_path / "with_args" / "model.safetensors").is_file()
 
     class RunsCode:
         def __reduce__(self):

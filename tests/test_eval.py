@@ -151,11 +151,36 @@ def test_inception_score_from_sums():
     scores.update(uniform, torch.arange(20))
     assert scores.finalize()[0] == pytest.approx(1.0)
     scores = InceptionScoreAccumulator(total=8, splits=2, classes=4)
+    classes = torch.tensor([0, 1, 2, 3, 0, 0, 1, 1])
     confident = torch.full((8, 4), -1e4)
-    confident[torch.arange(8), torch.arange(8) % 4] = 0  # each split: 4 images, 4 distinct classes
+    confident[torch.arange(8), classes] = 0
     scores.update(confident[:3], torch.arange(3))  # in two batches: sums, not lists
     scores.update(confident[3:], torch.arange(3, 8))
-    assert scores.finalize() == pytest.approx((4.0, 0.0), abs=1e-6)
+    # by hand: image i is in split place[i] * 2 // 8, place a seeded permutation; confident
+    # predictions make each split's KL the entropy of its class histogram
+    place = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    expected = []
+    for split in (0, 1):
+        members = classes[(place * 2 // 8) == split]
+        p = np.bincount(members.numpy(), minlength=4) / len(members)
+        expected.append(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+    assert scores.finalize() == pytest.approx((np.mean(expected), np.std(expected)), abs=1e-6)
+
+
+def test_inception_score_does_not_depend_on_the_order_of_the_samples():
+    """sample.py writes samples sorted by class; ADM's splits assume random order. 1,000 confident
+    predictions of 10 classes: sorted by class, positional splits would each hold one class (IS 1)."""
+    classes = torch.arange(1000) // 100
+    logits = torch.full((1000, 10), -1e4)
+    logits[torch.arange(1000), classes] = 0
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(5))
+    results = []
+    for order in (torch.arange(1000), shuffled):
+        scores = InceptionScoreAccumulator(total=1000, splits=10, classes=10)
+        scores.update(logits[order], torch.arange(1000))
+        results.append(scores.finalize()[0])
+    assert results[0] > 9.0 and results[1] > 9.0  # each split sees nearly all 10 classes
+    assert results[0] == pytest.approx(results[1], abs=0.3)
 
 
 # --- The extractor -------------------------------------------------------------------------------
@@ -198,9 +223,11 @@ def test_pytorch_fid_layout_with_classifier_gives_inception_score(tmp_path, mode
 
 
 def _closed_form_inception_score(logits: np.ndarray, splits: int) -> float:
-    """exp(mean_x KL(p(y|x) || p(y))) per contiguous split, averaged: improved-GAN's definition."""
+    """exp(mean_x KL(p(y|x) || p(y))) per split, averaged: improved-GAN's definition, on samples put in
+    random order first (the project's protocol: image i at the place a seeded permutation gives it)."""
     scores = []
-    for part in np.array_split(logits.astype(np.float64), splits):
+    place = torch.randperm(len(logits), generator=torch.Generator().manual_seed(0)).numpy()
+    for part in np.array_split(logits.astype(np.float64)[np.argsort(place)], splits):
         p = np.exp(part - part.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         kl = (p * (np.log(p) - np.log(p.mean(axis=0, keepdims=True)))).sum(axis=1)

@@ -331,3 +331,17 @@ def test_manifest_refuses_newer_format(tmp_path):
         load_manifest(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match="manifest"):
         load_manifest(tmp_path, "test")
+
+
+def test_the_transformers_floor_is_a_version_with_what_the_prior_reads():
+    """generator/positions.py reads LlamaConfig.rope_parameters (transformers 5): pyproject must not
+    admit an older transformers than the one whose attributes the code uses."""
+    import re
+
+    import transformers
+    from training_helpers import REPO
+    from transformers import LlamaConfig
+
+    floor = re.search(r'"transformers>=(\d+)\.', (REPO / "pyproject.toml").read_text()).group(1)
+    assert int(floor) >= 5 and int(transformers.__version__.split(".")[0]) >= int(floor)
+    assert "rope_theta" in (LlamaConfig(hidden_size=32, num_attention_heads=2).rope_parameters or {})

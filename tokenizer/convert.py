@@ -14,6 +14,7 @@ and counted. Files are read with torch.load(weights_only=True) only: nothing is 
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from collections.abc import Callable
@@ -41,7 +42,10 @@ def load_checkpoint(path: str | Path, source: str) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise FormatError(f"{path} is empty: not a checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # LlamaGen's training script stores its argparse Namespace beside the weights: that class,
+        # and nothing else, is allowed in (a Namespace only holds values; building it runs no code).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # an object beyond tensors and containers
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise FormatError(
