@@ -40,10 +40,12 @@ def stages(args) -> list[tuple[str, list[str], Path]]:
         # then by the compiled network (1.4x the images/s on CPU after a ~25 s compile).
         ("reference stats", commands.evaluate("stats", "--dataset", "emoji", "--split", "train",
                                               "--resolution", "32", "--compile", "--out", str(ref)), ref),
+        # Each evaluation also goes on the model card of what it measured (README.md in the folder).
         ("rFID", commands.evaluate("rfid", "--tokenizer", str(tok / "tokenizer"), "--dataset", "emoji",
-                                   "--split", "test", "--out", str(out / "rfid.json")), out / "rfid.json"),
+                                   "--split", "test", "--card", "--out", str(out / "rfid.json")), out / "rfid.json"),
         ("gFID", commands.evaluate("gfid", "--samples", str(samples / "samples.npz"), "--ref", str(ref),
-                                   "--out", str(out / "gfid.json")), out / "gfid.json"),
+                                   "--card", str(prior / "prior"), "--out", str(out / "gfid.json")),
+         out / "gfid.json"),
     ]
 
 

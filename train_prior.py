@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import training
+from common.cards import CardMetric
 from common.cli import run_command
 from common.errors import FormatError, MissingFileError
 from common.typed_config import check_ranges
@@ -102,7 +104,16 @@ def validate(model, loader, accelerator, max_batches: int) -> dict:
         sums += torch.stack([out.loss.float() * n, out.accuracy.float() * n, torch.tensor(float(n))])
     sums = accelerator.reduce(sums, "sum")
     model.train()
-    return {"val/loss": (sums[0] / sums[2]).item(), "val/accuracy": (sums[1] / sums[2]).item()}
+    return {"val/loss": (sums[0] / sums[2]).item(), "val/accuracy": (sums[1] / sums[2]).item(),
+            "val/grids": int(sums[2].item())}
+
+
+def card_metrics(validation: dict, codes: Path) -> list[CardMetric]:
+    """The last validation as the exported prior's card metrics: NLL in bits per code, accuracy."""
+    protocol = {"code grids": validation["val/grids"], "codes": str(codes),
+                "measured by": "train_prior.py after its last step (labels kept, no dropout)"}
+    return [CardMetric("bits_per_code", validation["val/loss"] / math.log(2), "test", "codes", protocol),
+            CardMetric("token_accuracy", validation["val/accuracy"], "test", "codes", protocol)]
 
 
 def load_grid_tokenizer(codes: Path, fingerprint: str, device):
@@ -188,17 +199,18 @@ def main(argv=None) -> Path:
     logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
                 run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
                 train_config.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
+    validation = None
     for step in run.steps(parts, "prior", items="codes", postfix={"loss": "loss/ce", "acc": "train/accuracy"}):
         for batch, ctx in step.micro_batches():
             terms = train_step(parts, batch, ctx)
         step.log(terms)
         if parts.val_loader is not None and step.due(train_config.eval_every):
-            run.metrics_log.log(step.number, validate(parts.model, parts.val_loader, run.accelerator,
-                                                      train_config.val_batches))
+            validation = validate(parts.model, parts.val_loader, run.accelerator, train_config.val_batches)
+            run.metrics_log.log(step.number, validation)
         if parts.grid_tokenizer is not None and step.due(train_config.image_every):
             write_samples(parts.model, parts.grid_tokenizer, run.accelerator,
                           output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale)
-    return training.finish_run(run, parts, output_dir / "prior")
+    return training.finish_run(run, parts, output_dir / "prior", card_metrics(validation, codes) if validation else [])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import training
+from common.cards import CardMetric, dataset_name
 from common.cli import run_command
 from common.errors import ConfigError
 from common.files import load_weights
@@ -251,7 +252,19 @@ def evaluate(model, loader, accelerator, max_batches: int) -> dict:
     return {"eval/psnr": (sums[0] / n).item(), "eval/usage": stats["codebook_usage"],
             "eval/perplexity": stats["codebook_perplexity"], "eval/code_distance": (sums[1] / n).item(),
             "eval/dim_latents": participation_ratio(latents.covariance()),
-            "eval/dim_codes": participation_ratio(torch.cov(codes.T)) if len(codes) > 1 else 0.0}
+            "eval/dim_codes": participation_ratio(torch.cov(codes.T)) if len(codes) > 1 else 0.0,
+            "eval/images": int(sums[2].item())}
+
+
+def card_metrics(evaluation: dict, config: TrainTokenizerConfig) -> list[CardMetric]:
+    """The last evaluation of the run as the exported tokenizer's card metrics, with their protocol."""
+    train_config = config.tokenizer.train
+    protocol = {"images": evaluation["eval/images"], "resolution": config.data.resolution,
+                "measured by": "train_tokenizer.py after its last step (uint8 pixels, hard codes)",
+                "weights": "the live ones (the export holds their EMA)" if train_config.ema_decay > 0 else "the exported ones"}
+    name = dataset_name(config.data.dataset)
+    return [CardMetric(key, evaluation[f"eval/{logged}"], config.data.test_split, name, protocol)
+            for key, logged in (("psnr", "psnr"), ("codebook_usage", "usage"), ("codebook_perplexity", "perplexity"))]
 
 
 @torch.no_grad()
@@ -287,18 +300,20 @@ def main(argv=None) -> Path:
     logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
                 run.accelerator.device, run.accelerator.num_processes, run.threads, train_config.mixed_precision)
     progress = {"h": "quantizer/hardness", "rec": "loss/reconstruction", "usage": "quantizer/usage"}
+    evaluation = None
     for step in run.steps(parts, "tokenizer", items="images", postfix=progress):
         for batch, ctx in step.micro_batches():
             terms = train_step(parts, batch, ctx)
         step.log(terms)
         if step.due(train_config.eval_every):
-            run.metrics_log.log(step.number, evaluate(parts.model, parts.test_loader, run.accelerator,
-                                                      train_config.eval_batches))
+            evaluation = evaluate(parts.model, parts.test_loader, run.accelerator, train_config.eval_batches)
+            run.metrics_log.log(step.number, evaluation)
         if step.due(train_config.image_every):
             write_reconstructions(parts.model, parts.test_loader, run.accelerator,
                                   output_dir / "images" / f"recon_{step.number:08d}.png")
     parts.skips.report()
-    return training.finish_run(run, parts, output_dir / "tokenizer")
+    metrics = card_metrics(evaluation, config) if evaluation else []  # None when resumed at the end
+    return training.finish_run(run, parts, output_dir / "tokenizer", metrics, [dataset_name(config.data.dataset)])
 
 
 if __name__ == "__main__":

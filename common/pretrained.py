@@ -1,7 +1,8 @@
 """save_pretrained / from_pretrained for a module built from one dataclass config.
 
-A folder holds ``config.json`` (``model_type``, ``config_version`` and the config's fields) and
-``model.safetensors``. huggingface_hub's ModelHubMixin would rebuild nested dataclass configs
+A folder holds ``config.json`` (``model_type``, ``config_version`` and the config's fields),
+``model.safetensors`` and a model card ``README.md`` (common.cards: metadata, metrics with their
+protocols, how to load it); ``push_to_hub`` uploads such a folder through huggingface_hub. huggingface_hub's ModelHubMixin would rebuild nested dataclass configs
 as plain dicts and has no format version, so the tokenizer and the prior share this instead.
 Fields added to a config after version 1 default to the behaviour files without them had,
 so older folders load as they were.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from common.cards import CARD_NAME, CardContent, CardMetric, merged, read_card, render
 from common.errors import ConfigError, FormatError
 from common.files import (
     load_weights,
@@ -36,15 +38,45 @@ class PretrainedMixin:
     config_version: int = 1
     model_type: str
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (no pickle); returns the folder."""
+    @classmethod
+    def card_content(cls, config) -> CardContent:
+        """What the model card says about a model of this config (each model class says it)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike, metrics: list[CardMetric] | None = None,
+                        datasets: list[str] | None = None) -> Path:
+        """Write ``model.safetensors`` (no pickle), the model card and ``config.json``; returns the
+        folder. The card lists ``metrics`` (by default those of the card the model was loaded with)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         record = {"model_type": self.model_type, VERSION_KEY: self.config_version,
                   **config_to_dict(self.config)}
         save_weights(self, directory / WEIGHTS_NAME)
+        card_metrics, card_datasets = getattr(self, "card", ([], []))
+        render(self.card_content(self.config), card_metrics if metrics is None else metrics,
+               card_datasets if datasets is None else datasets).save(directory / CARD_NAME)
         write_json_atomic(directory / CONFIG_NAME, record)  # last: the folder is complete once it is there
         return directory
+
+    @classmethod
+    def update_card(cls, folder: str | os.PathLike, metrics: list[CardMetric]) -> Path:
+        """Add (or replace, per metric, dataset and split) measured numbers on a folder's card."""
+        config = cls.read_config(Path(folder) / CONFIG_NAME)
+        old, datasets = read_card(folder)
+        path = Path(folder) / CARD_NAME
+        render(cls.card_content(config), merged(old, metrics), datasets).save(path)
+        return path
+
+    def push_to_hub(self, repo_id: str, metrics: list[CardMetric] | None = None, datasets: list[str] | None = None,
+                    private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload with provq") -> str:
+        """``save_pretrained`` into a temporary folder, then huggingface_hub's ``create_repo`` and
+        ``upload_folder``; returns the commit URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, metrics, datasets)
+            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
     def read_config(cls, path: str | os.PathLike):
@@ -71,4 +103,16 @@ class PretrainedMixin:
                                                   cls.model_type, revision)
         model = cls(cls.read_config(config_file))
         load_weights(model, weights_file)
+        model.card = read_card(Path(config_file).parent)  # kept when the model is saved again unchanged
         return model.to(device).eval()
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
+                       token: str | None = None, commit_message: str = "Upload with provq") -> str:
+    """Upload an exported model folder (config.json, model.safetensors, README.md) as a Hub repo."""
+    from huggingface_hub import create_repo, upload_folder
+
+    create_repo(repo_id, private=private, token=token, exist_ok=True)
+    info = upload_folder(repo_id=repo_id, folder_path=str(folder), token=token, commit_message=commit_message,
+                         allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    return str(getattr(info, "commit_url", info))

@@ -60,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PSNR, SSIM and codebook usage only: no Inception, no rFID (e.g. on a training split)")
     rfid.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze", "none"],
                       help="LPIPS trunk; 'none' skips LPIPS (its trunk is downloaded when not cached)")
+    rfid.add_argument("--card", action="store_true",
+                      help="also add these metrics (with their protocol) to the tokenizer folder's model card")
     _common(rfid)
     gfid = commands.add_parser("gfid", help="generation FID (and IS) of samples against reference statistics")
     gfid.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC) or a folder")
     gfid.add_argument("--ref", required=True, help="statistics .npz (ours or ADM's mu/sigma), a folder or samples .npz")
+    gfid.add_argument("--card", default=None, metavar="PRIOR_FOLDER",
+                      help="also add gFID (and IS) to the model card of the prior folder that made the samples")
     _common(gfid)
     fid = commands.add_parser("fid", help="FID between two folders / .npz files (images or statistics)")
     fid.add_argument("--a", required=True)
@@ -162,6 +166,32 @@ def run_fid(args, setup: EvalSetup) -> dict:
     return _pair(args, setup, {"a": args.a, "b": args.b})
 
 
+CARD_METRICS = {"rfid": ("rfid", "psnr", "ssim", "lpips", "codebook_usage", "codebook_perplexity"),
+                "gfid": ("fid", "inception_score")}
+
+
+def update_card(args, result: dict) -> None:
+    """The metrics of an rfid (the tokenizer's card) or gfid run (the prior's card), with their protocol."""
+    from common.cards import CardMetric, dataset_name
+
+    extractor = {"extractor checksum": result["protocol"].get("checksum", "")[:16]}
+    if args.command == "rfid":
+        from tokenizer import ProVQTokenizer
+
+        cls, folder, split, dataset = ProVQTokenizer, args.tokenizer, args.split, dataset_name(args.dataset)
+        protocol = {"images": result["num_images"], "resolution": args.resolution or "the tokenizer's",
+                    "measured by": "python -m eval rfid (uint8 pixels, hard codes)", **extractor}
+    else:
+        from generator import ARPrior
+
+        cls, folder, split, dataset = ARPrior, args.card, "samples", Path(args.ref).name
+        protocol = {"samples": result["num_images"]["samples"], "reference": f"{args.ref} "
+                    f"({result['num_images']['ref']} images)", "measured by": "python -m eval gfid", **extractor}
+    metrics = [CardMetric("gfid" if key == "fid" else key, result["metrics"][key], split, dataset, protocol)
+               for key in CARD_METRICS[args.command] if key in result["metrics"]]
+    cls.update_card(folder, metrics)
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.command == "stats":
@@ -178,6 +208,8 @@ def main(argv=None) -> dict:
     result.update(protocol=protocol(model) | {"frechet_method": args.frechet_method, "compiled": args.compile},
                   processes=procs.world,
                   device=str(procs.device), seconds=round(time.perf_counter() - start, 3))
+    if procs.is_main and getattr(args, "card", None):
+        update_card(args, result)
     if procs.is_main:
         text = json.dumps(result, indent=2)
         print(text)

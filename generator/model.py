@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from common.cards import CardContent
 from common.pretrained import PretrainedMixin
 
 from .errors import CodeRangeError, check_fingerprint
@@ -107,6 +108,24 @@ class ARPrior(PretrainedMixin, nn.Module):
     config_class = PriorConfig
     config_version = 2  # 2: one dropout field per place, position_embedding, zero_init_head
     model_type = "provq-ar-prior"
+
+    @classmethod
+    def card_content(cls, config: PriorConfig) -> CardContent:
+        classes = f"{config.num_classes} classes" if config.num_classes else "unlabelled data (one null class)"
+        return CardContent(
+            title=f"ProVQ autoregressive prior ({config.num_layers} layers x {config.hidden_size}, "
+                  f"{config.code_height}x{config.code_width} codes of {config.codebook_size:,})",
+            task="image-generation",
+            summary=[f"- A class-conditional Llama ({config.num_layers} layers, {config.num_heads} heads, "
+                     f"width {config.hidden_size}, {config.position_embedding}) over raster-ordered codes; {classes}.",
+                     f"- Bound to the tokenizer with fingerprint `{config.tokenizer_fingerprint}`: "
+                     "`sample.py` refuses any other.",
+                     "- Classifier-free guidance, temperature, top-k/top-p and a KV cache at sampling time."],
+            tags=["autoregressive", "image-generation", "class-conditional", "provq"],
+            load=("from generator import ARPrior\nfrom sample import generate\nfrom tokenizer import ProVQTokenizer\n"
+                  "prior = ARPrior.from_pretrained(\"<this folder or repo id>\")\n"
+                  "tok = ProVQTokenizer.from_pretrained(\"<its tokenizer>\")\n"
+                  "images = generate(tok, prior, labels=torch.tensor([0, 1]), cfg_scale=2.0, seed=0)"))
 
     @classmethod
     def upgrade_config(cls, data: dict, version: int) -> dict:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 
+from common.cards import CardContent
 from common.pretrained import PretrainedMixin
 
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
@@ -88,6 +89,34 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
 
     config_class = TokenizerConfig
     model_type = "provq-tokenizer"
+
+    @classmethod
+    def card_content(cls, config: TokenizerConfig) -> CardContent:
+        q, s = config.quantizer, config.quantizer.schedule
+        family = {"vq": f"VQ, {q.codebook_size:,} codes of dim {q.codebook_dim}"
+                        + (", l2-normalized" if q.l2_normalize else "")
+                        + (", k-means init after the warm-up" if q.kmeans_init else ""),
+                  "fsq": f"FSQ, levels {q.levels} = {q.codebook_size:,} codes",
+                  "lfq": f"LFQ, {q.bits} bits = {q.codebook_size:,} codes"}[q.kind]
+        h, w = config.code_shape
+        schedule = ("hard codes from the first step" if s.kind == "none" else
+                    f"{s.kind}: continuous for {s.warmup:g}, then to hard codes"
+                    + (f" over {s.transition:g}" if s.kind not in ("step",) else " at once")
+                    + " (fractions of the run, or steps)")
+        return CardContent(
+            title=f"ProVQ image tokenizer ({q.kind.upper()}, {config.resolution} px -> {h}x{w} codes)",
+            task="image-tokenization",
+            summary=[f"- Quantizer: {family}.",
+                     f"- Hardness curriculum while training: {schedule}; encoding is always hard.",
+                     f"- Encoder/decoder: diffusers VAE blocks, {config.base_channels} base channels x "
+                     f"{config.channel_multipliers}, {config.num_res_blocks} res block(s) per level, "
+                     f"latent {config.latent_channels} channels" + (", attention" if config.attention else "") + ".",
+                     "- Codes usage and perplexity below are measured on the split they name."],
+            tags=["image-tokenizer", "vector-quantization", "progressive-quantization", "provq", q.kind],
+            load=("from tokenizer import ProVQTokenizer\n"
+                  "tok = ProVQTokenizer.from_pretrained(\"<this folder or repo id>\")\n"
+                  f"codes = tok.encode(images)  # (B, 3, {config.resolution}, {config.resolution}) in [-1, 1] -> (B, {h}, {w})\n"
+                  "images = tok.decode(codes)"))
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()

@@ -20,15 +20,16 @@ def build_ema(model, decay: float, accelerator):
     return ema
 
 
-def export_pretrained(model, ema, accelerator, path: Path) -> Path:
-    """``save_pretrained`` of the unwrapped model on the main process, with the EMA weights when on."""
+def export_pretrained(model, ema, accelerator, path: Path, metrics=None, datasets=None) -> Path:
+    """``save_pretrained`` of the unwrapped model on the main process, with the EMA weights when on,
+    and its card listing ``metrics`` (common.cards.CardMetric) of ``datasets``."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(path)
+        unwrapped.save_pretrained(path, metrics or [], datasets or [])
         logger.info("written %s", path)
     if ema is not None:
         ema.restore(unwrapped.parameters())

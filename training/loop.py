@@ -200,8 +200,8 @@ def due(step: int, every: int, max_steps: int) -> bool:
     return (every > 0 and step % every == 0) or step == max_steps
 
 
-def finish_run(run: TrainingRun, parts: TrainParts, export_dir: Path) -> Path:
-    """Export the weights (the EMA's when on) and close the trackers."""
-    path = export_pretrained(parts.model, parts.ema, run.accelerator, export_dir)
+def finish_run(run: TrainingRun, parts: TrainParts, export_dir: Path, metrics=None, datasets=None) -> Path:
+    """Export the weights (the EMA's when on) with a model card of ``metrics``, and close the trackers."""
+    path = export_pretrained(parts.model, parts.ema, run.accelerator, export_dir, metrics, datasets)
     run.accelerator.end_training()
     return path
