@@ -5,21 +5,33 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := fonts-noto-color-emoji unicode-data g++  # g++: torch.compile's CPU code
+APP_APT_PACKAGES := chromium chromium-driver  # the app's test drives a real (headless) browser
 STAMP := $(VENV)/.installed
+APP_STAMP := $(VENV)/.installed-app
 # One torch thread per core the process really has (see README, "CPU threads").
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt venv test test-fast demo ablation study lint clean
+.PHONY: setup setup-app apt apt-app venv test test-fast demo app ablation study lint clean
 
 setup: apt $(STAMP)
 
-apt:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-	  echo "[setup] installing $(APT_PACKAGES)"; \
+# The browser app's extra (gradio, selenium) and the browser its test drives.
+setup-app: setup apt-app $(APP_STAMP)
+
+define apt_install
+	@if ! dpkg -s $(1) >/dev/null 2>&1; then \
+	  echo "[setup] installing $(1)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1); \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_PACKAGES))
+
+apt-app:
+	$(call apt_install,$(APP_APT_PACKAGES))
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "[setup] creating $(VENV) and installing the project (first time: several minutes)"
@@ -29,7 +41,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard]'
 	@touch $(STAMP)
 
-test: setup
+$(APP_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,app]'
+	@touch $(APP_STAMP)
+
+test: setup-app
 	$(PY) -m pytest -q tests
 
 # The edit loop: every room, without the end-to-end and subprocess tests (marked slow).
@@ -41,6 +57,10 @@ lint: setup
 
 demo: setup
 	$(PY) demo.py --output_dir runs/demo
+
+# The demo's tokenizer and prior in the browser (after `make demo`): http://127.0.0.1:7860
+app: setup-app
+	$(PY) -m app --tokenizer runs/demo/tok/tokenizer --prior runs/demo/prior/prior --dataset emoji
 
 ablation: setup
 	$(PY) -m ablation --output_dir runs/ablation
