@@ -11,15 +11,31 @@ from pathlib import Path
 from common.cli import CommandParser, run_command
 from common.errors import ConfigError
 from common.files import read_npz
+from common.typed_config import build_config
+from data import DataConfig
 from eval import stats_cache
 from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
 from eval.fid import fid_from_stats, load_stats, save_stats
 from eval.inception import load_inception, protocol
 from eval.inputs import DatasetSource, open_images
 from eval.stats_cache import reference_stats
+from training.config import load_yaml
 
 IS_UNAVAILABLE = ("the Inception weights have no classifier layer (fid-helper's copy is pool3 only); "
                   "pass --inception_weights pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for IS")
+
+
+def _data_section(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="a preset whose data: section applies (its class_subset, split names, hub columns), "
+                             "e.g. configs/imagenet100_256.yaml; --dataset and --resolution still choose those")
+
+
+def data_config(args) -> DataConfig | None:
+    """The preset's data section, when --config names one."""
+    if not getattr(args, "config", None):
+        return None
+    return build_config(DataConfig, load_yaml(args.config).get("data", {}), prefix="data.")
 
 
 def _common(parser: argparse.ArgumentParser, out_help: str = "also write the JSON here") -> None:
@@ -49,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--split", default="train")
     stats.add_argument("--resolution", type=int, default=32)
     stats.add_argument("--images", help="instead of --dataset: a folder of images or a samples .npz (arr_0)")
+    _data_section(stats)
     _common(stats, out_help="the statistics .npz to write")
     stats.add_argument("--json_out", default=None, help="also write the JSON here (--out is the .npz)")
     rfid = commands.add_parser("rfid", help="reconstruction FID, PSNR, SSIM, LPIPS and codebook usage")
@@ -60,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="PSNR, SSIM and codebook usage only: no Inception, no rFID (e.g. on a training split)")
     rfid.add_argument("--lpips_net", default="alex", choices=["alex", "vgg", "squeeze", "none"],
                       help="LPIPS trunk; 'none' skips LPIPS (its trunk is downloaded when not cached)")
+    _data_section(rfid)
+    rfid.add_argument("--ssim_protocol", default="standard", choices=["standard", "llamagen"],
+                      help="standard: 11x11 gaussian (Wang et al.); llamagen: skimage's 7x7 uniform window with "
+                           "data_range 2.0, as LlamaGen reports SSIM")
     rfid.add_argument("--card", action="store_true",
                       help="also add these metrics (with their protocol) to the tokenizer folder's model card")
     _common(rfid)
@@ -104,8 +125,8 @@ def _inception_score_fields(result: StatsResult, model) -> dict:
 def run_stats(args, setup: EvalSetup) -> dict:
     if bool(args.dataset) == bool(args.images):
         raise ConfigError("stats: give exactly one of --dataset or --images")
-    source = (DatasetSource(args.dataset, args.split, args.resolution, args.num_workers) if args.dataset
-              else open_images(args.images))
+    source = (DatasetSource(args.dataset, args.split, args.resolution, args.num_workers, data_config(args))
+              if args.dataset else open_images(args.images))
     result = reference_stats(source, setup) if args.dataset else source_stats(source, setup)
     if setup.procs.is_main and args.stats_out:
         save_stats(result.stats, args.stats_out)
@@ -114,7 +135,7 @@ def run_stats(args, setup: EvalSetup) -> dict:
 
 
 def run_rfid(args, setup: EvalSetup) -> dict:
-    from eval.metrics import load_lpips
+    from eval.metrics import SSIM_PROTOCOLS, load_lpips
     from tokenizer import ProVQTokenizer  # tokenizer/ is its own room; imported when used
 
     procs = setup.procs
@@ -122,12 +143,12 @@ def run_rfid(args, setup: EvalSetup) -> dict:
     lpips_model, lpips_why = (None, "disabled by --lpips_net none") if args.lpips_net == "none" else (
         load_lpips(args.lpips_net, procs.device))
     resolution = args.resolution or tokenizer.config.resolution
-    source = DatasetSource(args.dataset, args.split, resolution, args.num_workers)
+    source = DatasetSource(args.dataset, args.split, resolution, args.num_workers, data_config(args))
     # The originals' statistics do not depend on the tokenizer: from the cache when there, so
     # only the reconstructions go through Inception (half an rFID's cost).
     originals = None if args.pixel_only else stats_cache.cached(source, setup.model.checksum)
     result = reconstruction_stats(source, tokenizer, replace(setup, model=None) if args.pixel_only else setup,
-                                  lpips_model, originals_known=originals is not None)
+                                  lpips_model, originals_known=originals is not None, ssim_protocol=args.ssim_protocol)
     if originals is None and not args.pixel_only:
         originals = result.originals
         if procs.is_main:
@@ -140,8 +161,8 @@ def run_rfid(args, setup: EvalSetup) -> dict:
         metrics["lpips_net"] = args.lpips_net
     return {"metrics": metrics, "num_images": result.images, "skipped": metrics.pop("skipped"),
             "source": source.name, "tokenizer": args.tokenizer, "tokenizer_fingerprint": tokenizer.fingerprint(),
-            "pixel_metrics": "per image on uint8-rounded RGB in [0, 1], averaged; SSIM 11x11 gaussian "
-                             "(sigma 1.5), K1 0.01, K2 0.03, valid; PSNR capped at 100 dB"}
+            "pixel_metrics": "per image on uint8-rounded RGB in [0, 1], averaged; PSNR capped at 100 dB; "
+                             f"SSIM: {SSIM_PROTOCOLS[args.ssim_protocol]}", "ssim_protocol": args.ssim_protocol}
 
 
 def _pair(args, setup: EvalSetup, inputs: dict[str, str]) -> dict:

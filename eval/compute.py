@@ -12,7 +12,7 @@ from common.moments import MomentAccumulator
 from data.pixels import to_uint8
 from eval.fid import FeatureStats, InceptionScoreAccumulator, feature_stats
 from eval.inception import FEATURE_DIM, FIDInception, InceptionOutput, preprocess, protocol
-from eval.metrics import codebook_usage, ssim, uint8_psnr
+from eval.metrics import codebook_usage, ssim, ssim_llamagen, uint8_psnr
 from training.accelerator import process_state
 
 
@@ -116,7 +116,7 @@ def _reconstruct(tokenizer, floats: torch.Tensor):
 
 
 def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
-                         originals_known: bool = False) -> ReconstructionResult:
+                         originals_known: bool = False, ssim_protocol: str = "standard") -> ReconstructionResult:
     """Encode and decode every image of a DatasetSource; FID inputs, PSNR, SSIM, LPIPS on uint8 pixels.
 
     ``originals_known``: the caller has the originals' statistics already (they
@@ -146,7 +146,7 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
                 out = extract(model, torch.cat([real, fake]))
                 originals.update(out.features[: len(real)])
                 reconstructions.update(out.features[len(real):])
-            sums[:4] += _pixel_metric_sums(real, fake, lpips_model)
+            sums[:4] += _pixel_metric_sums(real, fake, lpips_model, ssim_protocol)
     procs.sum(originals.tensors() + reconstructions.tensors() + [counts, sums])
     n = max(sums[3].item(), 1.0)
     metrics = {"psnr": sums[0].item() / n, "ssim": sums[1].item() / n, **codebook_usage(counts),
@@ -160,12 +160,13 @@ def reconstruction_stats(source, tokenizer, setup: EvalSetup, lpips_model=None,
                                 feature_stats(reconstructions, model.checksum, proto), metrics, int(sums[3].item()))
 
 
-def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model) -> torch.Tensor:
+def _pixel_metric_sums(real: torch.Tensor, fake: torch.Tensor, lpips_model, ssim_protocol: str) -> torch.Tensor:
     """Sums over the batch of PSNR, SSIM, LPIPS, and the image count."""
     x, y = real.double() / 255, fake.double() / 255
     lpips_sum = 0.0
     if lpips_model is not None:
         with torch.inference_mode():
             lpips_sum = lpips_model(x.float() * 2 - 1, y.float() * 2 - 1).sum().item()
-    return torch.tensor([uint8_psnr(real, fake).double().sum().item(), ssim(x, y).double().sum().item(), lpips_sum,
+    structural = ssim(x, y) if ssim_protocol == "standard" else ssim_llamagen(x, y)
+    return torch.tensor([uint8_psnr(real, fake).double().sum().item(), structural.double().sum().item(), lpips_sum,
                          float(len(real))], dtype=torch.float64, device=real.device)

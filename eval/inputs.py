@@ -3,6 +3,7 @@ sharded over processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,10 +68,15 @@ class _MapSource(Dataset):
 class DatasetSource(_MapSource):
     """A split through data.load_split (train=False: no flips); its [-1, 1] images become uint8."""
 
-    def __init__(self, dataset: str, split: str, resolution: int, num_workers: int = 0):
-        self.dataset = load_split(DataConfig(dataset=dataset, resolution=resolution, num_workers=num_workers),
-                                  split, train=False)
-        self.name = f"{dataset}:{split}@{resolution}"
+    def __init__(self, dataset: str, split: str, resolution: int, num_workers: int = 0,
+                 data: DataConfig | None = None):
+        """``data``: a preset's data section (its class subset, split names, hub columns); ``dataset``,
+        ``resolution`` and ``num_workers`` replace its fields."""
+        config = dataclasses.replace(data or DataConfig(), dataset=dataset, resolution=resolution,
+                                     num_workers=num_workers)
+        self.dataset = load_split(config, split, train=False)
+        subset = f"[{Path(config.class_subset).name}]" if config.class_subset else ""
+        self.name = f"{dataset}{subset}:{split}@{resolution}"
 
     def __len__(self):
         return len(self.dataset)

@@ -60,6 +60,33 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ssim_map.flatten(1).mean(1).float()
 
 
+SSIM_PROTOCOLS = {
+    "standard": "11x11 gaussian window (sigma 1.5), K1 0.01, K2 0.03, valid, on [0, 1] pixels (Wang et al.)",
+    "llamagen": "LlamaGen's: skimage's default 7x7 uniform window with sample covariance, data_range 2.0 "
+                "on [0, 1] pixels (tokenizer/validation/val_ddp.py)",
+}
+
+
+def ssim_llamagen(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM as LlamaGen reports it: skimage.metrics.structural_similarity(multichannel,
+    data_range=2.0) of (N, C, H, W) images in [0, 1]: a 7x7 box window (its borders cropped, so a
+    'valid' average), the covariance normalized by 49/48, channels averaged."""
+    if min(x.shape[-2:]) < 7:
+        raise ConfigError(f"SSIM needs images of at least 7 px, got {tuple(x.shape[-2:])}")
+    x, y = x.double(), y.double()
+
+    def box(t):
+        return F.avg_pool2d(t, 7, stride=1)
+
+    norm = 49 / 48
+    mu_x, mu_y = box(x), box(y)
+    var_x, var_y = norm * (box(x * x) - mu_x**2), norm * (box(y * y) - mu_y**2)
+    cov_xy = norm * (box(x * y) - mu_x * mu_y)
+    c1, c2 = (SSIM_K1 * 2.0) ** 2, (SSIM_K2 * 2.0) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1).float()
+
+
 def load_lpips(net: str = "alex", device="cpu"):
     """(model, None), or (None, why) when its trunk weights cannot be had (e.g. offline)."""
     try:

@@ -479,3 +479,38 @@ def test_reference_statistics_are_cached_per_dataset_and_extractor(tmp_path, mon
     assert eval.stats_cache.cache_path(source.dataset.fingerprint, "other extractor") != \
         eval.stats_cache.cache_path(source.dataset.fingerprint, first["protocol"]["checksum"])
     capsys.readouterr()
+
+
+def test_llamagen_ssim_equals_skimage_as_llamagen_calls_it():
+    """LlamaGen's protocol: skimage.metrics.structural_similarity(multichannel, data_range=2.0,
+    channel_axis=-1) of HWC images in [0, 1]; skimage itself is the oracle."""
+    structural_similarity = pytest.importorskip("skimage.metrics").structural_similarity
+    from eval.metrics import ssim, ssim_llamagen
+
+    rng = np.random.default_rng(3)
+    real = rng.integers(0, 256, (3, 20, 24, 3)).astype(np.float32) / 255
+    fake = np.clip(real + rng.normal(0, 0.1, real.shape), 0, 1).astype(np.float32)
+    ours = ssim_llamagen(*(torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real, fake)))
+    theirs = [structural_similarity(f, r, data_range=2.0, channel_axis=-1) for r, f in zip(real, fake, strict=True)]
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5)
+    standard = ssim(*(torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real, fake)))
+    assert not np.allclose(standard.numpy(), theirs, rtol=1e-3)  # a different protocol, another number
+
+
+def test_eval_reads_the_class_subset_of_a_preset(tmp_path, capsys):
+    """ImageNet-100's rFID and reference statistics run on its 100 classes, not on all of ImageNet:
+    `--config` brings the preset's data section (here: 2 of 3 classes in ImageNet's layout)."""
+    from eval.__main__ import main
+
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    for split, count in (("train", 3), ("val", 2)):
+        for c, wnid in enumerate(wnids):
+            make_shapes(tmp_path / "imagenet" / split / wnid, count, 10 * c + len(split), size=24)
+    (tmp_path / "subset.txt").write_text("n01440764\nn01484850\n")
+    (tmp_path / "preset.yaml").write_text(f"data:\n  test_split: val\n  class_subset: {tmp_path / 'subset.txt'}\n")
+    argv = ["stats", "--dataset", str(tmp_path / "imagenet"), "--split", "val", "--resolution", "16"]
+    everything = main([*argv, "--out", str(tmp_path / "all.npz")])
+    subset = main([*argv, "--config", str(tmp_path / "preset.yaml"), "--out", str(tmp_path / "sub.npz")])
+    capsys.readouterr()
+    assert everything["num_images"] == 6 and subset["num_images"] == 4
+    assert "[subset.txt]" in subset["source"] and not subset["cached"]  # never the whole split's statistics
