@@ -175,3 +175,16 @@ def test_make_accelerator_refuses_lone_processes_of_a_multi_process_launch(tmp_p
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert make_accelerator(TrainConfig(), tmp_path).num_processes == 1
     reset_accelerate()
+
+
+def test_mixed_precision_auto_picks_by_a_probe_and_says_why(monkeypatch, caplog, tmp_path):
+    from training import accelerator as accel
+
+    choice, why = accel.probe_precision(seconds=0.1, size=64)
+    assert choice in ("bf16", "no") and "the fp32 rate on this CPU" in why
+    monkeypatch.setattr(accel, "probe_precision", lambda: ("no", "bf16 at 0.30x the fp32 rate"))
+    assert accel.resolve_precision("auto") == ("no", "bf16 at 0.30x the fp32 rate")
+    assert accel.resolve_precision("bf16") == ("bf16", None)  # an explicit choice is never probed
+    caplog.set_level("WARNING")
+    accelerator = make_accelerator(TrainConfig(mixed_precision="auto"), tmp_path)
+    assert accelerator.mixed_precision == "no" and "mixed_precision auto: no (bf16 at 0.30x" in caplog.text

@@ -42,7 +42,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on GPUs only)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 on GPUs only) | auto (bf16 where it is faster)
     compile: bool = False  # compile the model's hot blocks in place (inductor): faster steps, a slow first one
     ema_decay: float = 0.0  # 0 = no EMA
     seed: int = 0
@@ -55,8 +55,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw, not {self.optimizer!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, not {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, not {self.mixed_precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
