@@ -74,3 +74,12 @@ def test_a_discriminator_step_equals_the_update_of_its_own_loss(image_folder, tm
                                train__batch_size=8 // accumulation, **GAN_FROM_STEP_0)
     run_in_process(train_tokenizer.main, argv)
     assert probe.checked == 3  # every step of the run, each with `accumulation` micro-batches
+
+
+def test_the_gan_starts_at_llamagens_step():
+    from tokenizer.losses import gan_active
+
+    # LlamaGen: adopt_weight(..., global_step=train_steps + 1, threshold=disc_start) with train_steps
+    # counting the steps already taken: with disc_start 20,000 the 20,000th step (index 19,999) is the first
+    assert not gan_active(19_998, 20_000) and gan_active(19_999, 20_000)
+    assert gan_active(0, 0) and gan_active(0, 1) and not gan_active(0, 2)

@@ -92,8 +92,9 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def gan_active(step: int, disc_start: int) -> bool:
-    """The discriminator start step: GAN terms count from `disc_start` on."""
-    return step >= disc_start
+    """Whether the GAN terms count at the 0-based ``step``: from the ``disc_start``-th step on, as in
+    LlamaGen, whose vq_train.py passes ``global_step = train_steps + 1`` to its loss."""
+    return step + 1 >= disc_start
 
 
 def adaptive_gan_weight(
