@@ -3,6 +3,7 @@ returns plain arrays and numbers, so the page and the tests call the same code."
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from data.images import open_rgb, resize_center_crop, to_uint8_chw
 from data.pixels import to_float, to_hwc, to_uint8
 from eval.metrics import ssim, uint8_psnr
 from generator import ARPrior
+from generator.sampling import SamplingConfig
 from tokenizer import ProVQTokenizer
 
 MAX_CODEBOOK_IMAGES = 512  # test images whose codes make the usage histogram
@@ -121,8 +123,7 @@ class AppSession:
         return found
 
     # ---- the generate tab ---------------------------------------------------------------------------
-    def generate(self, label: int | None, cfg_scale: float, temperature: float, top_k: int, top_p: float,
-                 seed: int, count: int) -> tuple[np.ndarray, float]:
+    def generate(self, label: int | None, settings: SamplingConfig, seed: int, count: int) -> tuple[np.ndarray, float]:
         """(a grid of ``count`` samples, the seconds they took)."""
         from sample import generate
 
@@ -130,12 +131,11 @@ class AppSession:
             raise ConfigError("no --prior given: the app was started without one")
         classes = self.prior.config.num_classes
         if classes == 0:
-            label, cfg_scale = -1, 1.0  # unlabelled data: the null class, unguided
+            label, settings = -1, dataclasses.replace(settings, cfg_scale=1.0)  # the null class, unguided
         elif label is None or not 0 <= label < classes:
             raise ConfigError(f"label {label} outside the prior's classes [0, {classes})")
         started = time.perf_counter()
-        images = generate(self.tok, self.prior, torch.full((count,), label), cfg_scale=cfg_scale,
-                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        images = generate(self.tok, self.prior, torch.full((count,), label), seed=seed, **dataclasses.asdict(settings))
         return grid(to_hwc(to_uint8(images))), time.perf_counter() - started
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from app.session import AppSession
 from common.cli import user_error_line
 from common.errors import UserError
+from generator.sampling import SamplingConfig
 
 COMMAND = "python -m app"
 
@@ -80,55 +81,66 @@ def build(session: AppSession):
                     f"{session.resolution} px -> {session.tok.code_shape[0]}x{session.tok.code_shape[1]} codes")
         error = gr.Markdown("", elem_id="error")
         current = gr.State(None)
-        with gr.Tab("Tokenizer", elem_id="tab_tokenizer"):
-            with gr.Row():
-                index = gr.Number(value=0, precision=0, label="test image", elem_id="image_index",
-                                  visible=session.images is not None)
-                upload = gr.File(label="or upload an image", type="filepath", elem_id="upload")
-                run_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
-            with gr.Row():
-                original = gr.Image(label="original", elem_id="original", interactive=False, format="png")
-                reconstruction = gr.Image(label="reconstruction (hard codes)", elem_id="reconstruction",
-                                          interactive=False, format="png")
-                code_map = gr.Image(label="code map (one colour per code)", elem_id="code_map", interactive=False, format="png")
-            measured = gr.Markdown(elem_id="image_metrics")
-            hardness = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="hardness h: what the decoder sees "
-                                 "between the continuous latent (0) and its codes (1)", elem_id="hardness")
-            at_hardness = gr.Image(label="decoded at h", elem_id="at_hardness", interactive=False, format="png")
-        with gr.Tab("Codebook", elem_id="tab_codebook"):
-            codebook_button = gr.Button("Show for the current image", elem_id="codebook_refresh")
-            with gr.Row():
-                usage = gr.Image(label="code usage", elem_id="usage_plot", interactive=False, format="png")
-                geometry = gr.Image(label="codes and encoder outputs", elem_id="geometry_plot", interactive=False, format="png")
-            codebook_summary = gr.Markdown(elem_id="codebook_summary")
+        tokenizer_tab(gr, session, error, current)
+        codebook_tab(gr, session, error, current)
         if session.prior is not None:
             generate_tab(gr, session, error)
-
-        def reconstruct(number, path, h):
-            image = session.uploaded_image(path) if path else session.test_image(int(number or 0))
-            found = session.reconstruct(image)
-            text = f"PSNR {found.psnr:.2f} dB, SSIM {found.ssim:.4f} (uint8 pixels, hard codes)"
-            return (image, enlarged(found.original), enlarged(found.reconstruction), enlarged(found.code_map), text,
-                    enlarged(session.at_hardness(image, h)))
-
-        def decoded_at(h, image):
-            if image is None:
-                raise UserError("reconstruct an image first")
-            return (enlarged(session.at_hardness(image, h)),)
-
-        def codebook(image):
-            counts = session.counts
-            summary = ("no --dataset: usage is unknown" if counts is None else
-                       f"{int((counts > 0).sum()):,} of {len(counts):,} codes used on "
-                       f"{min(len(session.images), 512)} test images; {int((counts == 0).sum()):,} never used")
-            return (usage_plot(counts) if counts is not None else None,
-                    geometry_plot(session.code_geometry(image)), summary)
-
-        run_button.click(guarded(reconstruct, 6), [index, upload, hardness],
-                         [current, original, reconstruction, code_map, measured, at_hardness, error])
-        hardness.change(guarded(decoded_at, 1), [hardness, current], [at_hardness, error])
-        codebook_button.click(guarded(codebook, 3), [current], [usage, geometry, codebook_summary, error])
     return page
+
+
+def tokenizer_tab(gr, session: AppSession, error, current) -> None:
+    with gr.Tab("Tokenizer", elem_id="tab_tokenizer"):
+        with gr.Row():
+            index = gr.Number(value=0, precision=0, label="test image", elem_id="image_index",
+                              visible=session.images is not None)
+            upload = gr.File(label="or upload an image", type="filepath", elem_id="upload")
+            run_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
+        with gr.Row():
+            original = gr.Image(label="original", elem_id="original", interactive=False, format="png")
+            reconstruction = gr.Image(label="reconstruction (hard codes)", elem_id="reconstruction",
+                                      interactive=False, format="png")
+            code_map = gr.Image(label="code map (one colour per code)", elem_id="code_map", interactive=False,
+                                format="png")
+        measured = gr.Markdown(elem_id="image_metrics")
+        hardness = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="hardness h: what the decoder sees "
+                             "between the continuous latent (0) and its codes (1)", elem_id="hardness")
+        at_hardness = gr.Image(label="decoded at h", elem_id="at_hardness", interactive=False, format="png")
+
+    def reconstruct(number, path, h):
+        image = session.uploaded_image(path) if path else session.test_image(int(number or 0))
+        found = session.reconstruct(image)
+        text = f"PSNR {found.psnr:.2f} dB, SSIM {found.ssim:.4f} (uint8 pixels, hard codes)"
+        return (image, enlarged(found.original), enlarged(found.reconstruction), enlarged(found.code_map), text,
+                enlarged(session.at_hardness(image, h)))
+
+    def decoded_at(h, image):
+        if image is None:
+            raise UserError("reconstruct an image first")
+        return (enlarged(session.at_hardness(image, h)),)
+
+    run_button.click(guarded(reconstruct, 6), [index, upload, hardness],
+                     [current, original, reconstruction, code_map, measured, at_hardness, error])
+    hardness.change(guarded(decoded_at, 1), [hardness, current], [at_hardness, error])
+
+
+def codebook_tab(gr, session: AppSession, error, current) -> None:
+    with gr.Tab("Codebook", elem_id="tab_codebook"):
+        button = gr.Button("Show for the current image", elem_id="codebook_refresh")
+        with gr.Row():
+            usage = gr.Image(label="code usage", elem_id="usage_plot", interactive=False, format="png")
+            geometry = gr.Image(label="codes and encoder outputs", elem_id="geometry_plot", interactive=False,
+                                format="png")
+        summary = gr.Markdown(elem_id="codebook_summary")
+
+    def codebook(image):
+        counts = session.counts
+        text = ("no --dataset: usage is unknown" if counts is None else
+                f"{int((counts > 0).sum()):,} of {len(counts):,} codes used on "
+                f"{min(len(session.images), 512)} test images; {int((counts == 0).sum()):,} never used")
+        return (usage_plot(counts) if counts is not None else None,
+                geometry_plot(session.code_geometry(image)), text)
+
+    button.click(guarded(codebook, 3), [current], [usage, geometry, summary, error])
 
 
 def generate_tab(gr, session: AppSession, error) -> None:
@@ -150,9 +162,12 @@ def generate_tab(gr, session: AppSession, error) -> None:
         samples = gr.Image(label="samples", elem_id="samples", interactive=False, format="png")
         seconds = gr.Markdown(elem_id="seconds")
 
-    def run(label_value, cfg_value, temperature_value, k, p, seed_value, n):
-        picture, took = session.generate(None if label_value is None else int(label_value), float(cfg_value),
-                                         float(temperature_value), int(k or 0), float(p), int(seed_value or 0), int(n))
+    def run(*values):  # in the order of the inputs below
+        label_value, cfg_value, temperature_value, k, p, seed_value, n = values
+        settings = SamplingConfig(cfg_scale=float(cfg_value), temperature=float(temperature_value),
+                                  top_k=int(k or 0), top_p=float(p))
+        label_value = None if label_value is None else int(label_value)
+        picture, took = session.generate(label_value, settings, int(seed_value or 0), int(n))
         return enlarged(picture, 512), f"{int(n)} samples in {took:.2f} s"
 
     button.click(guarded(run, 2), [label, cfg, temperature, top_k, top_p, seed, count], [samples, seconds, error])

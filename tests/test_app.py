@@ -24,6 +24,7 @@ from PIL import Image
 from training_helpers import reset_accelerate
 
 from generator import ARPrior, PriorConfig
+from generator.sampling import SamplingConfig
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -199,7 +200,7 @@ def test_generate_a_grid_in_a_real_browser(served, browser):
     set_number(browser, "#seed input", 5)
     find(browser, "#generate").click()
     shown, _ = picture(browser, "samples")
-    expected, _ = session.generate(0, 2.0, 1.0, 0, 1.0, 5, 8)  # the page's defaults, seed 5
+    expected, _ = session.generate(0, SamplingConfig(cfg_scale=2.0), 5, 8)  # the page's defaults, seed 5
     assert shown.std() > 0 and np.array_equal(shrink(shown, expected.shape[0]), expected)
     assert re.search(r"^8 samples in \d+\.\d\d s$", browser.find_element(By.CSS_SELECTOR, "#seconds").text)
     shot(browser, "generate")
@@ -245,7 +246,7 @@ def test_a_label_out_of_range_is_a_user_error_the_page_shows_in_one_line(tmp_pat
     tok, prior = tiny_models(tmp_path)
     session = AppSession.load(str(tok), str(prior))
     with pytest.raises(ConfigError, match=r"label 7 outside the prior's classes \[0, 4\)"):
-        session.generate(7, 2.0, 1.0, 0, 1.0, 0, 2)
+        session.generate(7, SamplingConfig(), 0, 2)
     pytest.importorskip("gradio")
-    shown = guarded(lambda: session.generate(7, 2.0, 1.0, 0, 1.0, 0, 2), outputs=2)()
+    shown = guarded(lambda: session.generate(7, SamplingConfig(), 0, 2), outputs=2)()
     assert shown[-1] == "python -m app: error: label 7 outside the prior's classes [0, 4)"
