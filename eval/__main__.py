@@ -18,6 +18,7 @@ from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats
 from eval.fid import fid_from_stats, load_stats, save_stats
 from eval.inception import load_inception, protocol
 from eval.inputs import DatasetSource, open_images
+from eval.precision_recall import precision_recall
 from eval.stats_cache import reference_stats
 from training.config import load_yaml
 
@@ -51,6 +52,12 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "also write the JSO
     parser.add_argument("--frechet_method", default="eigh", choices=["eigh", "sqrtm"],
                         help="Tr sqrt(S1 S2) by symmetric eigh (default) or scipy's sqrtm (the reference code)")
     parser.add_argument("--out", default=None, help=out_help)
+
+
+def _precision_recall_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision_recall", action="store_true",
+                        help="also improved precision and recall (Kynkaenniemi et al., k=3, ADM's protocol); "
+                             "both inputs must be images, not statistics")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     gfid.add_argument("--card", default=None, metavar="PRIOR_FOLDER",
                       help="also add gFID (and IS) to the model card of the prior folder that made the samples")
     _common(gfid)
+    _precision_recall_flag(gfid)
     fid = commands.add_parser("fid", help="FID between two folders / .npz files (images or statistics)")
     fid.add_argument("--a", required=True)
     fid.add_argument("--b", required=True)
     _common(fid)
+    _precision_recall_flag(fid)
     return parser
 
 
@@ -110,8 +119,13 @@ def _open_input(path: str):
     return StatsResult(load_stats(path), None, 0) if _is_stats_file(path) else open_images(path)
 
 
-def _stats_of(opened, setup: EvalSetup, desc: str) -> StatsResult:
-    return opened if isinstance(opened, StatsResult) else source_stats(opened, setup, desc)
+def _stats_of(opened, setup: EvalSetup, desc: str, keep_features: bool = False) -> StatsResult:
+    if isinstance(opened, StatsResult):
+        if keep_features:
+            raise ConfigError(f"--precision_recall needs images on both sides, but {desc} is given as "
+                              "statistics (mu, sigma): pass a folder or a samples .npz")
+        return opened
+    return source_stats(opened, setup, desc, keep_features)
 
 
 def _inception_score_fields(result: StatsResult, model) -> dict:
@@ -169,9 +183,12 @@ def _pair(args, setup: EvalSetup, inputs: dict[str, str]) -> dict:
     """FID between two inputs (and IS of the first); ``inputs`` maps a name to a path."""
     (name_a, a), (name_b, b) = inputs.items()
     opened = _open_input(a), _open_input(b)
-    first, second = _stats_of(opened[0], setup, name_a), _stats_of(opened[1], setup, name_b)
+    both = args.precision_recall
+    first, second = _stats_of(opened[0], setup, name_a, both), _stats_of(opened[1], setup, name_b, both)
     metrics = {"fid": fid_from_stats(first.stats, second.stats, args.frechet_method),
                **_inception_score_fields(first, setup.model)}
+    if both:  # ADM's improved precision (fidelity of a) and recall (its coverage of b), k = 3
+        metrics.update(precision_recall(first.features, second.features))
     return {"metrics": metrics,
             "num_images": {name_a: first.stats.count, name_b: second.stats.count},
             "skipped": {name_a: first.skipped, name_b: second.skipped},

@@ -33,6 +33,17 @@ class Processes:
         state = process_state(device)
         return cls(state.process_index, state.num_processes, torch.device(device or state.device))
 
+    def gather_rows(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """(indices, rows) of this process's batches -> every process's rows, in index order."""
+        indices = torch.cat([i for i, _ in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        rows = torch.cat([r for _, r in parts]) if parts else torch.zeros(0, FEATURE_DIM)
+        if self.world > 1:
+            gathered = [None] * self.world
+            torch.distributed.all_gather_object(gathered, (indices, rows))
+            indices = torch.cat([g[0] for g in gathered])
+            rows = torch.cat([g[1] for g in gathered])
+        return rows[indices.argsort()]
+
     def sum(self, tensors: list[torch.Tensor]) -> None:
         """In-place sum over processes (sums are what every accumulator here keeps)."""
         if self.world > 1:
@@ -79,12 +90,15 @@ class StatsResult:
     inception_score: tuple[float, float] | None  # (mean, std) over 10 splits, when the weights give logits
     skipped: int
     cached: bool = False  # read from the statistics cache (eval.stats_cache), not computed
+    features: torch.Tensor | None = None  # every image's pool3 features, when asked for (precision/recall)
 
 
-def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResult:
-    """Streamed float64 statistics of every image of `source`, each counted once over all processes."""
+def source_stats(source, setup: EvalSetup, desc: str = "inception", keep_features: bool = False) -> StatsResult:
+    """Streamed float64 statistics of every image of `source`, each counted once over all processes;
+    ``keep_features`` also keeps each image's features (gathered from all processes in image order)."""
     model, procs = setup.model, setup.procs
     features = MomentAccumulator(FEATURE_DIM, device=procs.device)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     scores = InceptionScoreAccumulator(len(source), device=procs.device) if model.fc is not None else None
     skipped = torch.zeros((), dtype=torch.float64, device=procs.device)
     with setup.progress(source, desc) as bar:
@@ -93,13 +107,16 @@ def source_stats(source, setup: EvalSetup, desc: str = "inception") -> StatsResu
             if len(batch.indices):
                 out = extract(model, batch.images)
                 features.update(out.features)
+                if keep_features:
+                    kept.append((batch.indices, out.features.float().cpu()))
                 if scores is not None:
                     scores.update(out.logits, batch.indices)
             bar.update()
     procs.sum(features.tensors() + [skipped] + (scores.tensors() if scores else []))
     stats = feature_stats(features, model.checksum, protocol(model))
     return StatsResult(stats, scores.finalize() if scores else None,
-                       int(skipped.item()) + len(getattr(source, "unreadable", [])))
+                       int(skipped.item()) + len(getattr(source, "unreadable", [])),
+                       features=procs.gather_rows(kept) if keep_features else None)
 
 
 @dataclass

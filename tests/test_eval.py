@@ -514,3 +514,34 @@ def test_eval_reads_the_class_subset_of_a_preset(tmp_path, capsys):
     capsys.readouterr()
     assert everything["num_images"] == 6 and subset["num_images"] == 4
     assert "[subset.txt]" in subset["source"] and not subset["cached"]  # never the whole split's statistics
+
+
+def test_precision_and_recall_on_known_manifolds():
+    """Samples drawn from a tenth of the reference's spread: all inside it (precision 1), covering
+    little of it (recall low); swapped roles, the other way round. Against a brute-force count."""
+    from eval.precision_recall import manifold_radii, precision_recall
+
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(300, 8, generator=generator)
+    samples = torch.randn(200, 8, generator=generator) * 0.1
+    found = precision_recall(samples, reference)
+    assert found["precision"] == 1.0 and found["recall"] < 0.2
+    swapped = precision_recall(reference, samples)
+    assert swapped["recall"] == 1.0 and swapped["precision"] < 0.2
+    # brute force: the k-th nearest other point, and membership in any ball
+    d = torch.cdist(reference.double(), reference.double())
+    radii = d.sort(dim=1).values[:, 3] ** 2
+    assert torch.allclose(manifold_radii(reference), radii)
+    d_sr = torch.cdist(samples.double(), reference.double()) ** 2
+    assert found["precision"] == float((d_sr <= radii).any(dim=1).double().mean())
+
+
+def test_cli_precision_recall_needs_images_on_both_sides(tmp_path, folders, folder_stats, capsys):
+    from common.errors import ConfigError
+    from eval.__main__ import main
+
+    result = main(["fid", "--a", str(folders[0]), "--b", str(folders[1]), "--precision_recall"])
+    assert 0 <= result["metrics"]["precision"] <= 1 and 0 <= result["metrics"]["recall"] <= 1
+    save_stats(folder_stats[1], tmp_path / "b.npz")
+    with pytest.raises(ConfigError, match="needs images on both sides"):
+        main(["fid", "--a", str(folders[0]), "--b", str(tmp_path / "b.npz"), "--precision_recall"])
