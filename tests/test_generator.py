@@ -121,7 +121,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_save_load_gives_identical_logits(tmp_path):
     prior = tiny_prior(tokenizer_fingerprint="abc123")
     prior.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + card
     assert json.loads((tmp_path / "config.json").read_text())["tokenizer_fingerprint"] == "abc123"
     loaded = ARPrior.from_pretrained(tmp_path)
     assert loaded.config == prior.config

@@ -75,7 +75,7 @@ def test_bf16_autocast_keeps_quantizer_in_float32(tiny):
 # ---- files -----------------------------------------------------------------------------------
 def test_save_load_identical(tiny, tmp_path):
     folder = tiny.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # + card
     assert json.loads((folder / "config.json").read_text())["config_version"] == 1
     loaded = ProVQTokenizer.from_pretrained(folder)
     assert loaded.config == tiny.config and loaded.fingerprint() == tiny.fingerprint()

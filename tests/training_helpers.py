@@ -153,6 +153,8 @@ def load_state_file(path: Path):
         return load_file(str(path))
     if path.suffix == ".json":
         return {k: v for k, v in json.loads(path.read_text()).items() if k != "time"}
+    if path.suffix == ".md":  # an export's model card: its metrics are the run's, so equal runs, equal cards
+        return path.read_text()
     return torch.load(path, map_location="cpu", weights_only=False)  # our own test files
 
 
