@@ -49,6 +49,7 @@ def test_the_exported_tokenizer_card_carries_the_runs_own_evaluation(exported, i
     assert loaded.card == read_card(exported["tok"])
 
 
+@pytest.mark.slow
 def test_eval_card_adds_the_reconstruction_metrics_and_replaces_them_when_measured_again(exported, image_folder,
                                                                                          tmp_path):
     import shutil

