@@ -217,7 +217,8 @@ def update_card(args, result: dict) -> None:
         from tokenizer import ProVQTokenizer
 
         cls, folder, split, dataset = ProVQTokenizer, args.tokenizer, args.split, dataset_name(args.dataset)
-        protocol = {"images": result["num_images"], "resolution": args.resolution or "the tokenizer's",
+        resolution = args.resolution or ProVQTokenizer.read_config(Path(folder) / "config.json").resolution
+        protocol = {"images": result["num_images"], "resolution": resolution,
                     "measured by": "python -m eval rfid (uint8 pixels, hard codes)", **extractor}
     else:
         from generator import ARPrior
