@@ -263,3 +263,28 @@ def test_sample_config_section_and_flags_override_the_defaults(tmp_path):
     args = sample.parse_args([*base, "--config", str(preset), "--top_k", "3", "--sample.top_p", "0.9"])
     assert (args.sampling.cfg_scale, args.sampling.temperature, args.sampling.top_k, args.sampling.top_p) == (
         2.0, 0.5, 3, 0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, fields, codes", [("fsq", {"levels": "[4,4,2]"}, 32), ("lfq", {"bits": 5}, 32)])
+def test_each_lookup_free_family_from_tokenizer_to_evaluated_samples(kind, fields, codes, image_folder, tmp_path):
+    """tokenizer -> codes -> prior -> samples -> rFID and gFID, for FSQ and LFQ (VQ: the demo's path)."""
+    import train_tokenizer
+    from eval.__main__ import main as eval_main
+
+    family = {f"quantizer__{k}": v for k, v in fields.items()}
+    tok = run_in_process(train_tokenizer.main, tiny_tokenizer_argv(
+        image_folder, tmp_path / "tok", 3, quantizer__kind=kind, quantizer__codebook_size="null",
+        quantizer__codebook_dim="null", quantizer__l2_normalize="false", quantizer__kmeans_init="false", **family))
+    run_in_process(extract_codes.main, extract_argv(tok, image_folder, tmp_path / "codes"))
+    assert load_manifest(tmp_path / "codes", "train").codebook_size == codes
+    prior = run_in_process(train_prior.main, tiny_prior_argv(tmp_path / "codes", tmp_path / "prior", 2))
+    assert ARPrior.from_pretrained(prior).config.codebook_size == codes  # the vocabulary is the family's
+    npz = run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "samples"))
+    with np.load(npz) as data:
+        assert data["codes"].max() < codes and data["arr_0"].shape == (8, 16, 16, 3)
+    rfid = run_in_process(eval_main, ["rfid", "--tokenizer", str(tok), "--dataset", str(image_folder),
+                                      "--lpips_net", "none"])
+    gfid = run_in_process(eval_main, ["gfid", "--samples", str(npz), "--ref", str(image_folder)])
+    assert rfid["metrics"]["rfid"] > 0 and 0 < rfid["metrics"]["codebook_usage"] <= 1
+    assert gfid["metrics"]["fid"] > 0 and gfid["num_images"]["samples"] == 8
