@@ -22,6 +22,7 @@ METRICS = [
     ("dim_codes", "dim codes", True),  # of the codes in use
 ]
 GFID = ("fid", "gFID", False)
+GENERATION_METRICS = [GFID, ("bits_per_code", "prior bits/code", False), ("distinct_grids", "distinct sample grids", True)]
 SWEEP_METRICS = [("psnr", "PSNR (dB)", True), ("rfid", "rFID", False), ("codebook_usage", "usage", True),
                  ("dim_latents", "dim z_e", True)]
 # Logged curves, per variant (mean over seeds): (key in metrics.jsonl, panel title)
@@ -39,6 +40,14 @@ COMPARISONS = [
     ("A longer ramp (60% of the run) than the preset's (30%)", "cosine+kmeans+l2+long", "cosine+kmeans+l2"),
     ("ProVQ as the paper states it (no k-means) vs LlamaGen's hard VQ", "cosine+l2", "vq+l2"),
     ("What the k-means init adds to hard VQ", "vq+kmeans+l2", "vq+l2"),
+    # the quantizer families at about 1,000 codes (the family variants, issue 21)
+    ("FSQ: the ramp vs hard codes", "cosine+fsq", "fsq"),
+    ("LFQ: the ramp vs hard codes", "cosine+lfq", "lfq"),
+    ("VQ: the ramp vs hard codes (both with the k-means init)", "cosine+kmeans+l2", "vq+kmeans+l2"),
+    ("FSQ vs VQ, both hard", "fsq", "vq+kmeans+l2"),
+    ("LFQ vs VQ, both hard", "lfq", "vq+kmeans+l2"),
+    ("FSQ vs VQ, both with the ramp", "cosine+fsq", "cosine+kmeans+l2"),
+    ("LFQ vs VQ, both with the ramp", "cosine+lfq", "cosine+kmeans+l2"),
 ]
 
 
@@ -59,9 +68,10 @@ def table(variants: list[Variant], results: dict, generation: dict) -> str:
     for v in variants:
         row = {"variant": v.name, "seeds": len(results[v.name])}
         row.update({column: _cell(values(results[v.name], key)) for key, column, _ in METRICS})
-        row["gFID"] = _cell(values(generation.get(v.name, []), "fid"))
+        row.update({c: _cell(values(generation.get(v.name, []), k)) for k, c, _ in GENERATION_METRICS})
         rows.append(row)
-    return markdown_table(rows, ["variant", "seeds"] + [c for _, c, _ in METRICS] + ["gFID"])
+    columns = ["variant", "seeds"] + [c for _, c, _ in METRICS] + [c for _, c, _ in GENERATION_METRICS]
+    return markdown_table(rows, [c for c in columns if c in ("variant", "seeds") or any(r.get(c) for r in rows)])
 
 
 def strongest(variants: list[Variant], results, predicate) -> Variant | None:
@@ -75,8 +85,11 @@ def comparison(title: str, a: str, b: str, results: dict, generation: dict) -> l
     for key, column, higher in METRICS:
         difference = paired_difference(values(results[a], key), values(results[b], key))
         lines.append(verdict_line(column, (a, b), difference, higher))
-    gfid = paired_difference(values(generation.get(a, []), "fid"), values(generation.get(b, []), "fid"))
-    return lines + [verdict_line("gFID", (a, b), gfid, False), ""]
+    for key, column, higher in GENERATION_METRICS:
+        difference = paired_difference(values(generation.get(a, []), key), values(generation.get(b, []), key))
+        if difference.seeds:
+            lines.append(verdict_line(column, (a, b), difference, higher))
+    return lines + [""]
 
 
 def comparisons(variants: list[Variant], results: dict, generation: dict) -> list[str]:
