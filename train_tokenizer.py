@@ -39,6 +39,9 @@ logger = logging.getLogger("train_tokenizer")
 class TokenizerTrainConfig(training.TrainConfig):
     disc_lr: float = 1e-4
     eval_batches: int = 8  # test batches for the PSNR/usage evaluation; 0 = all
+    # The k-means init replaces the codebook: clear its Adam moments then, so the warm-up's moments of
+    # the random codes do not steer the new ones (off by default: the presets' runs stay as they were).
+    reset_codebook_moments: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +183,8 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
         loss = loss + loss_config.gan_weight * weight * g_loss
         logged.update({"loss/gan_g": g_loss.detach(), "loss/gan_weight": weight.detach()})
     training.check_finite(step, **logged, total=loss)
+    if out.quantizer.initialized_now and train_config.reset_codebook_moments:
+        reset_codebook_moments(parts.optimizer, accelerator.unwrap_model(parts.model))
     training.optimizer_step(parts.optimizer, parts.model, loss, ctx, train_config.lr, "generator")
     if gan_on:
         logged.update(discriminator_step(parts.gan, images, recon.detach(), ctx, loss_config.disc_loss_weight))
@@ -187,6 +192,11 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
     if parts.ema is not None and out.quantizer.initialized_now:
         sync_ema_codebook(parts.ema, accelerator.unwrap_model(parts.model))
     return training.StepTerms(averaged=logged, shared={f"quantizer/{k}": v for k, v in out.quantizer.stats.items()})
+
+
+def reset_codebook_moments(optimizer, tok) -> None:
+    """Forget the optimizer's state (Adam's moments, its step count) for the codebook only."""
+    getattr(optimizer, "optimizer", optimizer).state.pop(tok.quantizer.codebook.weight, None)
 
 
 def sync_ema_codebook(ema, tok) -> None:

@@ -129,3 +129,21 @@ def test_each_family_trains_and_logs_the_same_statistics(image_folder, tmp_path,
     assert ("loss/entropy" in train_rows[-1]) == (kind == "lfq")
     evaluated = [r for r in rows if "eval/dim_codes" in r][-1]
     assert 0 < evaluated["eval/usage"] <= 1 and 1 <= evaluated["eval/dim_latents"] <= tok.quantizer.codebook_dim
+
+
+def test_the_codebook_moments_can_be_reset_at_the_kmeans_init(image_folder, tmp_path):
+    """With reset_codebook_moments, Adam restarts for the codebook at the init: after the run its
+    step count is the steps since the init, while every other parameter's counts all the steps."""
+    out = tmp_path / "run"
+    argv = tiny_tokenizer_argv(image_folder, out, 6, quantizer__schedule__kind="step", quantizer__schedule__warmup=3,
+                               train__reset_codebook_moments="true", train__save_every=6)
+    run_in_process(train_tokenizer.main, argv)
+    state = torch.load(out / "checkpoints" / "step_00000006" / "optimizer.bin", weights_only=False)["state"]
+    steps = sorted({int(s["step"]) for s in state.values()})
+    assert steps == [3, 6]  # the init ran at step 3 (0-based, the first hard one): 3 fresh steps since
+    assert sum(int(s["step"]) == 3 for s in state.values()) == 1  # only the codebook restarted
+    run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, tmp_path / "kept", 6, train__save_every=6,
+                                                             quantizer__schedule__kind="step",
+                                                             quantizer__schedule__warmup=3))
+    kept = torch.load(tmp_path / "kept" / "checkpoints" / "step_00000006" / "optimizer.bin", weights_only=False)
+    assert {int(s["step"]) for s in kept["state"].values()} == {6}  # by default the moments are kept
