@@ -131,6 +131,7 @@ class Ablation:
         self.run(f"{name}: samples", commands.sample(
             tok, run / "prior" / "prior", cfg, run / "samples", s.num_samples,
             "--cfg_scale", str(self.args.cfg_scale), "--seed", str(seed)), run / "samples" / "samples.npz")
+        wait_for(self.ref, "the reference statistics (another shard computes them)")
         self.run(f"{name}: gFID", commands.evaluate(
             "gfid", "--samples", str(run / "samples" / "samples.npz"), "--ref", str(self.ref),
             "--out", str(run / "gfid.json")), run / "gfid.json")
@@ -145,6 +146,13 @@ class Ablation:
         generation = {v.name: [self.generation(v, seed) for seed in gen_seeds] for v in variants} \
             if s.generation else {}
         return results, generation
+
+
+def wait_for(path: Path, what: str, seconds: float = 30) -> None:
+    """Until ``path`` exists (another shard of a study writes it); at once when it does."""
+    while not path.exists():
+        print(f"[ablation] waiting for {what}: {path}", flush=True)
+        time.sleep(seconds)
 
 
 def prior_measures(run: Path) -> dict:

@@ -92,10 +92,7 @@ class Study:
     def generation(self, resolution: int, names: list[str]) -> dict:
         ablation = self.ablations[resolution]
         if self.plan.shard == 0:
-            ablation.reference()
-        while not ablation.ref.exists():
-            self.log(f"[study] waiting for shard 0's reference statistics {ablation.ref}")
-            time.sleep(WAIT_SECONDS)
+            ablation.reference()  # the other shards extract codes and train priors meanwhile
         return self._phase("generation", resolution, names, lambda run: (run / "gfid.json").exists(),
                            lambda ablation, variant, seed: ablation.generation(variant, seed))
 
