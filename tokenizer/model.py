@@ -122,7 +122,7 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         channels = [config.base_channels * m for m in config.channel_multipliers]
-        common = dict(
+        block_args = dict(
             block_out_channels=tuple(channels),
             layers_per_block=config.num_res_blocks,
             norm_num_groups=config.norm_num_groups,
@@ -130,12 +130,12 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         )
         self.encoder = Encoder(
             in_channels=config.in_channels, out_channels=config.latent_channels,
-            down_block_types=tuple(_block_types(config, down=True)), double_z=False, **common,
+            down_block_types=tuple(_block_types(config, down=True)), double_z=False, **block_args,
         )
         self.quantizer = ProgressiveQuantizer(config.latent_channels, config.quantizer)
         self.decoder = Decoder(
             in_channels=config.latent_channels, out_channels=config.in_channels,
-            up_block_types=tuple(_block_types(config, down=False)), **common,
+            up_block_types=tuple(_block_types(config, down=False)), **block_args,
         )
 
     @property
