@@ -242,15 +242,16 @@ def run_sweep(args, started: float) -> Path:
 
 def run_study(args, started: float) -> Path:
     """The study (ablation/study.py): every phase, or this shard's share, then the report."""
-    from ablation.study import Study, StudyPlan
+    from ablation.study import Study, StudyPlan, study_families
     from ablation.study_report import write_study_report
 
     out = Path(args.output_dir or "runs/study")
     shard, shards = parse_shard(args.shard)
     base = setting_of(args)
     resolutions = (args.resolution, 2 * args.resolution) if args.study_high_resolution else (args.resolution,)
-    plan = StudyPlan(seeds=base.seeds, resolutions=resolutions,
-                     generation_at_high=args.study_high_generation, shard=shard, shards=shards)
+    plan = StudyPlan(seeds=base.seeds, resolutions=resolutions, generation=args.study_generation,
+                     generation_at_high=args.study_high_generation, shard=shard, shards=shards,
+                     families=study_families(args.variants))
     setting = replace(base, train_pixels=False)  # traded for time: test-split metrics only
     study = Study(args, setting, plan, out)
     found = study.run()
@@ -260,8 +261,9 @@ def run_study(args, started: float) -> Path:
                    f"(FSQ levels and LFQ bits for that count), {setting.tokenizer_steps} tokenizer steps, "
                    f"priors of {setting.prior_steps} steps with {setting.num_samples} samples for gFID "
                    f"against the training split; resolutions {', '.join(map(str, plan.resolutions))} px; "
-                   f"generation at {plan.resolutions[0]} px"
-                   f"{' and above' if plan.generation_at_high else ' only'}.")
+                   + (f"generation at {plan.resolutions[0]} px"
+                      f"{' and above' if plan.generation_at_high else ' only'}." if plan.generation
+                      else "no generation (--study_generation false)."))
     return write_study_report(out, plan.variants, found, {
         "description": description, "seeds": plan.seeds, **minutes,
         "minutes": round((time.time() - started) / 60, 1)})
@@ -294,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", action="store_true",
                         help=f"{', '.join(SWEEP)} x 3 seeds at (codes, steps) {SWEEP_POINTS}")
     parser.add_argument("--sweep_large", action="store_true", help=f"with --sweep: also {SWEEP_LARGE}")
-    parser.add_argument("--variants", default=None, help="comma-separated variant names (see ablation/variants.py)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names (see ablation/variants.py); with --study, the "
+                             "study's variants to run (each family: its hard codes and one or more others)")
     parser.add_argument("--steps", type=int, default=None, help="tokenizer steps per run")
     parser.add_argument("--prior_steps", type=int, default=None, help="prior steps per generation run")
     parser.add_argument("--num_samples", type=int, default=None, help="samples per generation run (gFID)")
@@ -307,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(ablation/study.py); report in <output_dir>/study_report.md")
     parser.add_argument("--study_high_resolution", type=_yes_no, default=True, metavar="true|false",
                         help="with --study: the pairs at twice --resolution too (default true)")
+    parser.add_argument("--study_generation", type=_yes_no, default=True, metavar="true|false",
+                        help="with --study: priors, gFID and bits/code for each family's picks (default true)")
     parser.add_argument("--study_high_generation", action="store_true",
                         help="with --study: priors and gFID at twice --resolution too")
     parser.add_argument("--shard", default="0/1",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ablation.statistics import mean_std
 from ablation.variants import STUDY, VARIANTS
+from common.errors import ConfigError
 
 WAIT_SECONDS = 30  # how often a shard looks for the other shards' runs
 
@@ -32,11 +33,40 @@ class StudyPlan:
     generation_at_high: bool = False  # priors at the higher resolutions too (4x the codes per image)
     shard: int = 0
     shards: int = 1
-    families: dict = None  # family -> (hard, switch at start, at mid, at end, ramp); None: STUDY
+    families: dict = None  # family -> (hard, switch at start, at mid, at end, ramp), a cut one None; None: STUDY
+    generation: bool = True  # priors, gFID and bits/code for each family's picks
 
     @property
     def variants(self) -> dict[str, tuple[str, ...]]:
         return self.families or STUDY
+
+
+def study_families(names: str | None) -> dict:
+    """STUDY, or only the named variants of it: a variant left out is None (its comparisons are left
+    out of the report), a family none of whose variants is named is left out, and a family kept keeps
+    its hard codes and at least one progressive variant."""
+    if not names:
+        return dict(STUDY)
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    unknown = wanted - {n for family in STUDY.values() for n in family}
+    if unknown:
+        raise ConfigError(f"--variants with --study: {', '.join(sorted(unknown))} not in the study; "
+                          f"its variants: {', '.join(n for family in STUDY.values() for n in family)}")
+    families = {}
+    for family, names_of in STUDY.items():
+        kept = tuple(n if n in wanted else None for n in names_of)
+        if not any(kept):
+            continue
+        if kept[0] is None or not any(kept[1:]):
+            raise ConfigError(f"--variants with --study: family {family} needs its hard codes ({names_of[0]}) "
+                              f"and at least one of {', '.join(names_of[1:])}")
+        families[family] = kept
+    return families
+
+
+def present(names) -> list[str]:
+    """The variants of a family tuple that are run (a cut one is None)."""
+    return [n for n in names if n is not None]
 
 
 def mean_psnr(results: dict, name: str) -> float:
@@ -44,13 +74,14 @@ def mean_psnr(results: dict, name: str) -> float:
 
 
 def best(results: dict, names: list[str]) -> str:
-    """The variant with the highest mean test PSNR (how the study picks among switches)."""
-    return max(names, key=lambda name: mean_psnr(results, name))
+    """The variant with the highest mean test PSNR (how the study picks among switches); None if none run."""
+    names = present(names)
+    return max(names, key=lambda name: mean_psnr(results, name)) if names else None
 
 
 def generation_picks(families: dict, results: dict) -> dict[str, list[str]]:
-    """Per family: hard codes, the best of the three switches, and the ramp."""
-    return {family: [hard, best(results, list(switches)), ramp]
+    """Per family: hard codes, the best of the switches run, and the ramp (those of them run)."""
+    return {family: present([hard, best(results, switches), ramp])
             for family, (hard, *switches, ramp) in families.items()}
 
 
@@ -100,14 +131,15 @@ class Study:
         """Every phase in order; returns, per resolution, the results the report needs."""
         low, *higher = self.plan.resolutions
         families = self.plan.variants
-        results = self.reconstruction(low, [name for names in families.values() for name in names])
+        results = self.reconstruction(low, [name for names in families.values() for name in present(names)])
         picks = generation_picks(families, results)
         found = {low: {"results": results, "picks": picks,
-                       "generation": self.generation(low, [n for names in picks.values() for n in names])}}
+                       "generation": self.generation(low, [n for names in picks.values() for n in names])
+                       if self.plan.generation else {}}}
         for resolution in higher:
             pairs = high_resolution_pairs(families, results)
             names = [n for names in pairs.values() for n in names]
             found[resolution] = {"results": self.reconstruction(resolution, names), "picks": pairs,
                                  "generation": self.generation(resolution, names)
-                                 if self.plan.generation_at_high else {}}
+                                 if self.plan.generation and self.plan.generation_at_high else {}}
         return found

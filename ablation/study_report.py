@@ -27,19 +27,27 @@ def family_table(names: list[str], results: dict, generation: dict) -> str:
 
 
 def questions(family: str, names: tuple[str, ...], found: dict) -> list[tuple[str, str, str]]:
-    """(question, a, b) pairs of this family that decide the study's questions at 32 px."""
+    """(question, a, b) pairs of this family that decide the study's questions at 32 px; a pair with a
+    variant that was not run (None in ``names``) is left out."""
     hard, start, mid, end, ramp = names
     picks = found["picks"][family]
-    return [
+    switch = picks[1] if len(picks) == 3 else None
+    progressive = [n for n in (start, mid, end, ramp) if n is not None]
+    pairs = [
         ("Does a continuous phase help? Best progressive variant vs hard codes",
-         max((start, mid, end, ramp), key=lambda n: _mean(found["results"][n], "psnr")), hard),
+         max(progressive, key=lambda n: _mean(found["results"][n], "psnr")), hard),
         ("Does the smooth ramp help beyond a switch at the same time on hard codes?", ramp, end),
         ("... beyond a switch at the same mean hardness?", ramp, mid),
         ("... beyond a switch at the ramp's start (the earlier study's baseline)?", ramp, start),
         ("Generation: the ramp vs hard codes", ramp, hard),
-        ("Generation: the best switch vs hard codes", picks[1], hard),
-        ("Generation: the ramp vs the best switch", ramp, picks[1]),
+        ("Generation: the best switch vs hard codes", switch, hard),
+        ("Generation: the ramp vs the best switch", ramp, switch),
     ]
+    return [(q, a, b) for q, a, b in pairs if a is not None and b is not None and a != b]
+
+
+def reconstruction_questions(family: str, names: tuple[str, ...], found: dict) -> list[tuple[str, str, str]]:
+    return [q for q in questions(family, names, found) if not q[0].startswith("Generation")]
 
 
 def _mean(runs: list[dict], key: str) -> float:
@@ -64,9 +72,9 @@ def summary_rows(families: dict, found: dict, resolution: int) -> list[dict]:
     rows = []
     at = found[resolution]
     for family, names in families.items():
-        pairs = questions(family, names, at) if resolution == min(found) else [
+        pairs = reconstruction_questions(family, names, at) if resolution == min(found) else [
             ("Best progressive variant vs hard codes", at["picks"][family][1], at["picks"][family][0])]
-        for _question, a, b in pairs[:4]:
+        for _question, a, b in pairs:
             row = {"family": family, "comparison": f"`{a}` - `{b}`"}
             for key, column, higher in PLOTTED:
                 d = paired_difference(values(at["results"][a], key), values(at["results"][b], key))
@@ -84,7 +92,7 @@ def difference_panels(families: dict, found: dict) -> dict:
     for key, column, _ in PLOTTED:
         xs, means, lows, highs = [], [], [], []
         for family, names in families.items():
-            for _question, a, b in questions(family, names, found[low])[:4]:
+            for _question, a, b in reconstruction_questions(family, names, found[low]):
                 d = paired_difference(values(found[low]["results"][a], key), values(found[low]["results"][b], key))
                 xs.append(f"{family}: {a.split('+')[0]}-{b.split('+')[0]}")
                 means.append(d.mean)
@@ -106,7 +114,7 @@ def write_study_report(out: Path, families: dict, found: dict, info: dict) -> Pa
         at = found[low]
         lines += [f"## {family} at {low} px", "",
                   "Mean ± std over seeds (the std is the seed-to-seed spread).", "",
-                  family_table(list(names), at["results"], at["generation"]), ""]
+                  family_table([n for n in names if n is not None], at["results"], at["generation"]), ""]
         for question, a, b in questions(family, names, at):
             if question.startswith("Generation") and a not in at["generation"]:
                 continue
