@@ -11,7 +11,7 @@ from training_helpers import REPO
 import train_tokenizer
 from ablation import __main__ as ablation_main
 from ablation import study as study_module
-from ablation.study import Study, StudyPlan, generation_picks, high_resolution_pairs
+from ablation.study import Study, StudyPlan, generation_picks, high_resolution_pairs, study_families
 from ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
 from common.typed_config import config_to_dict
 from tokenizer.schedule import hardness
@@ -62,6 +62,31 @@ def test_picks_are_the_best_mean_psnr():
     # switches: step 21.0, step@mid 20.75, step@end 21.2 -> step@end; progressive best adds the ramp (20.55)
     assert generation_picks(families, results) == {"fsq": ["fsq", "step@end+fsq", "cosine+fsq"]}
     assert high_resolution_pairs(families, results) == {"fsq": ["fsq", "step@end+fsq"]}
+
+
+def test_a_cut_study_runs_and_reports_only_the_variants_named(tmp_path):
+    from ablation.study_report import questions, write_study_report
+    from common.errors import ConfigError
+
+    families = study_families("fsq,step@end+fsq,cosine+fsq")
+    assert families == {"fsq": ("fsq", None, None, "step@end+fsq", "cosine+fsq")}
+    with pytest.raises(ConfigError, match="needs its hard codes"):
+        study_families("cosine+fsq")
+    with pytest.raises(ConfigError, match="not in the study"):
+        study_families("fsq,cosine")
+    psnr = {"fsq": [20.0, 20.2], "step@end+fsq": [21.0, 21.4], "cosine+fsq": [20.5, 20.7]}
+    results = {name: [{"psnr": p, "seed": s} for s, p in enumerate(values)] for name, values in psnr.items()}
+    picks = generation_picks(families, results)
+    assert picks == {"fsq": ["fsq", "step@end+fsq", "cosine+fsq"]}
+    assert high_resolution_pairs(families, results) == {"fsq": ["fsq", "step@end+fsq"]}
+    found = {32: {"results": results, "picks": picks, "generation": {}}}
+    asked = [(a, b) for _, a, b in questions("fsq", families["fsq"], found[32])]
+    assert asked[:2] == [("step@end+fsq", "fsq"), ("cosine+fsq", "step@end+fsq")]
+    assert all(None not in pair and "step+fsq" not in pair for pair in asked)
+    text = write_study_report(tmp_path, families, found, {
+        "description": "cut", "seeds": 2, "stage_minutes": 0, "stages": 0, "untimed_stages": 0,
+        "minutes": 0}).read_text()
+    assert "`cosine+fsq` vs `step@end+fsq`" in text and "step@mid" not in text and "Generation" not in text
 
 
 def test_shards_run_each_job_once_and_wait_for_each_other(tmp_path, monkeypatch):
