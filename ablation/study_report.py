@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ablation.report import METRICS, _cell, interval_plot, time_line, values
+from ablation.report import FAMILY_COMPARISONS, METRICS, _cell, interval_plot, time_line, values
 from ablation.statistics import judgement, paired_difference, verdict_line
 from pipeline.report import markdown_table
 
@@ -102,6 +102,15 @@ def difference_panels(families: dict, found: dict) -> dict:
     return panels
 
 
+def family_comparisons(at: dict, resolution: int) -> list[str]:
+    """The families against each other (hard codes, then the ramp), paired by seed, where both ran."""
+    pairs = [(title, a, b) for title, a, b in FAMILY_COMPARISONS if a in at["results"] and b in at["results"]]
+    lines = [f"## The families side by side at {resolution} px", ""] if pairs else []
+    for title, a, b in pairs:
+        lines += [f"### {title}: `{a}` vs `{b}`", "", *verdicts(a, b, at["results"], at["generation"]), ""]
+    return lines
+
+
 def write_study_report(out: Path, families: dict, found: dict, info: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     low, *higher = sorted(found)
@@ -119,6 +128,7 @@ def write_study_report(out: Path, families: dict, found: dict, info: dict) -> Pa
             if question.startswith("Generation") and a not in at["generation"]:
                 continue
             lines += [f"### {question}: `{a}` vs `{b}`", "", *verdicts(a, b, at["results"], at["generation"]), ""]
+    lines += family_comparisons(found[low], low)
     for resolution in higher:
         at = found[resolution]
         lines += [f"## {resolution} px: hard codes vs the best progressive variant at {low} px", "",

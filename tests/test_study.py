@@ -87,6 +87,19 @@ def test_a_cut_study_runs_and_reports_only_the_variants_named(tmp_path):
         "description": "cut", "seeds": 2, "stage_minutes": 0, "stages": 0, "untimed_stages": 0,
         "minutes": 0}).read_text()
     assert "`cosine+fsq` vs `step@end+fsq`" in text and "step@mid" not in text and "Generation" not in text
+    assert "side by side" not in text  # one family: nothing to compare it with
+
+    both = study_families("vq+kmeans+l2,cosine+kmeans+l2,fsq,step@end+fsq,cosine+fsq")
+    results["vq+kmeans+l2"] = [{"psnr": 19.0, "seed": 0}, {"psnr": 19.4, "seed": 1}]
+    results["cosine+kmeans+l2"] = [{"psnr": 20.0, "seed": 0}, {"psnr": 20.1, "seed": 1}]
+    found = {32: {"results": results, "picks": generation_picks(both, results), "generation": {}}}
+    text = write_study_report(tmp_path, both, found, {
+        "description": "two", "seeds": 2, "stage_minutes": 0, "stages": 0, "untimed_stages": 0,
+        "minutes": 0}).read_text()
+    side = text[text.index("## The families side by side at 32 px"):]
+    assert "### FSQ vs VQ, both hard: `fsq` vs `vq+kmeans+l2`" in side
+    assert "+0.9" in side.split("### FSQ vs VQ, both with the ramp")[0]  # fsq - vq by seed: +1.0, +0.8
+    assert "LFQ" not in side
 
 
 def test_shards_run_each_job_once_and_wait_for_each_other(tmp_path, monkeypatch):
