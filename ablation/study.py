@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ablation.statistics import mean_std
-from ablation.variants import STUDY, VARIANTS
+from ablation.variants import STUDY, VARIANTS, select
 from common.errors import ConfigError
 
 WAIT_SECONDS = 30  # how often a shard looks for the other shards' runs
@@ -47,7 +47,7 @@ def study_families(names: str | None) -> dict:
     its hard codes and at least one progressive variant."""
     if not names:
         return dict(STUDY)
-    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    wanted = {variant.name for variant in select(names)}
     unknown = wanted - {n for family in STUDY.values() for n in family}
     if unknown:
         raise ConfigError(f"--variants with --study: {', '.join(sorted(unknown))} not in the study; "

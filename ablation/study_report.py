@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ablation.report import FAMILY_COMPARISONS, METRICS, _cell, interval_plot, time_line, values
 from ablation.statistics import judgement, paired_difference, verdict_line
+from ablation.study import present
 from pipeline.report import markdown_table
 
 RECONSTRUCTION = [m for m in METRICS if not m[0].startswith("train_")]
@@ -32,7 +33,7 @@ def questions(family: str, names: tuple[str, ...], found: dict) -> list[tuple[st
     hard, start, mid, end, ramp = names
     picks = found["picks"][family]
     switch = picks[1] if len(picks) == 3 else None
-    progressive = [n for n in (start, mid, end, ramp) if n is not None]
+    progressive = present((start, mid, end, ramp))
     pairs = [
         ("Does a continuous phase help? Best progressive variant vs hard codes",
          max(progressive, key=lambda n: _mean(found["results"][n], "psnr")), hard),
@@ -43,7 +44,7 @@ def questions(family: str, names: tuple[str, ...], found: dict) -> list[tuple[st
         ("Generation: the best switch vs hard codes", switch, hard),
         ("Generation: the ramp vs the best switch", ramp, switch),
     ]
-    return [(q, a, b) for q, a, b in pairs if a is not None and b is not None and a != b]
+    return [(q, a, b) for q, a, b in pairs if a is not None and b is not None]
 
 
 def reconstruction_questions(family: str, names: tuple[str, ...], found: dict) -> list[tuple[str, str, str]]:
@@ -123,7 +124,7 @@ def write_study_report(out: Path, families: dict, found: dict, info: dict) -> Pa
         at = found[low]
         lines += [f"## {family} at {low} px", "",
                   "Mean ± std over seeds (the std is the seed-to-seed spread).", "",
-                  family_table([n for n in names if n is not None], at["results"], at["generation"]), ""]
+                  family_table(present(names), at["results"], at["generation"]), ""]
         for question, a, b in questions(family, names, at):
             if question.startswith("Generation") and a not in at["generation"]:
                 continue
