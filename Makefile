@@ -60,13 +60,13 @@ demo: setup
 
 # The demo's tokenizer and prior in the browser (after `make demo`): http://127.0.0.1:7860
 app: setup-app
-	$(PY) -m app --tokenizer runs/demo/tok/tokenizer --prior runs/demo/prior/prior --dataset emoji
+	$(PY) -m provq.app --tokenizer runs/demo/tok/tokenizer --prior runs/demo/prior/prior --dataset emoji
 
 ablation: setup
-	$(PY) -m ablation --output_dir runs/ablation
+	$(PY) -m provq.ablation --output_dir runs/ablation
 
 study: setup
-	$(PY) -m ablation --study --output_dir runs/study
+	$(PY) -m provq.ablation --study --output_dir runs/study
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,7 @@
 """Inception feature-extraction throughput (fp32 eager and compiled, bf16, FidHelper) at 32 px, and the
 FID change that compiling and bf16 make, side by side in one process.
 
-OMP_NUM_THREADS=2 python bench/fid.py [--num_images 512] [--batch_size 64] [--out bench/results/fid.json]
+OMP_NUM_THREADS=2 python -m bench.fid [--num_images 512] [--batch_size 64] [--out bench/results/fid.json]
 
 The compiled path (FIDInception.compile: inductor, frozen weights) is timed after its compile,
 whose seconds are reported apart. bf16 is measured only to show why no command offers it.
@@ -12,28 +12,24 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-
-from bench.results_io import write_result  # noqa: E402
-from common.moments import MomentAccumulator  # noqa: E402
-from eval.compute import extract  # noqa: E402
-from eval.fid import feature_stats, fid_from_stats  # noqa: E402
-from eval.inception import load_inception, protocol  # noqa: E402
+from bench.results_io import write_result
+from eval.compute import extract
+from eval.fid import feature_stats, fid_from_stats
+from eval.inception import load_inception, protocol
+from provq.common.moments import MomentAccumulator
 
 BF16_MAX_RELATIVE_FID_CHANGE = 1e-3  # the issue's bar: bf16 only if FID moves by less than 0.1%
 
 
 def emoji_images(split: str, count: int) -> torch.Tensor:
     """uint8 (N, 3, 32, 32) from the built-in emoji set: real images, the project's own data."""
-    from data import DataConfig, load_split
-    from data.pixels import to_uint8
+    from provq.data import DataConfig, load_split
+    from provq.data.pixels import to_uint8
 
     dataset = load_split(DataConfig(dataset="emoji", resolution=32), split, train=False)
     return torch.stack([to_uint8(dataset[i]["image"]) for i in range(min(count, len(dataset)))])

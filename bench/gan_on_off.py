@@ -1,6 +1,6 @@
 """The demo's tokenizer with and without a PatchGAN from the middle of training: rFID, PSNR, D's logits.
 
-    python bench/gan_on_off.py [--output_dir runs/gan_on_off] [--steps 2000]
+    python -m bench.gan_on_off [--output_dir runs/gan_on_off] [--steps 2000]
 
 Both runs are configs/emoji32.yaml's tokenizer (L1, no LPIPS: its weights cannot be had here), the
 same seed and steps; the second adds the hinge GAN of train_tokenizer.py (a 2-layer PatchGAN of 32
@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository
-
-from bench.results_io import write_result  # noqa: E402
-from pipeline import commands  # noqa: E402
-from pipeline.report import plot_panels, read_jsonl, series  # noqa: E402
+from bench.results_io import write_result
+from provq.pipeline import commands
+from provq.pipeline.report import plot_panels, read_jsonl, series
 
 CONFIG = "configs/emoji32.yaml"
 GAN = ("--tokenizer.loss.gan_weight", "0.1", "--tokenizer.loss.adaptive_gan_weight", "true",

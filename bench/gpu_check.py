@@ -1,7 +1,7 @@
 """One check of the scale path on one GPU: the recipe's tokenizer with the GAN, GPT-B, guided sampling, FID features.
 
-    python bench/gpu_check.py                       # on a GPU: about 5 minutes; JSON in bench/results/
-    python bench/gpu_check.py --out /tmp/check.json  # on a CPU: the same code path at tiny sizes (CI)
+    python -m bench.gpu_check                       # on a GPU: about 5 minutes; JSON in bench/results/
+    python -m bench.gpu_check --out /tmp/check.json  # on a CPU: the same code path at tiny sizes (CI)
 
 On synthetic data, through the scripts' own step functions (train_tokenizer.train_step with
 the discriminator step, train_prior.train_step, generator.sampling.sample, eval.compute.extract):
@@ -25,7 +25,6 @@ import argparse
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,20 +32,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-import train_prior  # noqa: E402
-import train_tokenizer  # noqa: E402
-import training  # noqa: E402
-from bench.results_io import write_result  # noqa: E402
-from common.typed_config import build_config  # noqa: E402
-from eval.compute import extract  # noqa: E402
-from eval.inception import load_inception  # noqa: E402
-from generator import CodeShardWriter, CodesManifest  # noqa: E402
-from generator.sampling import sample  # noqa: E402
-from pipeline.presets import preset_models  # noqa: E402
-from tokenizer import losses  # noqa: E402
-from training.config import load_preset  # noqa: E402
+from bench.results_io import write_result
+from eval.compute import extract
+from eval.inception import load_inception
+from generator import CodeShardWriter, CodesManifest
+from generator.sampling import sample
+from provq import training
+from provq.commands import (
+    train_prior,
+    train_tokenizer,
+)
+from provq.common.presets import load_preset
+from provq.common.typed_config import build_config
+from provq.pipeline.presets import preset_models
+from tokenizer import losses
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s.
 DENSE_BF16_PEAK = {"H200": (989.5e12, "NVIDIA H200 datasheet: 1,979 TFLOPS BF16 with sparsity, half dense"),

@@ -1,6 +1,6 @@
 """Prior training throughput and model-FLOPs utilisation against this machine's bf16 matmul rate.
 
-    OMP_NUM_THREADS=2 python bench/prior_step.py [--steps 20] [--out bench/results/prior_step.json]
+    OMP_NUM_THREADS=2 python -m bench.prior_step [--steps 20] [--out bench/results/prior_step.json]
 
 Through train_prior.py's own step (forward, cross-entropy, backward, clip, AdamW) on random codes,
 for the demo prior (configs/emoji32.yaml: 8x8 codes of 1,024, batch 64) and GPT-B
@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -23,15 +22,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-import train_prior  # noqa: E402
-import training  # noqa: E402
-from bench.gpu_check import matmul_peak, model_flops_per_token, synthetic_codes  # noqa: E402
-from bench.results_io import write_result  # noqa: E402
-from common.typed_config import build_config  # noqa: E402
-from pipeline.presets import preset_models  # noqa: E402
-from training.config import load_preset  # noqa: E402
+from bench.gpu_check import matmul_peak, model_flops_per_token, synthetic_codes
+from bench.results_io import write_result
+from provq import training
+from provq.commands import train_prior
+from provq.common.presets import load_preset
+from provq.common.typed_config import build_config
+from provq.pipeline.presets import preset_models
 
 MODELS = {"demo": ("emoji32", 10, 64, {}), "gpt_b": ("imagenet256", 1000, 8, {}),
           "gpt_b_4_layers": ("imagenet256", 1000, 8, {"num_layers": 4})}

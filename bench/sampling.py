@@ -1,6 +1,6 @@
 """Sampling speed of the prior on CPU: KV cache vs recomputing, vs transformers' generate, CFG cost (LlamaGen shapes).
 
-    OMP_NUM_THREADS=2 python bench/sampling.py [--out bench/results/sampling.json]
+    OMP_NUM_THREADS=2 python -m bench.sampling [--out bench/results/sampling.json]
 
 Weights are random: speed does not depend on them. Every figure is the best of interleaved
 repeats (the CPU may be shared). GPT-B is slow on a CPU, so its comparisons (generate, CFG,
@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench.results_io import write_result  # noqa: E402
-from generator import ARPrior, sample  # noqa: E402
-from pipeline.presets import preset_models  # noqa: E402
+from bench.results_io import write_result
+from generator import ARPrior, sample
+from provq.pipeline.presets import preset_models
 
 # The priors benchmarked: the demo's (emoji, 10 classes) and GPT-B of the ImageNet recipe.
 PRIORS = {"demo": ("emoji32", 10), "gpt_b": ("imagenet256", 1000)}

@@ -1,6 +1,6 @@
 """Images/s and peak memory of one tokenizer training step: ProVQ (mid-ramp) vs hard VQ, fp32 and bf16.
 
-    OMP_NUM_THREADS=2 python bench/tokenizer_step.py [--batch 32] [--gan] [--out PATH]
+    OMP_NUM_THREADS=2 python -m bench.tokenizer_step [--batch 32] [--gan] [--out PATH]
 
 A step is forward, losses (L1 + VQ; with --gan also the hinge generator loss with
 the adaptive weight and a discriminator update), backward and AdamW. The two
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
-
-from bench.results_io import write_result  # noqa: E402
-from pipeline.presets import preset_models  # noqa: E402
-from tokenizer import (  # noqa: E402
+from bench.results_io import write_result
+from provq.pipeline.presets import preset_models
+from tokenizer import (
     DiscriminatorConfig,
     PatchDiscriminator,
     ProVQTokenizer,
@@ -130,7 +128,7 @@ def peak_rss_child(args) -> None:
 
 
 def peak_rss(args, variant: str, precision: str) -> dict:
-    command = [sys.executable, __file__, "--child", f"{variant},{precision}", "--batch", str(args.batch),
+    command = [sys.executable, "-m", "bench.tokenizer_step", "--child", f"{variant},{precision}", "--batch", str(args.batch),
                "--disc_channels", str(args.disc_channels)]
     command += ["--gan"] if args.gan else []
     out = subprocess.run(command, capture_output=True, text=True, check=True)

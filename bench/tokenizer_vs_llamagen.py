@@ -1,6 +1,6 @@
 """Our tokenizer's training step against LlamaGen's at identical shapes, side by side in one process.
 
-    LLAMAGEN_DIR=path/to/LlamaGen OMP_NUM_THREADS=2 python bench/tokenizer_vs_llamagen.py [--steps 20]
+    LLAMAGEN_DIR=path/to/LlamaGen OMP_NUM_THREADS=2 python -m bench.tokenizer_vs_llamagen [--steps 20]
 
 LlamaGen's VQModel comes from their checkout (tokenizer/tokenizer_image/vq_model.py, imported from
 LLAMAGEN_DIR, never copied) at the shapes its ModelArgs leave to the caller, with ch 64 and 2 res
@@ -23,17 +23,14 @@ import importlib.util
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from bench.results_io import write_result  # noqa: E402
-from tokenizer import ProVQTokenizer, QuantizerConfig, ScheduleConfig, TokenizerConfig  # noqa: E402
+from bench.results_io import write_result
+from tokenizer import ProVQTokenizer, QuantizerConfig, ScheduleConfig, TokenizerConfig
 
 SHAPE = dict(ch=64, ch_mult=[1, 2, 2], num_res_blocks=2, z_channels=64, codebook_size=1024, codebook_dim=8)
 

@@ -9,20 +9,18 @@ study's variants). Right: what the decoder gets, (1 - h) z_e + h z_q, for 2-D la
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere
-from ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS  # noqa: E402
-from tokenizer.codebook_init import kmeans  # noqa: E402
-from tokenizer.quantizer import ProgressiveQuantizer, QuantizerConfig  # noqa: E402
-from tokenizer.schedule import ScheduleConfig, hardness  # noqa: E402
+from provq.ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
+from tokenizer.codebook_init import kmeans
+from tokenizer.quantizer import ProgressiveQuantizer, QuantizerConfig
+from tokenizer.schedule import ScheduleConfig, hardness
 
 STEPS = 1000
 

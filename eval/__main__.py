@@ -8,11 +8,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common.cli import CommandParser, run_command
-from common.errors import ConfigError
-from common.files import read_npz
-from common.typed_config import build_config
-from data import DataConfig
 from eval import stats_cache
 from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
 from eval.fid import fid_from_stats, load_stats, save_stats
@@ -20,7 +15,12 @@ from eval.inception import load_inception, protocol
 from eval.inputs import DatasetSource, open_images
 from eval.precision_recall import precision_recall
 from eval.stats_cache import reference_stats
-from training.config import load_yaml
+from provq.common.cli import CommandParser, command_name, run_command
+from provq.common.errors import ConfigError
+from provq.common.files import read_npz
+from provq.common.presets import load_yaml
+from provq.common.typed_config import build_config
+from provq.data import DataConfig
 
 IS_UNAVAILABLE = ("the Inception weights have no classifier layer (fid-helper's copy is pool3 only); "
                   "pass --inception_weights pt_inception-2015-12-05-6726825d.pth (pytorch-fid) for IS")
@@ -210,7 +210,7 @@ CARD_METRICS = {"rfid": ("rfid", "psnr", "ssim", "lpips", "codebook_usage", "cod
 
 def update_card(args, result: dict) -> None:
     """The metrics of an rfid (the tokenizer's card) or gfid run (the prior's card), with their protocol."""
-    from common.cards import CardMetric, dataset_name
+    from provq.common.cards import CardMetric, dataset_name
 
     extractor = {"extractor checksum": result["protocol"].get("checksum", "")[:16]}
     if args.command == "rfid":
@@ -258,5 +258,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def entry() -> None:
+    """The console command (``provq-...``) and ``python -m``."""
+    run_command(command_name("python -m eval"), main)
+
+
 if __name__ == "__main__":
-    run_command("python -m eval", main)
+    entry()

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from common.moments import MomentAccumulator
-from data.pixels import to_uint8
 from eval.fid import FeatureStats, InceptionScoreAccumulator, feature_stats
 from eval.inception import FEATURE_DIM, FIDInception, InceptionOutput, preprocess, protocol
 from eval.metrics import codebook_usage, ssim, ssim_llamagen, uint8_psnr
-from training.accelerator import process_state
+from provq.common.moments import MomentAccumulator
+from provq.data.pixels import to_uint8
+from provq.training.accelerator import process_state
 
 
 @dataclass

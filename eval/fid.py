@@ -11,9 +11,9 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from common.errors import FormatError
-from common.files import read_npz, write_atomic
-from common.moments import MomentAccumulator
+from provq.common.errors import FormatError
+from provq.common.files import read_npz, write_atomic
+from provq.common.moments import MomentAccumulator
 
 STATS_FORMAT = 1
 

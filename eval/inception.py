@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import FormatError, MissingFileError
+from provq.common.errors import FormatError, MissingFileError
 
 EXTRACTOR_NAME = "inception-v3-tf-2015-12-05/pool3"
 PYTORCH_FID_URL = (

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from common.errors import FormatError, MissingFileError
-from common.files import DAMAGED_ARCHIVE, damaged_archive
-from data import DataConfig, DatasetError, load_split
-from data.images import IMAGE_EXTENSIONS, image_files, open_rgb
-from data.pixels import from_hwc, to_uint8
+from provq.common.errors import FormatError, MissingFileError
+from provq.common.files import DAMAGED_ARCHIVE, damaged_archive
+from provq.data import DataConfig, DatasetError, load_split
+from provq.data.images import IMAGE_EXTENSIONS, image_files, open_rgb
+from provq.data.pixels import from_hwc, to_uint8
 
 
 @dataclass

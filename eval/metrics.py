@@ -8,7 +8,7 @@ import io
 import torch
 import torch.nn.functional as F
 
-from common.errors import ConfigError
+from provq.common.errors import ConfigError
 from tokenizer.codebook_stats import perplexity, usage
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03

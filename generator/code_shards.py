@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
-from common.errors import ConfigError, FormatError, MissingFileError
-from common.files import read_versioned, write_atomic, write_json_atomic
-from common.typed_config import build_config
+from provq.common.errors import ConfigError, FormatError, MissingFileError
+from provq.common.files import read_versioned, write_atomic, write_json_atomic
+from provq.common.typed_config import build_config
 
 from .errors import CodeRangeError, check_fingerprint
 

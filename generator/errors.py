@@ -1,6 +1,6 @@
 """Errors of the stage-2 prior that callers may want to catch by type."""
 
-from common.errors import UserError
+from provq.common.errors import UserError
 
 
 class CodeRangeError(UserError, ValueError):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from common.cards import CardContent
-from common.pretrained import PretrainedMixin
+from provq.common.cards import CardContent
+from provq.common.pretrained import PretrainedMixin
 
 from .errors import CodeRangeError, check_fingerprint
 from .positions import POSITION_EMBEDDINGS, GridRotaryEmbedding, add_output_dropout

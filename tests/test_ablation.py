@@ -9,15 +9,22 @@ from PIL import Image
 from scipy import stats
 from training_helpers import REPO
 
-import train_tokenizer
-from ablation import __main__ as ablation_main
-from ablation.report import curve_panels, strongest, sweep_panels, write_report, write_sweep_report
-from ablation.statistics import paired_difference, verdict_line
-from ablation.variants import DEFAULT, SWEEP, VARIANTS, select
-from common.errors import ConfigError
-from common.typed_config import config_to_dict
-from pipeline import commands
-from training.config import make_parser, parse_config
+from provq.ablation import __main__ as ablation_main
+from provq.ablation import runner
+from provq.ablation.report import (
+    curve_panels,
+    strongest,
+    sweep_panels,
+    write_report,
+    write_sweep_report,
+)
+from provq.ablation.statistics import paired_difference, verdict_line
+from provq.ablation.variants import DEFAULT, SWEEP, VARIANTS, select
+from provq.commands import train_tokenizer
+from provq.common.cli import make_parser, parse_config
+from provq.common.errors import ConfigError
+from provq.common.typed_config import config_to_dict
+from provq.pipeline import commands
 
 
 def test_variants_differ_only_in_discretization():
@@ -134,14 +141,14 @@ def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path):
     def args(*argv):
         return ablation_main.build_parser().parse_args(["--output_dir", str(tmp_path / "out"), *argv])
 
-    setting = ablation_main.setting_of(args("--variants", "vq+l2,cosine+l2", "--steps", "120", "--seeds", "2",
+    setting = runner.setting_of(args("--variants", "vq+l2,cosine+l2", "--steps", "120", "--seeds", "2",
                                             "--codebook_size", "256", "--prior_steps", "50"))
     assert (setting.variants, setting.tokenizer_steps, setting.seeds, setting.codebook_size,
             setting.prior_steps, setting.num_samples) == (("vq+l2", "cosine+l2"), 120, 2, 256, 50, 500)
     with pytest.raises(ConfigError, match="unknown variant"):
-        ablation_main.setting_of(args("--variants", "nope"))
+        runner.setting_of(args("--variants", "nope"))
     with pytest.raises(ConfigError, match="--steps must be >= 1"):
-        ablation_main.setting_of(args("--steps", "0"))
+        runner.setting_of(args("--steps", "0"))
     points = [(s.codebook_size, s.tokenizer_steps, s.generation, s.train_pixels, s.eval_every, s.variants)
               for s in ablation_main.sweep_settings(args("--sweep", "--seeds", "3"))]
     sweep = ("vq+kmeans+l2", "step+kmeans+l2", "cosine+kmeans+l2")
@@ -162,10 +169,10 @@ def test_finished_stages_are_skipped_and_their_times_survive_a_resume(tmp_path):
         return commands.evaluate("stats", "--images", str(images), "--batch_size", "4", "--out", str(out)), out
 
     args = argparse.Namespace(output_dir=str(tmp_path / "ablation"), quick=True, subprocess=False)
-    first = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"], tmp_path / "ablation")
+    first = runner.Ablation(args, runner.SETTINGS["quick"], tmp_path / "ablation")
     first.run("a", *stats("a"))
     written = (tmp_path / "a.npz").stat().st_mtime_ns
-    resumed = ablation_main.Ablation(args, ablation_main.SETTINGS["quick"], tmp_path / "ablation")
+    resumed = runner.Ablation(args, runner.SETTINGS["quick"], tmp_path / "ablation")
     for name in ("a", "b"):
         resumed.run(name, *stats(name))
     assert (tmp_path / "a.npz").stat().st_mtime_ns == written  # a finished stage is never rerun

@@ -64,8 +64,8 @@ def served(image_folder, tmp_path_factory):
     why = _missing()
     if why:
         pytest.skip(why)
-    from app.__main__ import start
-    from app.session import AppSession
+    from provq.app.__main__ import start
+    from provq.app.session import AppSession
 
     tok, prior = tiny_models(tmp_path_factory.mktemp("app"))
     dataset = image_folder
@@ -220,28 +220,28 @@ def test_a_non_image_upload_shows_the_one_line_error(served, browser, tmp_path):
     deadline = time.monotonic() + 60
     while not page_error(browser) and time.monotonic() < deadline:
         time.sleep(0.25)
-    assert re.fullmatch(r"python -m app: error: notes\.txt is not an image this app can read \(\w+\)",
+    assert re.fullmatch(r"python -m provq.app: error: notes\.txt is not an image this app can read \(\w+\)",
                         page_error(browser))
     assert "Traceback" not in browser.page_source
 
 
 def test_a_prior_of_another_tokenizer_is_refused_in_one_line(tmp_path, capsys):
-    from app.__main__ import main
-    from common.cli import run_command
+    from provq.app.__main__ import main
+    from provq.common.cli import run_command
 
     tok, _ = tiny_models(tmp_path / "a", seed=0)
     _, other_prior = tiny_models(tmp_path / "b", seed=1)
     with pytest.raises(SystemExit) as exit_info:
-        run_command("python -m app", main, ["--tokenizer", str(tok), "--prior", str(other_prior)])
+        run_command("python -m provq.app", main, ["--tokenizer", str(tok), "--prior", str(other_prior)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("python -m app: error: tokenizer fingerprint mismatch")
+    assert len(err) == 1 and err[0].startswith("python -m provq.app: error: tokenizer fingerprint mismatch")
 
 
 def test_a_label_out_of_range_is_a_user_error_the_page_shows_in_one_line(tmp_path):
-    from app.session import AppSession
-    from app.ui import guarded
-    from common.errors import ConfigError
+    from provq.app.session import AppSession
+    from provq.app.ui import guarded
+    from provq.common.errors import ConfigError
 
     tok, prior = tiny_models(tmp_path)
     session = AppSession.load(str(tok), str(prior))
@@ -249,4 +249,4 @@ def test_a_label_out_of_range_is_a_user_error_the_page_shows_in_one_line(tmp_pat
         session.generate(7, SamplingConfig(), 0, 2)
     pytest.importorskip("gradio")
     shown = guarded(lambda: session.generate(7, SamplingConfig(), 0, 2), outputs=2)()
-    assert shown[-1] == "python -m app: error: label 7 outside the prior's classes [0, 4)"
+    assert shown[-1] == "python -m provq.app: error: label 7 outside the prior's classes [0, 4)"

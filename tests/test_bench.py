@@ -13,7 +13,7 @@ from training_helpers import REPO, subprocess_env
 @pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(out)], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -15,11 +15,9 @@ from training_helpers import (
     tiny_tokenizer_argv,
 )
 
-import extract_codes
-import train_prior
-import train_tokenizer
-from common.cards import read_card
 from generator import ARPrior
+from provq.commands import extract_codes, train_prior, train_tokenizer
+from provq.common.cards import read_card
 from tokenizer import ProVQTokenizer
 
 

@@ -68,9 +68,9 @@ def extract_argv(tokenizer, files, out):
 
 # command -> (module with main(argv), how a process starts it)
 ENTRY_POINTS = {
-    "train_tokenizer.py": ("train_tokenizer", ["train_tokenizer.py"]),
-    "extract_codes.py": ("extract_codes", ["extract_codes.py"]),
-    "sample.py": ("sample", ["sample.py"]),
+    "train_tokenizer.py": ("provq.commands.train_tokenizer", ["train_tokenizer.py"]),
+    "extract_codes.py": ("provq.commands.extract_codes", ["extract_codes.py"]),
+    "sample.py": ("provq.commands.sample", ["sample.py"]),
     "python -m eval": ("eval.__main__", ["-m", "eval"]),
 }
 # name -> (arguments, command, the message its one line must say)
@@ -108,7 +108,7 @@ def run(argv: list[str], **env) -> subprocess.CompletedProcess:
 
 def run_here(command: str, argv: list[str], capsys) -> tuple[int, str]:
     """run_command(command, main, argv) in this process: (exit status, what it printed on stderr)."""
-    from common.cli import run_command
+    from provq.common.cli import run_command
 
     main = importlib.import_module(ENTRY_POINTS[command][0]).main
     capsys.readouterr()
@@ -162,8 +162,8 @@ def test_under_torchrun_the_error_is_printed_once(files, tmp_path):
 
 
 def test_run_command_turns_only_user_errors_into_one_line(capsys):
-    from common.cli import run_command
-    from common.errors import ConfigError
+    from provq.common.cli import run_command
+    from provq.common.errors import ConfigError
 
     def bug(argv):
         raise KeyError("a bug")
@@ -191,8 +191,7 @@ def truncate(path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(models, files, image_folder, tmp_path_factory) -> dict[str, Path]:
     """A tokenizer run with checkpoints after steps 1 and 2, and codes of the image folder."""
-    import extract_codes
-    import train_tokenizer
+    from provq.commands import extract_codes, train_tokenizer
 
     root = tmp_path_factory.mktemp("trained")
     run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, root / "tok", 2, train__save_every=1))
@@ -262,10 +261,9 @@ def test_resuming_from_a_damaged_checkpoint_names_it_and_the_ones_that_load(trai
 
 
 def test_training_the_prior_on_a_damaged_shard_names_it(trained, models, image_folder, tmp_path, capsys):
-    import extract_codes
-    import train_prior
-    from common.cli import run_command
     from generator import CodeDataset
+    from provq.commands import extract_codes, train_prior
+    from provq.common.cli import run_command
 
     codes = tmp_path / "codes"
     shutil.copytree(trained["codes"], codes)
@@ -316,8 +314,8 @@ def test_a_damaged_codes_manifest_is_named(trained, tmp_path, capsys):
     codes = tmp_path / "codes"
     shutil.copytree(trained["codes"], codes)
     (codes / "train" / "manifest.json").write_text('{"format_version": 1, "tokenizer_finger')
-    import train_prior
-    from common.cli import run_command
+    from provq.commands import train_prior
+    from provq.common.cli import run_command
 
     capsys.readouterr()
     with pytest.raises(SystemExit):
@@ -330,7 +328,7 @@ def test_a_damaged_codes_manifest_is_named(trained, tmp_path, capsys):
 @pytest.mark.parametrize("damage, message", [("empty", "is empty: not a checkpoint"),
                                              ("truncated", "is not a complete torch checkpoint")])
 def test_a_damaged_published_checkpoint_is_named(damage, message, tmp_path, capsys):
-    from common.cli import run_command
+    from provq.common.cli import run_command
     from tokenizer import convert
 
     checkpoint = tmp_path / "vq_ds16_c2i.pt"

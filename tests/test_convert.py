@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from training_helpers import REPO, run_in_process, tiny_tokenizer_argv
 
-import train_tokenizer
-from common.errors import ConfigError, FormatError
+from provq.commands import train_tokenizer
+from provq.common.errors import ConfigError, FormatError
+from provq.common.presets import preset_section
 from tokenizer import ProVQTokenizer, TokenizerConfig
 from tokenizer.convert import Layout, infer_config, key_map, main, mapped_state
-from training import preset_section
 
 FIXTURES = REPO / "tests" / "fixtures"
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import data.emoji as emoji
-from data import (
+import provq.data.emoji as emoji
+from provq.data import (
     DataConfig,
     DatasetNotFoundError,
     SkipTracker,
@@ -24,8 +24,8 @@ from data import (
     load_split,
     open_rgb,
 )
-from data.describe import main as describe_main
-from data.images import TEST_FRACTION, flip_bit, resize_center_crop, split_bucket
+from provq.data.describe import main as describe_main
+from provq.data.images import TEST_FRACTION, flip_bit, resize_center_crop, split_bucket
 
 REPO = Path(__file__).resolve().parents[1]
 needs_emoji = pytest.mark.skipif(
@@ -368,7 +368,7 @@ def test_describe_emoji_json(emoji_config, capsys):
 
 def test_describe_cli_folder(class_folder):
     result = subprocess.run(
-        [sys.executable, "-m", "data", "describe", "--dataset", str(class_folder)],
+        [sys.executable, "-m", "provq.data", "describe", "--dataset", str(class_folder)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr

@@ -12,8 +12,6 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from common.errors import FormatError
-from common.moments import MomentAccumulator
 from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
     FeatureStats,
@@ -34,6 +32,8 @@ from eval.inception import (
 )
 from eval.inputs import FolderSource, NpzSource, shard_batches
 from eval.metrics import codebook_usage, psnr, ssim
+from provq.common.errors import FormatError
+from provq.common.moments import MomentAccumulator
 
 N_IMAGES = 10  # per folder: Inception at 299 px costs ~6 GFLOPs an image
 
@@ -541,8 +541,8 @@ def test_precision_and_recall_on_known_manifolds():
 
 @pytest.mark.slow
 def test_cli_precision_recall_needs_images_on_both_sides(tmp_path, folders, folder_stats, capsys):
-    from common.errors import ConfigError
     from eval.__main__ import main
+    from provq.common.errors import ConfigError
 
     result = main(["fid", "--a", str(folders[0]), "--b", str(folders[1]), "--precision_recall"])
     assert 0 <= result["metrics"]["precision"] <= 1 and 0 <= result["metrics"]["recall"] <= 1

@@ -13,8 +13,8 @@ import pytest
 import torch
 from vector_quantize_pytorch import FSQ, LFQ
 
-from common.errors import ConfigError
-from common.typed_config import build_config
+from provq.common.errors import ConfigError
+from provq.common.typed_config import build_config
 from tokenizer import ProVQTokenizer, TokenizerConfig
 from tokenizer.families import BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
 from tokenizer.quantizer import STAT_NAMES, ProgressiveQuantizer, QuantizerConfig

@@ -33,12 +33,12 @@ from training_helpers import (
     tiny_tokenizer_argv,
 )
 
-import train_tokenizer
-from common.errors import FormatError
+from provq.commands import train_tokenizer
+from provq.common.errors import FormatError
+from provq.training import CheckpointManager, DivergenceError, TrainConfig, make_accelerator
+from provq.training.metrics_log import JsonlLogger
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 from tokenizer import losses as tokenizer_losses
-from training import CheckpointManager, DivergenceError, TrainConfig, make_accelerator
-from training.metrics_log import JsonlLogger
 
 # 30 steps, h = 0 until step 12, hard from step 22; checkpoints every 5 steps, the last 2 kept.
 # The k-means buffer (8 steps of latents) spans the checkpoint at step 10, so a run resumed
@@ -57,7 +57,7 @@ VARIANTS = {
 
 DRIVER = """
 import importlib, os, signal, sys, time
-import training.checkpoint as checkpoint, training.loop as loop
+import provq.training.checkpoint as checkpoint, provq.training.loop as loop
 script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's SIGKILL lands mid-run
     batches = loop.batches
@@ -74,7 +74,7 @@ elif mode == "kill_in_save":  # SIGKILL itself after save_state wrote step `at`,
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, payload)
     checkpoint.write_marker = killing
-importlib.import_module(script).main(sys.argv[4:])
+importlib.import_module("provq.commands." + script).main(sys.argv[4:])
 """
 
 
@@ -126,7 +126,7 @@ def test_sigkill_then_resume_is_bit_identical(variant, reference, image_folder, 
 @pytest.fixture(scope="module")
 def codes(reference, image_folder, tmp_path_factory):
     """Codes of the tiny image folder, by the reference tokenizer (for train_prior.py)."""
-    import extract_codes
+    from provq.commands import extract_codes
 
     out = tmp_path_factory.mktemp("codes")
     run_in_process(extract_codes.main, [
@@ -139,7 +139,7 @@ def codes(reference, image_folder, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_prior_sigkill_then_resume_is_bit_identical(dropout, codes, tmp_path):
-    import train_prior
+    from provq.commands import train_prior
 
     def argv(out):
         return tiny_prior_argv(codes, out, 30, model__residual_dropout=dropout, model__ffn_dropout=dropout,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from training_helpers import run_in_process, tiny_tokenizer_argv
 
-import train_tokenizer
-import training
+from provq import training
+from provq.commands import train_tokenizer
 from tokenizer import losses
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from common.errors import FormatError
 from generator import (
     ARPrior,
     CodeDataset,
@@ -20,6 +19,7 @@ from generator import (
     load_manifest,
 )
 from generator.code_shards import shard_name
+from provq.common.errors import FormatError
 
 TINY = dict(codebook_size=64, code_height=4, code_width=4, num_classes=3, hidden_size=32,
             num_layers=2, num_heads=2, intermediate_size=64)

@@ -297,7 +297,7 @@ def test_kmeans_init_identical_on_two_processes(tmp_path):
 
 
 def test_participation_ratio_of_a_known_spectrum():
-    from common.moments import MomentAccumulator
+    from provq.common.moments import MomentAccumulator
     from tokenizer.codebook_stats import participation_ratio
 
     # eigenvalues 4, 1, 1, 0 in a rotated basis: (4 + 1 + 1)^2 / (16 + 1 + 1) = 2

@@ -12,15 +12,11 @@ import pytest
 from PIL import Image
 from training_helpers import REPO, logged_steps, run_in_process
 
-import extract_codes
-import sample
-import train_prior
-import train_tokenizer
-import training
 from generator import ARPrior, load_manifest
+from provq.commands import extract_codes, sample, train_prior, train_tokenizer
+from provq.common.presets import load_yaml
 from tokenizer import ProVQTokenizer
 from tokenizer import losses as tokenizer_losses
-from training.config import load_yaml
 
 RECIPE = REPO / "configs" / "imagenet256.yaml"
 CLASSES = ("n01440764", "n01443537")
@@ -93,7 +89,8 @@ class FieldReads:
 def test_the_imagenet256_recipe_runs_at_its_real_shapes(tmp_path, monkeypatch):
     root = imagenet_layout(tmp_path / "imagenet")
     reads = FieldReads(monkeypatch)
-    monkeypatch.setattr(training, "parse_config", reads.tracking(training.parse_config))
+    monkeypatch.setattr(train_tokenizer, "parse_config", reads.tracking(train_tokenizer.parse_config))
+    monkeypatch.setattr(train_prior, "parse_config", reads.tracking(train_prior.parse_config))
     monkeypatch.setattr(extract_codes, "parse_config", reads.tracking(extract_codes.parse_config))
     monkeypatch.setattr(sample, "parse_config", reads.tracking(sample.parse_config))
     # LPIPS's VGG trunk cannot be downloaded here: a random trunk (its numbers are not LPIPS)

@@ -21,10 +21,8 @@ from training_helpers import (
     tiny_tokenizer_argv,
 )
 
-import extract_codes
-import sample
-import train_prior
 from generator import ARPrior, CodeDataset, FingerprintMismatchError, PriorConfig, load_manifest
+from provq.commands import extract_codes, sample, train_prior
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 
 CLASSES = 4  # of the image_folder fixture
@@ -200,8 +198,8 @@ def test_train_prior_validation_is_the_loss_and_accuracy_on_the_test_codes(codes
 
 def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
     """A folder of images without class folders: tokenizer -> codes -> prior -> samples."""
-    import train_tokenizer
-    from common.errors import ConfigError
+    from provq.commands import train_tokenizer
+    from provq.common.errors import ConfigError
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -229,7 +227,7 @@ def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
 
 
 def test_each_command_takes_only_the_flags_it_uses(tokenizer, prior, image_folder, tmp_path):
-    from common.errors import ConfigError
+    from provq.common.errors import ConfigError
 
     for flag in ("--max_steps", "--seed", "--resume"):  # extraction resumes by itself, shard by shard
         with pytest.raises(ConfigError, match=f"unrecognized argument: {flag}"):
@@ -269,8 +267,8 @@ def test_sample_config_section_and_flags_override_the_defaults(tmp_path):
 @pytest.mark.parametrize("kind, fields, codes", [("fsq", {"levels": "[4,4,2]"}, 32), ("lfq", {"bits": 5}, 32)])
 def test_each_lookup_free_family_from_tokenizer_to_evaluated_samples(kind, fields, codes, image_folder, tmp_path):
     """tokenizer -> codes -> prior -> samples -> rFID and gFID, for FSQ and LFQ (VQ: the demo's path)."""
-    import train_tokenizer
     from eval.__main__ import main as eval_main
+    from provq.commands import train_tokenizer
 
     family = {f"quantizer__{k}": v for k, v in fields.items()}
     tok = run_in_process(train_tokenizer.main, tiny_tokenizer_argv(

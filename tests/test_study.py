@@ -1,4 +1,4 @@
-"""The study (python -m ablation --study): its variants, how it picks, how its shards share work, and
+"""The study (python -m provq.ablation --study): its variants, how it picks, how its shards share work, and
 one family's whole study on tiny data."""
 
 from __future__ import annotations
@@ -8,14 +8,21 @@ import threading
 import pytest
 from training_helpers import REPO
 
-import train_tokenizer
-from ablation import __main__ as ablation_main
-from ablation import study as study_module
-from ablation.study import Study, StudyPlan, generation_picks, high_resolution_pairs, study_families
-from ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
-from common.typed_config import config_to_dict
+from provq.ablation import __main__ as ablation_main
+from provq.ablation import runner
+from provq.ablation import study as study_module
+from provq.ablation.study import (
+    Study,
+    StudyPlan,
+    generation_picks,
+    high_resolution_pairs,
+    study_families,
+)
+from provq.ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
+from provq.commands import train_tokenizer
+from provq.common.cli import make_parser, parse_config
+from provq.common.typed_config import config_to_dict
 from tokenizer.schedule import hardness
-from training.config import make_parser, parse_config
 
 
 def quantizer_of(name: str, codebook_size: int = 1024) -> dict:
@@ -65,8 +72,8 @@ def test_picks_are_the_best_mean_psnr():
 
 
 def test_a_cut_study_runs_and_reports_only_the_variants_named(tmp_path):
-    from ablation.study_report import questions, write_study_report
-    from common.errors import ConfigError
+    from provq.ablation.study_report import questions, write_study_report
+    from provq.common.errors import ConfigError
 
     families = study_families("fsq,step@end+fsq,cosine+fsq")
     assert families == {"fsq": ("fsq", None, None, "step@end+fsq", "cosine+fsq")}
@@ -105,7 +112,7 @@ def test_a_cut_study_runs_and_reports_only_the_variants_named(tmp_path):
 def test_shards_run_each_job_once_and_wait_for_each_other(tmp_path, monkeypatch):
     monkeypatch.setattr(study_module, "WAIT_SECONDS", 0.01)
     args = ablation_main.build_parser().parse_args(["--study", "--output_dir", str(tmp_path)])
-    setting = ablation_main.setting_of(args)
+    setting = runner.setting_of(args)
     ran, lock = [], threading.Lock()
 
     def run(ablation, variant, seed):
@@ -137,7 +144,7 @@ def test_shards_run_each_job_once_and_wait_for_each_other(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_one_family_study_on_tiny_images(tmp_path, image_folder):
     """FSQ's five variants x 2 seeds at 16 px: tokenizers, rFID, priors, samples, gFID, report."""
-    from ablation.study_report import difference_panels, write_study_report
+    from provq.ablation.study_report import difference_panels, write_study_report
 
     preset = tmp_path / "tiny.yaml"
     preset.write_text(TINY_PRESET.format(base=REPO / "configs" / "emoji32.yaml"))
@@ -147,7 +154,7 @@ def test_one_family_study_on_tiny_images(tmp_path, image_folder):
         "--output_dir", str(tmp_path / "study")])
     families = {"fsq": STUDY["fsq"]}
     plan = StudyPlan(seeds=2, resolutions=(16,), families=families)
-    setting = ablation_main.setting_of(args)
+    setting = runner.setting_of(args)
     found = Study(args, setting, plan, tmp_path / "study").run()
     at = found[16]
     assert set(at["results"]) == set(STUDY["fsq"]) and all(len(r) == 2 for r in at["results"].values())

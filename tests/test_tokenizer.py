@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.errors import FormatError, MissingFileError
+from provq.common.errors import FormatError, MissingFileError
 from tokenizer import (
     DiscriminatorConfig,
     LPIPSLoss,

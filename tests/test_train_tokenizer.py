@@ -7,9 +7,9 @@ import torch
 import yaml
 from training_helpers import logged_steps, run_in_process, tiny_tokenizer_argv
 
-import train_tokenizer
+from provq.commands import train_tokenizer
+from provq.training import ConfigError
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
-from training import ConfigError
 
 
 @pytest.mark.slow

@@ -7,24 +7,23 @@ import pytest
 import torch
 from training_helpers import REPO, reset_accelerate
 
-import train_prior
-import train_tokenizer
-import training.accelerator as accelerator_module
-from common.errors import ConfigError, UserError
-from common.typed_config import build_config
+import provq.training.accelerator as accelerator_module
 from generator import ARPrior
-from tokenizer import ProVQTokenizer
-from training import (
+from provq.commands import train_prior, train_tokenizer
+from provq.common.cli import make_parser, parse_config
+from provq.common.errors import ConfigError, UserError
+from provq.common.presets import load_preset
+from provq.common.typed_config import build_config
+from provq.training import (
     CheckpointManager,
     DivergenceError,
     TrainConfig,
     check_finite,
-    load_preset,
     make_accelerator,
     process_state,
 )
-from training.config import make_parser, parse_config
-from training.optimization import warmup_cosine
+from provq.training.optimization import warmup_cosine
+from tokenizer import ProVQTokenizer
 
 
 @dataclass
@@ -178,7 +177,7 @@ def test_make_accelerator_refuses_lone_processes_of_a_multi_process_launch(tmp_p
 
 
 def test_mixed_precision_auto_picks_by_a_probe_and_says_why(monkeypatch, caplog, tmp_path):
-    from training import accelerator as accel
+    from provq.training import accelerator as accel
 
     choice, why = accel.probe_precision(seconds=0.1, size=64)
     assert choice in ("bf16", "no") and "the fp32 rate on this CPU" in why

@@ -204,8 +204,8 @@ def probe_run(out_dir: str | Path, argv: list[str]) -> dict:
     """Run train_tokenizer.main recording, per micro-batch, the batch's dataset indices and the
     quantizer statistics, plus the codebook right after the k-means init and the final weights;
     saved to ``out_dir/probe_rank<RANK>.pt`` (one file per process under torchrun)."""
-    import train_tokenizer
-    import training.loop as loop
+    import provq.training.loop as loop
+    from provq.commands import train_tokenizer
 
     record = {"indices": [], "stats": [], "codebook_at_init": None}
     batches, train_step = loop.batches, train_tokenizer.train_step

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from common.cli import CommandParser
-from common.errors import FormatError, MissingFileError
+from provq.common.cli import CommandParser
+from provq.common.errors import FormatError, MissingFileError
 
 from .model import ProVQTokenizer, TokenizerConfig
 from .quantizer import QuantizerConfig
@@ -238,7 +238,12 @@ def main(argv: list[str] | None = None, report: Callable[[str], None] = print) -
     return folder
 
 
-if __name__ == "__main__":
-    from common.cli import run_command
+def entry() -> None:
+    """The console command (``provq-...``) and ``python -m``."""
+    from provq.common.cli import command_name, run_command
 
-    run_command("python -m tokenizer.convert", main)
+    run_command(command_name("python -m tokenizer.convert"), main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common.typed_config import check_ranges
+from provq.common.typed_config import check_ranges
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import MissingFileError
-from common.typed_config import check_ranges
+from provq.common.errors import MissingFileError
+from provq.common.typed_config import check_ranges
 
 
 @dataclass

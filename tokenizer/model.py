@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 
-from common.cards import CardContent
-from common.pretrained import PretrainedMixin
+from provq.common.cards import CardContent
+from provq.common.pretrained import PretrainedMixin
 
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.typed_config import check_ranges
+from provq.common.typed_config import check_ranges
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage

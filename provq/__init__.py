@@ -1,0 +1,1 @@
+"""ProVQ: progressive-quantization image tokenizers and autoregressive priors (arXiv 2603.22304)."""

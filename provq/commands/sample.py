@@ -1,0 +1,164 @@
+"""Sample images from a trained prior and decode them with its tokenizer.
+
+    python sample.py --tokenizer runs/tok/tokenizer --prior runs/prior/prior --num_images 64 \\
+        --cfg_scale 2.0 --temperature 1.0 --top_k 0 --top_p 1.0 [--labels 0,3,5] --output_dir runs/samples
+    accelerate launch sample.py ...        (each process samples its own batches)
+
+Writes one PNG per image, ``grid.png`` and ``samples.npz`` (uint8 NHWC ``arr_0``,
+the ADM evaluator's layout, plus ``labels`` and the sampled code grids ``codes``).
+Labels are class-balanced by default; batch b uses seed ``seed * 1_000_003 + b``,
+so the images depend on neither the number of processes nor a ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from generator import ARPrior
+from generator.sampling import SamplingConfig, sample
+from provq.common.cli import command_name, make_parser, parse_config, run_command
+from provq.common.errors import ConfigError
+from provq.data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
+from provq.training import configure_threads, process_state
+from tokenizer import ProVQTokenizer
+
+logger = logging.getLogger("sample")
+# The command's defaults (CFG on, as LlamaGen samples); the preset's `sample:` section and the
+# flags override them field by field.
+DEFAULTS = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def load_pair(tokenizer: str, prior: str, device) -> tuple[ProVQTokenizer, ARPrior]:
+    """Both models; refuses a prior trained on another tokenizer's codes."""
+    tok = ProVQTokenizer.from_pretrained(tokenizer, device=device)
+    model = ARPrior.from_pretrained(prior).to(device).eval()
+    model.check_tokenizer(tok.fingerprint())
+    return tok, model
+
+
+@torch.no_grad()
+def generate(tok: ProVQTokenizer, prior: ARPrior, labels, **sampling) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for class labels: the one call Python users need."""
+    return tok.decode(sample(prior, labels, **sampling))
+
+
+def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.Tensor:
+    """``--labels 0,3,5`` cycled to num_images, or class-balanced, sorted so grid rows are classes;
+    -1 (no class) everywhere for a prior trained on unlabelled data."""
+    if num_classes == 0:
+        if spec:
+            raise ConfigError("--labels given, but the prior was trained on unlabelled data (no classes)")
+        return torch.full((num_images,), -1)
+    if spec:
+        try:
+            chosen = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError as error:
+            raise ConfigError(f"--labels {spec!r}: expected comma-separated class ids ({error})") from None
+        bad = [c for c in chosen if not 0 <= c < num_classes]
+        if bad or not chosen:
+            raise ConfigError(f"--labels {bad or spec!r} outside the prior's classes [0, {num_classes})")
+    else:
+        chosen = list(range(num_classes))
+    labels = torch.tensor([chosen[i % len(chosen)] for i in range(num_images)])
+    return labels.sort(stable=True).values if not spec else labels
+
+
+def unguided_if_unlabelled(args, num_classes: int) -> SamplingConfig:
+    """Guidance needs classes. For a prior of unlabelled data an explicit ``--cfg_scale`` other than
+    1 is an error; a default one (the command's or the preset's) becomes 1, with a warning."""
+    if num_classes or args.sampling.cfg_scale == 1.0:
+        return args.sampling
+    if args.cfg_scale is not None:
+        raise ConfigError(f"--cfg_scale {args.cfg_scale} needs classes, but the prior was trained on "
+                          "unlabelled data: drop --cfg_scale or pass --cfg_scale 1")
+    logger.warning("the prior was trained on unlabelled data: sampling without guidance (cfg_scale 1)")
+    return replace(args.sampling, cfg_scale=1.0)
+
+
+@dataclass
+class SampleCommandConfig:
+    """What sample.py reads: the preset's ``sample:`` section (over DEFAULTS), and its flags."""
+
+    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(**DEFAULTS))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; ``args.sampling`` is the SamplingConfig of flags over the preset's ``sample:``
+    section over the defaults, checked before anything is loaded or written."""
+    parser = make_parser(__doc__.splitlines()[0], training_run=False, config_required=False)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--prior", required=True)
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--labels", default=None, help="comma-separated class ids (default: balanced)")
+    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the batches a previous run of the same command wrote (same seeds: the same images)")
+    for name, value in DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"sample.{name}, default {value}")
+    config, args = parse_config(parser, SampleCommandConfig, None, argv, defaults={"sample": DEFAULTS},
+                                shortcuts={name: f"sample.{name}" for name in DEFAULTS})
+    args.sampling = config.sample
+    if args.num_images < 1:
+        raise ConfigError(f"--num_images must be >= 1, got {args.num_images}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    configure_threads()
+    state = process_state()
+    tok, prior = load_pair(args.tokenizer, args.prior, state.device)
+    labels = class_labels(args.labels, args.num_images, prior.config.num_classes)
+    args.sampling = unguided_if_unlabelled(args, prior.config.num_classes)
+    out = Path(args.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    starts = list(range(0, args.num_images, args.batch_size))
+    mine = starts[state.process_index::state.num_processes]
+    for b, start in tqdm([(starts.index(s), s) for s in mine], desc="sampling",
+                         disable=not state.is_main_process):
+        codes_file = out / "images" / f"codes_{start:06d}.npy"  # written last: the batch is complete
+        if args.resume and codes_file.is_file():
+            continue
+        chunk = labels[start:start + args.batch_size]
+        codes = sample(prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
+        for i, image in enumerate(to_hwc(to_uint8(tok.decode(codes)))):
+            Image.fromarray(image).save(out / "images" / f"{start + i:06d}.png")
+        np.save(codes_file, codes.cpu().numpy().astype(np.int32))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_collection(out, labels, starts)
+    return out / "samples.npz"
+
+
+def write_collection(out: Path, labels: torch.Tensor, starts: list[int]) -> None:
+    """samples.npz (images, labels and the sampled code grids) and grid.png from the per-image PNGs
+    and per-batch codes every process wrote."""
+    arrays = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB"))
+                       for i in range(len(labels))])
+    codes = np.concatenate([np.load(out / "images" / f"codes_{start:06d}.npy") for start in starts])
+    tmp = out / "samples.tmp.npz"
+    np.savez(tmp, arr_0=arrays, labels=labels.numpy(), codes=codes)
+    tmp.replace(out / "samples.npz")  # the demo and the ablation take samples.npz as "done"
+    save_image_grid(to_float(from_hwc(arrays[:100])), out / "grid.png", nrow=10)
+    logger.info("%d samples -> %s", len(labels), out / "samples.npz")
+
+
+def entry() -> None:
+    """``provq-sample`` and ``python sample.py``."""
+    run_command(command_name("sample.py"), main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,89 @@
+"""The user-facing commands of both stages as values, built and run by the demo and the ablation.
+
+Each stage runs as its own process, exactly the command a user would type, so
+every stage can be rerun, resumed or checked by hand; a stage whose output
+file exists is not run again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """A script and its arguments: run as a process, or in this process via ``module.main(argv)``."""
+
+    module: str  # the command's module: provq.commands.train_tokenizer, ..., eval, provq.data
+    argv: tuple[str, ...]
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module, *self.argv]
+
+    def main_module(self) -> str:
+        """The module whose ``main(argv)`` runs the command (a package's is its ``__main__``)."""
+        return f"{self.module}.__main__" if self.module in PACKAGES else self.module
+
+
+PACKAGES = ("eval", "provq.data")
+COMMANDS = "provq.commands."
+
+
+def train_tokenizer(config: str, output_dir: Path, *overrides: str) -> StageCommand:
+    return StageCommand(COMMANDS + "train_tokenizer", ("--config", config, "--output_dir", str(output_dir),
+                                    "--resume", "latest", *overrides))
+
+
+def extract_codes(tokenizer: Path, config: str, output_dir: Path, *overrides: str) -> StageCommand:
+    return StageCommand(COMMANDS + "extract_codes", ("--tokenizer", str(tokenizer), "--config", config,
+                                  "--output_dir", str(output_dir), *overrides))
+
+
+def train_prior(config: str, codes: Path, output_dir: Path, *overrides: str) -> StageCommand:
+    return StageCommand(COMMANDS + "train_prior", ("--config", config, "--codes", str(codes), "--output_dir",
+                                str(output_dir), "--resume", "latest", *overrides))
+
+
+def sample(tokenizer: Path, prior: Path, config: str, output_dir: Path, num_images: int,
+           *extra: str) -> StageCommand:
+    return StageCommand(COMMANDS + "sample", ("--tokenizer", str(tokenizer), "--prior", str(prior), "--config", config,
+                                   "--num_images", str(num_images), "--output_dir", str(output_dir), *extra))
+
+
+def evaluate(command: str, *args: str) -> StageCommand:
+    return StageCommand("eval", (command, *args))
+
+
+def data_describe(*args: str) -> StageCommand:
+    return StageCommand("provq.data", ("describe", *args))
+
+
+def run_unless_done(name: str, command: StageCommand, done: Path, timings: dict | None = None,
+                    capture_to: Path | None = None, in_process: bool = False) -> bool:
+    """Run ``command`` unless its output ``done`` exists; returns whether it ran. Output streams through.
+
+    ``in_process`` saves the interpreter start and imports (~5-10 s a stage on
+    two cores), which adds up over the ablation's dozens of runs.
+    """
+    if done.exists():
+        print(f"[{name}] already done ({done}), skipping", flush=True)
+        return False
+    print(f"\n[{name}] {' '.join(command.command()[1:])}", flush=True)
+    start = time.time()
+    if in_process:
+        importlib.import_module(command.main_module()).main(list(command.argv))
+    elif capture_to is not None:  # commands that print their result as JSON on stdout
+        result = subprocess.run(command.command(), check=True, stdout=subprocess.PIPE, text=True)
+        capture_to.parent.mkdir(parents=True, exist_ok=True)
+        capture_to.write_text(result.stdout)
+        print(result.stdout, flush=True)
+    else:
+        subprocess.run(command.command(), check=True)
+    if timings is not None:
+        timings[name] = round(time.time() - start, 1)
+    return True
