@@ -120,7 +120,7 @@ def test_lfq_entropy_groups_are_exact_within_a_group_and_an_upper_bound_across()
 
 
 # ---- codes as integers ----------------------------------------------------------------------------
-@pytest.mark.parametrize("family", [FiniteScalarCodes([8, 5, 5, 5]), FiniteScalarCodes([2, 3]), BinaryCodes(5)])
+@pytest.mark.parametrize("family", [FiniteScalarCodes([8, 5, 5, 5]), FiniteScalarCodes([3, 4]), BinaryCodes(5)])
 def test_every_code_is_one_integer_and_back(family):
     vectors = family.all_vectors()
     assert vectors.shape == (family.num_codes, family.dim)
@@ -139,6 +139,18 @@ def test_fsq_code_values_and_mixed_radix_order():
     assert torch.equal(family.vectors(torch.tensor([8]))[0], torch.tensor([-1.0, -0.5]))
     bounded = family.latent(torch.randn(1000, 2) * 10)
     assert bounded[:, 0].min() > -1.0 - 1e-3 and bounded[:, 0].max() < 0.75 + 0.25 / 2
+
+
+@pytest.mark.parametrize("levels", [[2], [8, 2, 5]])
+def test_fsq_refuses_a_level_of_two_as_vector_quantize_pytorch_does(levels):
+    # The paper's bound puts a 2-level channel's split 3.8 tanh-units off centre (atanh(0.999)): all but
+    # ~3e-5 of standard normal inputs fall on one value, a degenerate channel. The oracle refuses it too.
+    with pytest.raises(AssertionError, match="levels == 2"):
+        FSQ(levels=levels)
+    with pytest.raises(ConfigError, match=r"levels.*2 is a degenerate channel"):
+        build_config(QuantizerConfig, {"kind": "fsq", "levels": levels}, prefix="tokenizer.model.quantizer.")
+    with pytest.raises(ValueError, match="degenerate"):
+        FiniteScalarCodes(levels)
 
 
 def test_lfq_index_bits_are_most_significant_first():
@@ -185,7 +197,7 @@ def test_configs_resolve_the_family_defaults():
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"kind": "fsq", "levels": [8, 1, 5]}, r"levels must list at least one level count >= 2"),
+    ({"kind": "fsq", "levels": [8, 1, 5]}, r"levels must list at least one level count >= 3"),
     ({"kind": "fsq"}, r"levels must list"),
     ({"kind": "lfq", "bits": 21}, r"bits must be in \[1, 20\], got 21"),
     ({"kind": "fsq", "levels": [8, 5], "kmeans_init": True}, r"kmeans_init applies to kind vq only"),

@@ -21,6 +21,16 @@ FSQ_BOUND_EPS = 1e-3  # the paper's: keeps the bounded latent strictly inside th
 MAX_LFQ_BITS = 20
 
 
+def check_fsq_levels(levels: list[int] | None) -> None:
+    """A ValueError unless every channel has 3 or more levels. The paper's bound centres a 2-level
+    channel's split atanh(0.999) = 3.8 units off zero, so nearly every latent lands on one value (a
+    degenerate channel); vector-quantize-pytorch refuses it too unless its symmetric variant is on."""
+    if not levels or any(level < 3 for level in levels):
+        raise ValueError(f"quantizer.levels must list at least one level count >= 3 per channel, got {levels} "
+                         "(a level of 2 is a degenerate channel under FSQ's bound; for one bit per channel "
+                         "use kind lfq)")
+
+
 class FiniteScalarCodes:
     """FSQ: each channel bounded by tanh and rounded to one of `levels[i]` values in [-1, 1].
 
@@ -30,6 +40,7 @@ class FiniteScalarCodes:
     """
 
     def __init__(self, levels: list[int]) -> None:
+        check_fsq_levels(levels)
         self.levels = list(levels)
         self.dim = len(self.levels)
         self.num_codes = math.prod(self.levels)

@@ -14,7 +14,7 @@ from common.typed_config import check_ranges
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
-from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
+from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, check_fsq_levels, lfq_entropy_terms
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
@@ -75,9 +75,7 @@ class QuantizerConfig:
     def _resolve_lookup_free(self) -> None:
         if self.kind == "fsq":
             self._only_for("lfq", bits=None)
-            if not self.levels or any(level < 2 for level in self.levels):
-                raise ValueError(f"quantizer.levels must list at least one level count >= 2 per channel, "
-                                 f"got {self.levels}")
+            check_fsq_levels(self.levels)
             size, dim = math.prod(self.levels), len(self.levels)
         else:
             self._only_for("fsq", levels=None)
