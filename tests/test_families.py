@@ -153,6 +153,16 @@ def test_fsq_refuses_a_level_of_two_as_vector_quantize_pytorch_does(levels):
         FiniteScalarCodes(levels)
 
 
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_decode_refuses_a_code_outside_the_code_count(kind):
+    quantizer = family_quantizer(kind)
+    count = quantizer.config.codebook_size
+    assert quantizer.decode_indices(torch.tensor([[0, count - 1]])).shape == (1, 2, 6)
+    for bad in (count, -1):  # FSQ's and LFQ's digit arithmetic would wrap these onto real codes
+        with pytest.raises(IndexError, match=rf"code {bad} is outside \[0, {count}\)"):
+            quantizer.decode_indices(torch.tensor([[0, bad]]))
+
+
 def test_lfq_index_bits_are_most_significant_first():
     family = BinaryCodes(3)
     assert family.vectors(torch.tensor([1, 4])).tolist() == [[-1, -1, 1], [1, -1, -1]]

@@ -326,11 +326,20 @@ class ProgressiveQuantizer(nn.Module):
             _, indices = self._hard_codes(self._project_in(self._to_rows(z)))
         return indices.reshape(self._index_shape(tuple(z.shape)))
 
+    def _check_code_range(self, indices: torch.Tensor) -> None:
+        # FSQ's and LFQ's digit arithmetic would wrap a foreign code onto a real one, silently.
+        count = self.config.codebook_size
+        outside = (indices < 0) | (indices >= count)
+        if indices.numel() and bool(outside.any()):
+            bad = int(indices[outside][0])
+            raise IndexError(f"decode_indices: code {bad} is outside [0, {count}), the codes of this quantizer")
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Latents for the decoder from codes: (B, H, W) -> (B, C, H, W) or (B, N) -> (B, N, C)."""
         if indices.dim() not in (2, 3):
             raise ValueError(f"expected indices (B, H, W) or (B, N), got {tuple(indices.shape)}")
         flat = indices.reshape(indices.shape[0], -1)
+        self._check_code_range(flat)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             if self.family is not None:
                 vectors = self.family.vectors(flat)
