@@ -216,6 +216,9 @@ def test_configs_resolve_the_family_defaults():
     ({"kind": "lfq", "bits": 4, "levels": [3]}, r"levels does not apply to kind 'lfq'"),
     ({"kind": "vq", "bits": 4}, r"bits does not apply to kind 'vq'"),
     ({"kind": "rvq"}, r"kind must be one of"),
+    ({"kind": "fsq", "levels": [8, 5, 5, 5], "codebook_dim": 8}, r"codebook_dim applies to kind vq only"),
+    ({"kind": "lfq", "bits": 10, "codebook_dim": 16}, r"codebook_dim applies to kind vq only"),
+    ({"codebook_dim": -1}, r"codebook_dim must be >= 0"),
 ])
 def test_bad_family_parameters_are_one_clear_error(fields, message):
     with pytest.raises(ConfigError, match=message):
@@ -252,6 +255,34 @@ def test_a_config_json_without_kind_loads_as_vq(tmp_path):
     (folder / "config.json").write_text(json.dumps(record))
     loaded = ProVQTokenizer.from_pretrained(folder)
     assert loaded.config.quantizer.kind == "vq" and loaded.config == config
+
+
+def test_codebook_dim_keeps_its_meaning_in_saved_files(tmp_path):
+    """Unset (0), codebook_dim is the family's: 8 for vq, the code's channels for fsq/lfq. A file keeps
+    the resolved value, so null (vq: no projection, taming's conversions), a vq dimension, an fsq/lfq
+    file's own channel count, and a file written without the field (the old default 8) load as before."""
+    import json
+
+    assert QuantizerConfig().codebook_dim == 8 and QuantizerConfig(codebook_dim=None).codebook_dim is None
+    assert QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5]).codebook_dim == 4
+    for saved in (None, 4):  # a preset's null, a saved config.json's resolved value
+        assert QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5], codebook_dim=saved).codebook_dim == 4
+    assert QuantizerConfig(kind="lfq", bits=8, codebook_dim=8).codebook_dim == 8
+    for kind, dim in (("vq", None), ("vq", 4), ("fsq", 4), ("lfq", 6)):
+        base = {"codebook_size": 32, "codebook_dim": dim} if kind == "vq" else {}
+        config = TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2], latent_channels=8,
+                                 norm_num_groups=4, quantizer=QuantizerConfig(kind=kind, **base, **FAMILIES[kind]))
+        folder = ProVQTokenizer(config).save_pretrained(tmp_path / f"{kind}{dim}")
+        assert ProVQTokenizer.from_pretrained(folder).config == config
+    record = json.loads((folder / "config.json").read_text())  # lfq
+    del record["quantizer"]["codebook_dim"]
+    (folder / "config.json").write_text(json.dumps(record))
+    assert ProVQTokenizer.from_pretrained(folder).config.quantizer.codebook_dim == 6
+    vq = tmp_path / "vqNone"
+    record = json.loads((vq / "config.json").read_text())
+    del record["quantizer"]["codebook_dim"]  # written before the field existed: the old default, 8
+    (vq / "config.json").write_text(json.dumps(record))
+    assert ProVQTokenizer.read_config(vq / "config.json").quantizer.codebook_dim == 8
 
 
 def test_lfq_entropy_lowers_per_sample_and_raises_batch_entropy_under_gradient():

@@ -21,6 +21,7 @@ MECHANISMS = ("interpolate", "stochastic")
 KINDS = ("vq", "fsq", "lfq")
 STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "ever_used", "quant_error")
 VQ_DEFAULTS = {"codebook_size": 1024, "l2_normalize": True, "kmeans_init": True}
+VQ_DEFAULT_CODEBOOK_DIM = 8  # what codebook_dim 0 (unset) means for vq; files keep the resolved value
 
 
 @dataclass
@@ -30,7 +31,9 @@ class QuantizerConfig:
 
     kind: str = "vq"  # vq (nearest code of a learned codebook) | fsq | lfq (lookup-free, no codebook)
     codebook_size: int | None = None  # number of codes; vq: 1024; fsq: prod(levels); lfq: 2 ** bits
-    codebook_dim: int | None = 8  # vq: code vector dim (None: the latent's, no projection); fsq/lfq: derived
+    # vq: code vector dim (0: the default, 8; None: the latent's, no projection); fsq/lfq: derived from
+    # levels/bits, leave it unset (0 or null; a saved file's own channel count also reads)
+    codebook_dim: int | None = 0
     l2_normalize: bool | None = None  # vq: LlamaGen's cosine codes, z_e and codes on the sphere (default)
     levels: list[int] | None = None  # fsq: levels per channel, e.g. [8, 5, 5, 5] = 1,000 codes
     bits: int | None = None  # lfq: bits per code, 2 ** bits codes
@@ -56,15 +59,19 @@ class QuantizerConfig:
         check_ranges(self, fraction=("omega_floor",), positive=("entropy_temperature", "entropy_group_bits",
                                                                   "kmeans_buffer", "dead_code_window"),
                      non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
+        if self.codebook_dim is not None and self.codebook_dim < 0:
+            raise ValueError(f"quantizer.codebook_dim must be >= 0 (0: the family's default), got {self.codebook_dim}")
         if self.kind == "vq":
             for name, default in VQ_DEFAULTS.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)
+            if self.codebook_dim == 0:
+                self.codebook_dim = VQ_DEFAULT_CODEBOOK_DIM
             self._only_for("vq", levels=None, bits=None)
         else:
             self._resolve_lookup_free()
-        if self.codebook_size < 1 or (self.codebook_dim is not None and self.codebook_dim < 1):
-            raise ValueError("quantizer.codebook_size and codebook_dim must be >= 1")
+        if self.codebook_size < 1:
+            raise ValueError("quantizer.codebook_size must be >= 1")
 
     def _only_for(self, kind: str, **unset) -> None:
         for name, value in unset.items():
@@ -89,9 +96,9 @@ class QuantizerConfig:
         if self.codebook_size not in (None, size):
             raise ValueError(f"quantizer.codebook_size {self.codebook_size} differs from the {size} codes "
                              f"of {self.kind} {self.levels or self.bits} (leave it unset)")
-        if self.codebook_dim not in (None, 8, dim):  # 8: the vq default, not a choice
-            raise ValueError(f"quantizer.codebook_dim {self.codebook_dim} differs from the {dim} channels "
-                             f"of {self.kind} {self.levels or self.bits} (leave it unset)")
+        if self.codebook_dim not in (0, None, dim):  # dim: what a saved config.json of this family holds
+            raise ValueError(f"quantizer.codebook_dim applies to kind vq only: {self.kind} {self.levels or self.bits} "
+                             f"has {dim} channels, not {self.codebook_dim} (leave it unset)")
         self.codebook_size, self.codebook_dim, self.l2_normalize, self.kmeans_init = size, dim, False, False
 
     def code_family(self) -> FiniteScalarCodes | BinaryCodes | None:
