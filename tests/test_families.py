@@ -16,6 +16,7 @@ from vector_quantize_pytorch import FSQ, LFQ
 from common.errors import ConfigError
 from common.typed_config import build_config
 from tokenizer import ProVQTokenizer, TokenizerConfig
+from tokenizer import families
 from tokenizer.families import BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
 from tokenizer.quantizer import STAT_NAMES, ProgressiveQuantizer, QuantizerConfig
 
@@ -50,7 +51,8 @@ def test_h0_is_the_continuous_latent_and_h1_the_family_code(kind, mechanism):
     assert not torch.equal(hard.z_q, hard.z_e)
     mid = quantizer(z, hardness=0.5, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(mid.z_out, soft.z_out) and not torch.equal(mid.z_out, hard.z_out)
-    assert set(hard.stats) == set(STAT_NAMES)
+    assert set(hard.stats) - set(STAT_NAMES) == ({"batch_entropy_exact"} if kind == "lfq" else set())
+    assert set(STAT_NAMES) <= set(hard.stats)
 
 
 @pytest.mark.parametrize("kind", ["fsq", "lfq"])
@@ -97,29 +99,81 @@ def test_lfq_matches_vector_quantize_pytorch(bits):
     assert torch.equal(out.z_out, quantized)
     # their entropies clamp probabilities at 1e-5 and sum over all 2^bits codes; ours factorize
     assert out.entropy_loss.item() == pytest.approx(aux.item(), abs=5e-4)
-    per_sample, batch = lfq_entropy_terms(out.z_e.movedim(1, -1), 100.0, group_bits=bits)
+    per_sample, batch, exact = lfq_entropy_terms(out.z_e.movedim(1, -1), 100.0, group_bits=bits)
+    assert exact
     assert per_sample.item() == pytest.approx(breakdown.per_sample_entropy.item(), abs=5e-4)
     assert batch.item() == pytest.approx(breakdown.batch_entropy.item(), abs=5e-4)
     codes = torch.arange(2**bits)
     assert torch.equal(ours.family.vectors(codes), theirs.indices_to_codes(codes))
 
 
-def test_lfq_entropy_groups_are_exact_within_a_group_and_an_upper_bound_across():
-    z = torch.randn(64, 6) * 0.01
-    exact_per_sample, exact_batch = lfq_entropy_terms(z, 100.0, group_bits=6)
-    # brute force over all 64 codes
-    codes = BinaryCodes(6).all_vectors()
-    probs = torch.softmax(-torch.cdist(z, codes).pow(2) * 100.0, dim=-1)
-    assert exact_per_sample.item() == pytest.approx(
-        -(probs * probs.log()).sum(-1).mean().item(), rel=1e-4)
+def _brute_force_entropies(z: torch.Tensor, inverse_temperature: float) -> tuple[float, float]:
+    """The soft assignment over every code, by its definition: (mean per-sample, batch) entropies."""
+    codes = BinaryCodes(z.shape[-1]).all_vectors()
+    probs = torch.softmax(-torch.cdist(z.double(), codes.double()).pow(2) * inverse_temperature, dim=-1)
     average = probs.mean(0)
-    assert exact_batch.item() == pytest.approx(-(average * average.log()).sum().item(), rel=1e-4)
-    split_per_sample, split_batch = lfq_entropy_terms(z, 100.0, group_bits=3)
-    assert split_per_sample.item() == pytest.approx(exact_per_sample.item(), rel=1e-6)
-    assert split_batch.item() >= exact_batch.item() - 1e-5  # subadditivity of entropy
+    return (-(probs * probs.log()).sum(-1).mean().item(), -(average * average.log()).sum().item())
 
 
-# ---- codes as integers ----------------------------------------------------------------------------
+def test_lfq_batch_entropy_is_exact_across_groups_when_it_fits():
+    # Bits 3-5 repeat bits 0-2: redundancy across groups of 3 that a per-group sum cannot see.
+    half = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 0.1  # nearly hard assignments
+    z = torch.cat([half, half], dim=1)
+    per_sample, batch = _brute_force_entropies(z, 100.0)
+    terms = lfq_entropy_terms(z, 100.0, group_bits=3)  # 64 rows x 64 codes: well within the bound
+    assert terms.exact
+    assert terms.per_sample.item() == pytest.approx(per_sample, rel=1e-4)
+    assert terms.batch.item() == pytest.approx(batch, rel=1e-4)
+    # the copy adds almost no information; a sum over the two groups of 3 bits would count it twice
+    assert 2 * _brute_force_entropies(half, 100.0)[1] - terms.batch.item() > 1.5
+
+
+def test_lfq_grouped_approximation_beyond_the_bound_is_the_sum_over_groups(monkeypatch):
+    z = torch.randn(64, 6, generator=torch.Generator().manual_seed(1)) * 0.01
+    monkeypatch.setattr(families, "LFQ_EXACT_ENTROPY_VALUES", 64 * 2**6 - 1)  # one value short of exact
+    grouped = lfq_entropy_terms(z, 100.0, group_bits=3)
+    assert not grouped.exact
+    by_group = [_brute_force_entropies(part, 100.0) for part in z.split(3, dim=1)]
+    assert grouped.batch.item() == pytest.approx(sum(b for _, b in by_group), rel=1e-4)
+    assert grouped.batch.item() >= _brute_force_entropies(z, 100.0)[1] - 1e-5  # subadditivity: from above
+    assert grouped.per_sample.item() == pytest.approx(_brute_force_entropies(z, 100.0)[0], rel=1e-4)
+
+
+def test_entropy_group_bits_beyond_any_workable_group_is_a_clear_error(monkeypatch):
+    with pytest.raises(ConfigError, match=r"entropy_group_bits must be in \[1, 20\], got 64"):
+        build_config(QuantizerConfig, {"kind": "lfq", "bits": 10, "entropy_group_bits": 64},
+                     prefix="tokenizer.model.quantizer.")
+    monkeypatch.setattr(families, "LFQ_EXACT_ENTROPY_VALUES", 1000)  # neither 2^6 nor 2^4 x 64 rows fits
+    allocated = []
+    monkeypatch.setattr(families, "_group_joint_probs", lambda *a: allocated.append(a))
+    with pytest.raises(ConfigError, match=r"entropy_group_bits 4: .* 64 rows x 2\^4 = 1,024 values .* 1,000"):
+        lfq_entropy_terms(torch.randn(64, 6), 100.0, group_bits=4)
+    assert not allocated  # refused before the soft assignment is built
+
+
+def test_lfq_logs_which_batch_entropy_it_used(monkeypatch):
+    quantizer = family_quantizer("lfq", entropy_group_bits=3).train()
+    z = torch.randn(2, 6, 4, 4)
+    assert quantizer(z, hardness=1.0).stats["batch_entropy_exact"].item() == 1.0
+    monkeypatch.setattr(families, "LFQ_EXACT_ENTROPY_VALUES", 32 * 2**5)
+    assert quantizer(z, hardness=1.0).stats["batch_entropy_exact"].item() == 0.0
+    assert "batch_entropy_exact" not in family_quantizer("fsq").train()(z, hardness=1.0).stats
+
+
+def test_the_lfq_card_says_when_the_batch_entropy_is_exact():
+    def card(bits, group_bits=10):
+        config = TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2], latent_channels=8,
+                                 norm_num_groups=4, quantizer=QuantizerConfig(kind="lfq", bits=bits,
+                                                                              entropy_group_bits=group_bits))
+        return "\n".join(ProVQTokenizer.card_content(config).summary)
+
+    # 8x8 codes per image: 2^24 / (64 x 2^10) = 256 images
+    assert "exact over all 1,024 codes for micro-batches of up to 256 images per process" in card(10)
+    assert "else summed over groups of 7 bits (an approximation from above)" in card(10, 7)
+    assert "always summed over groups of 10 bits" in card(20)  # 64 x 2^20 > 2^24: not one image
+
+
+# ---- codes as integers# ---- codes as integers ----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", [FiniteScalarCodes([8, 5, 5, 5]), FiniteScalarCodes([3, 4]), BinaryCodes(5)])
 def test_every_code_is_one_integer_and_back(family):
     vectors = family.all_vectors()
@@ -291,10 +345,10 @@ def test_lfq_entropy_lowers_per_sample_and_raises_batch_entropy_under_gradient()
     optimizer = torch.optim.SGD([z], lr=1e-4)
     first = None
     for _ in itertools.repeat(None, 50):
-        per_sample, batch = lfq_entropy_terms(z, 100.0, 10)
+        per_sample, batch, _ = lfq_entropy_terms(z, 100.0, 10)
         first = first or (per_sample.item(), batch.item())
         optimizer.zero_grad()
         (per_sample - batch).backward()
         optimizer.step()
-    per_sample, batch = lfq_entropy_terms(z, 100.0, 10)
+    per_sample, batch, _ = lfq_entropy_terms(z, 100.0, 10)
     assert per_sample.item() < first[0] and batch.item() > first[1]

@@ -14,6 +14,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from common.cards import CardContent
 from common.pretrained import PretrainedMixin
 
+from .families import LFQ_EXACT_ENTROPY_VALUES
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
 
 
@@ -80,6 +81,18 @@ def _block_types(config: TokenizerConfig, down: bool) -> list[str]:
     return types
 
 
+def _lfq_entropy_line(config: TokenizerConfig) -> str:
+    """Which batch entropy LFQ trained with: exact while a process's micro-batch fits the bound."""
+    q = config.quantizer
+    h, w = config.code_shape
+    images = LFQ_EXACT_ENTROPY_VALUES // (h * w * q.codebook_size)
+    grouped = f"groups of {min(q.entropy_group_bits, q.bits)} bits (an approximation from above)"
+    where = (f"exact over all {q.codebook_size:,} codes for micro-batches of up to {images:,} images per process, "
+             f"else summed over {grouped}" if images else f"always summed over {grouped}")
+    return (f"- LFQ's batch entropy while training: {where}; the training log's quantizer/batch_entropy_exact "
+            "says which each step used.")
+
+
 class ProVQTokenizer(PretrainedMixin, nn.Module):
     """Image tokenizer: images in [-1, 1] -> (B, h, w) codes -> images; see `ProgressiveQuantizer`.
 
@@ -103,10 +116,11 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
                     f"{s.kind}: continuous for {s.warmup:g}, then to hard codes"
                     + (f" over {s.transition:g}" if s.kind not in ("step",) else " at once")
                     + " (fractions of the run, or steps)")
+        entropy = [_lfq_entropy_line(config)] if q.kind == "lfq" else []
         return CardContent(
             title=f"ProVQ image tokenizer ({q.kind.upper()}, {config.resolution} px -> {h}x{w} codes)",
             task="image-tokenization",
-            summary=[f"- Quantizer: {family}.",
+            summary=[f"- Quantizer: {family}.", *entropy,
                      f"- Hardness curriculum while training: {schedule}; encoding is always hard.",
                      f"- Encoder/decoder: diffusers VAE blocks, {config.base_channels} base channels x "
                      f"{config.channel_multipliers}, {config.num_res_blocks} res block(s) per level, "

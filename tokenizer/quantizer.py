@@ -41,7 +41,9 @@ class QuantizerConfig:
     entropy_weight: float = 0.1  # lfq: weight of the entropy penalty
     diversity_weight: float = 1.0  # lfq: gamma, the batch-average entropy's weight inside the penalty
     entropy_temperature: float = 0.01  # lfq: tau of the soft code assignment softmax(-||z - c||^2 / tau)
-    entropy_group_bits: int = 10  # lfq: the batch entropy is exact over groups of this many bits
+    # lfq: the batch entropy is exact over all codes where rows x 2^bits fits LFQ_EXACT_ENTROPY_VALUES,
+    # else the sum over groups of this many bits (an approximation from above)
+    entropy_group_bits: int = 10
     omega_floor: float = 0.1  # lambda in omega(h) = lambda + (1 - lambda) h
     mechanism: str = "interpolate"  # interpolate | stochastic
     kmeans_init: bool | None = None  # vq: k-means codebook init when h first leaves 0 (default on)
@@ -59,6 +61,8 @@ class QuantizerConfig:
         check_ranges(self, fraction=("omega_floor",), positive=("entropy_temperature", "entropy_group_bits",
                                                                   "kmeans_buffer", "dead_code_window"),
                      non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
+        if self.entropy_group_bits > MAX_LFQ_BITS:  # a group never needs more bits than a code has
+            raise ValueError(f"quantizer.entropy_group_bits must be in [1, {MAX_LFQ_BITS}], got {self.entropy_group_bits}")
         if self.codebook_dim is not None and self.codebook_dim < 0:
             raise ValueError(f"quantizer.codebook_dim must be >= 0 (0: the family's default), got {self.codebook_dim}")
         if self.kind == "vq":
@@ -120,7 +124,7 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # vq: mean ||sg(z_e) - z_q||^2 (moves the codes); else 0
     commitment_loss: torch.Tensor  # vq, lfq: mean ||z_e - sg(z_q)||^2 (moves the encoder), unweighted
     entropy_loss: torch.Tensor  # lfq: per-sample entropy - gamma * batch entropy, unweighted; else 0
-    stats: dict[str, torch.Tensor]  # STAT_NAMES, 0-dim detached tensors
+    stats: dict[str, torch.Tensor]  # STAT_NAMES (+ lfq in training: batch_entropy_exact), 0-dim detached
     initialized_now: bool = False  # True on the step the k-means init ran
 
 
@@ -222,21 +226,22 @@ class ProgressiveQuantizer(nn.Module):
         indices = nearest_code(z_e.reshape(-1, self.codebook_dim), codes).view(z_e.shape[:-1])
         return F.embedding(indices, codes), indices
 
-    def _losses(self, z_e: torch.Tensor, z_q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The family's unweighted terms: codebook, commitment and entropy losses (0 where none)."""
+    def _losses(self, z_e: torch.Tensor, z_q: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+        """The family's unweighted terms (codebook, commitment and entropy losses; 0 where none), and the
+        statistics they report (lfq in training: whether the batch entropy was exact)."""
         zero = z_e.new_zeros(())
         if self.config.kind == "fsq":  # FSQ needs none: its codes are fixed and its latent bounded
-            return {"codebook_loss": zero, "commitment_loss": zero, "entropy_loss": zero}
+            return {"codebook_loss": zero, "commitment_loss": zero, "entropy_loss": zero}, {}
         commitment = F.mse_loss(z_e, z_q.detach())
         if self.config.kind == "lfq":
-            entropy = zero
+            entropy, stats = zero, {}
             if self.training:  # a training regularizer; evaluation does no collectives
-                per_sample, batch = lfq_entropy_terms(
-                    z_e, 1.0 / self.config.entropy_temperature, self.config.entropy_group_bits)
-                entropy = per_sample - self.config.diversity_weight * batch
-            return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}
+                terms = lfq_entropy_terms(z_e, 1.0 / self.config.entropy_temperature, self.config.entropy_group_bits)
+                entropy = terms.per_sample - self.config.diversity_weight * terms.batch
+                stats["batch_entropy_exact"] = zero.new_tensor(float(terms.exact))
+            return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}, stats
         return {"codebook_loss": F.mse_loss(z_q, z_e.detach()), "commitment_loss": commitment,
-                "entropy_loss": zero}
+                "entropy_loss": zero}, {}
 
     def _mix(
         self, z_e: torch.Tensor, z_st: torch.Tensor, hardness: float, generator: torch.Generator | None
@@ -304,7 +309,7 @@ class ProgressiveQuantizer(nn.Module):
             z_e = self._project_in(self._to_rows(z))
             initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
             z_q, indices = self._hard_codes(z_e)
-            terms = self._losses(z_e, z_q)
+            terms, family_stats = self._losses(z_e, z_q)
             cfg = self.config
             weighted = terms["codebook_loss"] + cfg.beta * terms["commitment_loss"]
             if cfg.kind == "lfq":
@@ -313,7 +318,7 @@ class ProgressiveQuantizer(nn.Module):
             # Value exactly z_q (adds an exact zero), gradient the identity to z_e only.
             z_st = z_q.detach() + (z_e - z_e.detach())
             z_out = self.proj_out(self._mix(z_e, z_st, hardness, generator))
-            stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness)
+            stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness) | family_stats
         shape = tuple(z.shape)
         return QuantizerOutput(
             z_out=self._from_rows(z_out, shape),
