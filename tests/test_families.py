@@ -15,8 +15,7 @@ from vector_quantize_pytorch import FSQ, LFQ
 
 from common.errors import ConfigError
 from common.typed_config import build_config
-from tokenizer import ProVQTokenizer, TokenizerConfig
-from tokenizer import families
+from tokenizer import ProVQTokenizer, TokenizerConfig, families
 from tokenizer.families import BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
 from tokenizer.quantizer import STAT_NAMES, ProgressiveQuantizer, QuantizerConfig
 

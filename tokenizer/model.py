@@ -16,6 +16,9 @@ from common.pretrained import PretrainedMixin
 
 from .families import LFQ_EXACT_ENTROPY_VALUES
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
+from .remedies import REMEDY_FIELDS
+
+ADDED_QUANTIZER_FIELDS = {**REMEDY_FIELDS, "codebook_ema_decay": 0.99}  # field: its value that means "off"
 
 
 @dataclass
@@ -191,6 +194,11 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         """
         digest = hashlib.sha256()
         record = {"config_version": self.config_version, **dataclasses.asdict(self.config)}
+        # Fields added after tokenizers were exported are left out while they hold the old behaviour, so
+        # those tokenizers keep their fingerprint (and the codes and priors bound to it).
+        for name, old_behaviour in ADDED_QUANTIZER_FIELDS.items():
+            if record["quantizer"][name] == old_behaviour:
+                del record["quantizer"][name]
         digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
         for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().cpu().contiguous()

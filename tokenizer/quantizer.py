@@ -14,7 +14,14 @@ from common.typed_config import check_ranges
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
-from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, check_fsq_levels, lfq_entropy_terms
+from .families import (
+    MAX_LFQ_BITS,
+    BinaryCodes,
+    FiniteScalarCodes,
+    check_fsq_levels,
+    lfq_entropy_terms,
+)
+from .remedies import CodeUseEMA, SimVQCodebook, check_remedies, restart_choice, rotation_trick
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
@@ -52,6 +59,13 @@ class QuantizerConfig:
     kmeans_seed: int = 0
     dead_code_window: int = 100  # a code unused for this many training steps counts as dead
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The other remedies for codebook collapse, composable with any schedule and mechanism; vq only, all off
+    # by default (tokenizer/remedies.py; README, "Configuration"):
+    ema_codebook: bool = False  # codes = EMA of their assigned z_e over Laplace-smoothed counts; no codebook loss
+    codebook_ema_decay: float = 0.99  # decay of the EMA codebook and of the code use dead_code_threshold reads
+    dead_code_threshold: float = 0.0  # restart a code whose EMA use per training call falls under this (0: off)
+    rotation_trick: bool = False  # the encoder's gradient through the rotation of z_e onto z_q (Fifty et al.)
+    simvq: bool = False  # codes = frozen random basis x one learned linear map (Zhu et al.); no k-means init
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -66,16 +80,22 @@ class QuantizerConfig:
         if self.codebook_dim is not None and self.codebook_dim < 0:
             raise ValueError(f"quantizer.codebook_dim must be >= 0 (0: the family's default), got {self.codebook_dim}")
         if self.kind == "vq":
-            for name, default in VQ_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, default)
-            if self.codebook_dim == 0:
-                self.codebook_dim = VQ_DEFAULT_CODEBOOK_DIM
-            self._only_for("vq", levels=None, bits=None)
+            self._resolve_vq()
         else:
             self._resolve_lookup_free()
         if self.codebook_size < 1:
             raise ValueError("quantizer.codebook_size must be >= 1")
+        check_remedies(self)
+
+    def _resolve_vq(self) -> None:
+        if self.simvq and self.kmeans_init is None:
+            self.kmeans_init = False  # k-means centroids cannot set an implicit codebook
+        for name, default in VQ_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.codebook_dim == 0:
+            self.codebook_dim = VQ_DEFAULT_CODEBOOK_DIM
+        self._only_for("vq", levels=None, bits=None)
 
     def _only_for(self, kind: str, **unset) -> None:
         for name, value in unset.items():
@@ -170,12 +190,13 @@ class ProgressiveQuantizer(nn.Module):
         projected = config.codebook_dim is not None  # also at the latent's own size (taming's quant_conv)
         self.proj_in = nn.Linear(latent_dim, self.codebook_dim) if projected else nn.Identity()
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
+        self.code_use = None  # the EMA codebook's and dead-code restart's state (CodeUseEMA) when on
         if self.family is None:
-            self.codebook = nn.Embedding(config.codebook_size, self.codebook_dim)
-            bound = 1.0 / config.codebook_size  # taming-transformers / LlamaGen init
-            nn.init.uniform_(self.codebook.weight, -bound, bound)
+            self.codebook = self._make_codebook()
             # Persistent: a resumed or reloaded model must not re-run the k-means init.
             self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+            if config.ema_codebook or config.dead_code_threshold > 0:
+                self.code_use = CodeUseEMA(config.codebook_size, self.codebook_dim, track_sums=config.ema_codebook)
         # Statistics only: kept out of exported weights.
         steps_unused = torch.zeros(config.codebook_size, dtype=torch.long)
         self.register_buffer("steps_since_used", steps_unused, persistent=False)
@@ -183,6 +204,18 @@ class ProgressiveQuantizer(nn.Module):
         self.register_buffer("ever_used", torch.zeros(config.codebook_size, dtype=torch.bool), persistent=False)
         # Recent z_e for the k-means init: checkpointed by the trainer, never exported.
         self.kmeans_buffer = LatentBuffer(config.kmeans_buffer)
+
+    def _make_codebook(self) -> nn.Module:
+        """vq's codebook: `weight` (codebook_size, codebook_dim) holds the codes."""
+        size = self.config.codebook_size
+        if self.config.simvq:
+            return SimVQCodebook(size, self.codebook_dim)
+        codebook = nn.Embedding(size, self.codebook_dim)
+        nn.init.uniform_(codebook.weight, -1.0 / size, 1.0 / size)  # taming-transformers / LlamaGen init
+        # The EMA writes the codes; out of the optimizer (and of DDP's gradient sync) they stay the same
+        # on every process because the EMA's statistics are all-reduced.
+        codebook.weight.requires_grad_(not self.config.ema_codebook)
+        return codebook
 
     # ---- layout -------------------------------------------------------------------------
     @staticmethod
@@ -240,8 +273,15 @@ class ProgressiveQuantizer(nn.Module):
                 entropy = terms.per_sample - self.config.diversity_weight * terms.batch
                 stats["batch_entropy_exact"] = zero.new_tensor(float(terms.exact))
             return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}, stats
-        return {"codebook_loss": F.mse_loss(z_q, z_e.detach()), "commitment_loss": commitment,
-                "entropy_loss": zero}, {}
+        codebook = zero if self.config.ema_codebook else F.mse_loss(z_q, z_e.detach())  # the EMA moves them
+        return {"codebook_loss": codebook, "commitment_loss": commitment, "entropy_loss": zero}, {}
+
+    def _straight_through(self, z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """Value exactly z_q; gradient to z_e only: the identity, or with rotation_trick the rotation of z_e
+        onto z_q (it then takes the straight-through's place in every mechanism's mix)."""
+        if self.config.rotation_trick:
+            return rotation_trick(z_e, z_q)
+        return z_q.detach() + (z_e - z_e.detach())  # adds an exact zero
 
     def _mix(
         self, z_e: torch.Tensor, z_st: torch.Tensor, hardness: float, generator: torch.Generator | None
@@ -276,6 +316,8 @@ class ProgressiveQuantizer(nn.Module):
         self.codebook.weight.copy_(centroids.to(self.codebook.weight))
         self.initialized.fill_(True)
         self.ever_used.zero_()  # a new codebook: its codes start unused
+        if self.code_use is not None:
+            self.code_use.ready.fill_(False)  # the EMA state starts again from the new codebook
         self.kmeans_buffer.clear()  # its job is done; free the memory
         return True
 
@@ -300,6 +342,34 @@ class ProgressiveQuantizer(nn.Module):
             "quant_error": sq_error / total,  # mean squared distance per vector
         }
 
+    @torch.no_grad()
+    def _restart_dead_codes(self, z_e: torch.Tensor) -> None:
+        """Before the lookup: codes whose EMA use fell under dead_code_threshold at the last update take rows
+        of this call's z_e (so no autograd graph holds the codebook they overwrite). Training only."""
+        state, cfg = self.code_use, self.config
+        if not (self.training and cfg.dead_code_threshold > 0 and bool(state.ready.item())):
+            return
+        expired = state.code_use < cfg.dead_code_threshold  # the same on every process: all-reduced
+        if bool(expired.any()):
+            seed = (cfg.kmeans_seed << 32) + int(state.restarts)  # a fresh draw each time, the same on resume
+            codes, vectors = restart_choice(z_e.reshape(-1, self.codebook_dim), expired, seed)
+            self.codebook.weight[codes] = vectors
+            state.reseed(codes, vectors, cfg.dead_code_threshold)
+            self.steps_since_used[codes] = 0  # a new code, not yet a dead one
+
+    @torch.no_grad()
+    def _track_code_use(self, z_e: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """After the lookup (training, once the codebook is set): the EMA step of the code use and, with
+        ema_codebook, of the codes. Returns the restarts so far when dead-code restart is on."""
+        state, cfg = self.code_use, self.config
+        if self.training and bool(self.initialized.item()):
+            if not bool(state.ready.item()):
+                state.start(self.codebook_vectors())
+            state.update(z_e.reshape(-1, self.codebook_dim), indices.reshape(-1), cfg.codebook_ema_decay)
+            if cfg.ema_codebook:
+                self.codebook.weight.copy_(state.codes(cfg.l2_normalize))
+        return {"code_restarts": state.restarts.float()} if cfg.dead_code_threshold > 0 else {}
+
     # ---- API ------------------------------------------------------------------------------
     def forward(
         self, z: torch.Tensor, hardness: float, generator: torch.Generator | None = None
@@ -308,6 +378,8 @@ class ProgressiveQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_e = self._project_in(self._to_rows(z))
             initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
+            if self.code_use is not None:
+                self._restart_dead_codes(z_e.detach())
             z_q, indices = self._hard_codes(z_e)
             terms, family_stats = self._losses(z_e, z_q)
             cfg = self.config
@@ -315,10 +387,11 @@ class ProgressiveQuantizer(nn.Module):
             if cfg.kind == "lfq":
                 weighted = weighted + cfg.entropy_weight * terms["entropy_loss"]
             loss = quantizer_loss_weight(hardness, cfg.omega_floor) * weighted
-            # Value exactly z_q (adds an exact zero), gradient the identity to z_e only.
-            z_st = z_q.detach() + (z_e - z_e.detach())
+            z_st = self._straight_through(z_e, z_q)
             z_out = self.proj_out(self._mix(z_e, z_st, hardness, generator))
             stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness) | family_stats
+            if self.code_use is not None:
+                stats |= self._track_code_use(z_e.detach(), indices)
         shape = tuple(z.shape)
         return QuantizerOutput(
             z_out=self._from_rows(z_out, shape),
