@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -14,14 +13,8 @@ from common.typed_config import check_ranges
 
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
-from .families import (
-    MAX_LFQ_BITS,
-    BinaryCodes,
-    FiniteScalarCodes,
-    check_fsq_levels,
-    lfq_entropy_terms,
-)
-from .remedies import CodeUseEMA, SimVQCodebook, check_remedies, restart_choice, rotation_trick
+from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
+from .remedies import CodeUseEMA, check_remedies, make_codebook, rotation_trick
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
@@ -106,8 +99,8 @@ class QuantizerConfig:
     def _resolve_lookup_free(self) -> None:
         if self.kind == "fsq":
             self._only_for("lfq", bits=None)
-            check_fsq_levels(self.levels)
-            size, dim = math.prod(self.levels), len(self.levels)
+            family = FiniteScalarCodes(self.levels)  # refuses levels it cannot quantize with
+            size, dim = family.num_codes, family.dim
         else:
             self._only_for("fsq", levels=None)
             if self.bits is None or not 1 <= self.bits <= MAX_LFQ_BITS:
@@ -144,7 +137,9 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # vq: mean ||sg(z_e) - z_q||^2 (moves the codes); else 0
     commitment_loss: torch.Tensor  # vq, lfq: mean ||z_e - sg(z_q)||^2 (moves the encoder), unweighted
     entropy_loss: torch.Tensor  # lfq: per-sample entropy - gamma * batch entropy, unweighted; else 0
-    stats: dict[str, torch.Tensor]  # STAT_NAMES (+ lfq in training: batch_entropy_exact), 0-dim detached
+    # STAT_NAMES (+ lfq in training: batch_entropy_exact; with dead_code_threshold: code_restarts, all
+    # time), 0-dim detached tensors
+    stats: dict[str, torch.Tensor]
     initialized_now: bool = False  # True on the step the k-means init ran
 
 
@@ -171,14 +166,20 @@ class ProgressiveQuantizer(nn.Module):
     - `stochastic`: each position gets z_st with probability h, else z_e; the mask
       is drawn from `generator` (required when 0 < h < 1), never the global RNG.
 
+    vq only, the remedies (`tokenizer.remedies`): with `rotation_trick`, z_st's gradient is the
+    rotation of z_e onto z_q instead of the identity, in either mechanism; `simvq` makes the codebook a
+    frozen basis times a learned map; `ema_codebook` and `dead_code_threshold` update the codes outside
+    the optimizer in training mode (state in `code_use`, non-persistent buffers: register
+    `training.NonPersistentBuffers(quantizer)` for checkpoints), from the k-means init on if one is due.
+
     vq only: in training mode, the first call with h > 0 runs k-means over the recent
     z_e (`kmeans_buffer`, a `LatentBuffer` filled while h == 0; checkpoint it with
     `accelerator.register_for_checkpointing(quantizer.kmeans_buffer)`, it is not in
     `state_dict()`) and marks the persistent `initialized` buffer. With
-    torch.distributed initialized, k-means gathers all ranks' data, the statistics
-    (and lfq's batch entropy) are reduced over ranks, so every rank must call it (as
-    under DDP). Eval mode does no collectives. `indices_from_latents` /
-    `decode_indices` are the hard encode / decode used for stage 2.
+    torch.distributed initialized, k-means and restarts gather all ranks' data, the
+    statistics (and lfq's batch entropy, the EMA's counts and sums) are reduced over
+    ranks, so every rank must call it (as under DDP). Eval mode does no collectives.
+    `indices_from_latents` / `decode_indices` are the hard encode / decode used for stage 2.
     """
 
     def __init__(self, latent_dim: int, config: QuantizerConfig) -> None:
@@ -192,7 +193,7 @@ class ProgressiveQuantizer(nn.Module):
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
         self.code_use = None  # the EMA codebook's and dead-code restart's state (CodeUseEMA) when on
         if self.family is None:
-            self.codebook = self._make_codebook()
+            self.codebook = make_codebook(config, self.codebook_dim)
             # Persistent: a resumed or reloaded model must not re-run the k-means init.
             self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
             if config.ema_codebook or config.dead_code_threshold > 0:
@@ -204,18 +205,6 @@ class ProgressiveQuantizer(nn.Module):
         self.register_buffer("ever_used", torch.zeros(config.codebook_size, dtype=torch.bool), persistent=False)
         # Recent z_e for the k-means init: checkpointed by the trainer, never exported.
         self.kmeans_buffer = LatentBuffer(config.kmeans_buffer)
-
-    def _make_codebook(self) -> nn.Module:
-        """vq's codebook: `weight` (codebook_size, codebook_dim) holds the codes."""
-        size = self.config.codebook_size
-        if self.config.simvq:
-            return SimVQCodebook(size, self.codebook_dim)
-        codebook = nn.Embedding(size, self.codebook_dim)
-        nn.init.uniform_(codebook.weight, -1.0 / size, 1.0 / size)  # taming-transformers / LlamaGen init
-        # The EMA writes the codes; out of the optimizer (and of DDP's gradient sync) they stay the same
-        # on every process because the EMA's statistics are all-reduced.
-        codebook.weight.requires_grad_(not self.config.ema_codebook)
-        return codebook
 
     # ---- layout -------------------------------------------------------------------------
     @staticmethod
@@ -344,18 +333,13 @@ class ProgressiveQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, z_e: torch.Tensor) -> None:
-        """Before the lookup: codes whose EMA use fell under dead_code_threshold at the last update take rows
-        of this call's z_e (so no autograd graph holds the codebook they overwrite). Training only."""
-        state, cfg = self.code_use, self.config
-        if not (self.training and cfg.dead_code_threshold > 0 and bool(state.ready.item())):
-            return
-        expired = state.code_use < cfg.dead_code_threshold  # the same on every process: all-reduced
-        if bool(expired.any()):
-            seed = (cfg.kmeans_seed << 32) + int(state.restarts)  # a fresh draw each time, the same on resume
-            codes, vectors = restart_choice(z_e.reshape(-1, self.codebook_dim), expired, seed)
-            self.codebook.weight[codes] = vectors
-            state.reseed(codes, vectors, cfg.dead_code_threshold)
-            self.steps_since_used[codes] = 0  # a new code, not yet a dead one
+        """Before the lookup, so that no autograd graph holds the codes it overwrites (training only): codes
+        whose EMA use fell under dead_code_threshold at the last update take rows of this call's z_e."""
+        cfg = self.config
+        if self.training and cfg.dead_code_threshold > 0 and bool(self.code_use.ready.item()):
+            codes = self.code_use.restart_dead_codes(self.codebook.weight, z_e.reshape(-1, self.codebook_dim),
+                                                     cfg.dead_code_threshold, cfg.kmeans_seed)
+            self.steps_since_used[codes] = 0  # new codes, not yet dead ones
 
     @torch.no_grad()
     def _track_code_use(self, z_e: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -41,6 +41,19 @@ def check_remedies(config) -> None:
                                  "while SimVQ's are the learned map of a frozen basis")
 
 
+def make_codebook(config, dim: int) -> nn.Module:
+    """vq's codebook, whose `weight` (codebook_size, dim) holds the codes: SimVQ's implicit one, or a
+    table, trained by its loss or written by the EMA (then out of the optimizer and of DDP's sync; the
+    all-reduced statistics keep it the same on every process)."""
+    if config.simvq:
+        return SimVQCodebook(config.codebook_size, dim)
+    codebook = nn.Embedding(config.codebook_size, dim)
+    bound = 1.0 / config.codebook_size  # taming-transformers / LlamaGen init
+    nn.init.uniform_(codebook.weight, -bound, bound)
+    codebook.weight.requires_grad_(not config.ema_codebook)
+    return codebook
+
+
 class SimVQCodebook(nn.Module):
     """SimVQ's implicit codebook: a frozen random basis (codebook_size, dim) times one learned linear map.
 
@@ -128,12 +141,20 @@ class CodeUseEMA(nn.Module):
         return F.normalize(codes, dim=-1) if l2_normalize else codes
 
     @torch.no_grad()
-    def reseed(self, codes: torch.Tensor, vectors: torch.Tensor, use: float) -> None:
-        """Restarted codes begin at `use` (the threshold, as vector-quantize-pytorch's reset) at their row."""
-        self.code_use[codes] = use
+    def restart_dead_codes(self, codebook: torch.Tensor, rows: torch.Tensor, threshold: float, seed: int) -> torch.Tensor:
+        """Codes whose EMA use is under `threshold` take rows of this call's z_e (all processes', see
+        `restart_choice`) and begin at use `threshold` (vector-quantize-pytorch's reset); returns them."""
+        expired = self.code_use < threshold  # the same on every process: the counts are all-reduced
+        if not bool(expired.any()):
+            return expired.nonzero().squeeze(1)
+        # Seeded by the restarts so far: a fresh draw each time, and the same one on resume.
+        codes, vectors = restart_choice(rows, expired, (seed << 32) + int(self.restarts))
+        codebook[codes] = vectors
+        self.code_use[codes] = threshold
         if self.code_sum is not None:
-            self.code_sum[codes] = vectors * use
+            self.code_sum[codes] = vectors * threshold
         self.restarts.add_(codes.numel())
+        return codes
 
 
 @torch.no_grad()
