@@ -279,6 +279,9 @@ def test_remedies_off_keep_the_export_and_its_fingerprint():
     assert not any(k.startswith("quantizer.code_use") for k in tok.state_dict())
     rotated = ProVQTokenizer(dataclasses.replace(config, quantizer=QuantizerConfig(rotation_trick=True)))
     assert rotated.fingerprint() != tok.fingerprint()
+    card = "\n".join(ProVQTokenizer.card_content(rotated.config).summary)
+    assert "k-means init after the warm-up, rotation trick." in card
+    assert "EMA codebook" not in "\n".join(ProVQTokenizer.card_content(config).summary)
 
 
 # ---- the training script ---------------------------------------------------------------------

@@ -42,7 +42,7 @@ class TokenizerConfig:
                 "attention": self.attention, "norm_num_groups": self.norm_num_groups,
                 "quantizer.kind": q.kind, "quantizer.levels": q.levels, "quantizer.bits": q.bits,
                 "quantizer.codebook_size": q.codebook_size, "quantizer.codebook_dim": q.codebook_dim,
-                "quantizer.l2_normalize": q.l2_normalize}
+                "quantizer.l2_normalize": q.l2_normalize, "quantizer.simvq": q.simvq}
 
     @property
     def downsample_factor(self) -> int:
@@ -84,6 +84,14 @@ def _block_types(config: TokenizerConfig, down: bool) -> list[str]:
     return types
 
 
+def _remedies_text(q: QuantizerConfig) -> str:
+    chosen = [f"EMA codebook (decay {q.codebook_ema_decay:g})" if q.ema_codebook else "",
+              f"dead-code restart under {q.dead_code_threshold:g} uses per call" if q.dead_code_threshold else "",
+              "rotation trick" if q.rotation_trick else "",
+              "SimVQ (a frozen random basis times a learned map)" if q.simvq else ""]
+    return "".join(f", {text}" for text in chosen if text)
+
+
 def _lfq_entropy_line(config: TokenizerConfig) -> str:
     """Which batch entropy LFQ trained with: exact while a process's micro-batch fits the bound."""
     q = config.quantizer
@@ -111,7 +119,7 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         q, s = config.quantizer, config.quantizer.schedule
         family = {"vq": f"VQ, {q.codebook_size:,} codes of dim {q.codebook_dim}"
                         + (", l2-normalized" if q.l2_normalize else "")
-                        + (", k-means init after the warm-up" if q.kmeans_init else ""),
+                        + (", k-means init after the warm-up" if q.kmeans_init else "") + _remedies_text(q),
                   "fsq": f"FSQ, levels {q.levels} = {q.codebook_size:,} codes",
                   "lfq": f"LFQ, {q.bits} bits = {q.codebook_size:,} codes"}[q.kind]
         h, w = config.code_shape
