@@ -185,6 +185,31 @@ def test_the_ema_restarts_from_the_kmeans_codebook(monkeypatch):
     assert torch.allclose(quantizer.codebook_vectors(), by_hand, atol=1e-6)
 
 
+def test_the_ema_starts_from_a_loaded_codebook():
+    """Weights loaded before training (--init_from, a resume's) are the codebook the EMA starts from."""
+    published = vq(l2_normalize=True)
+    with torch.no_grad():
+        published.codebook.weight.copy_(F.normalize(rows(16, 6, seed=5), dim=-1))
+    quantizer = vq(ema_codebook=True, l2_normalize=True).train()
+    quantizer.load_state_dict(published.state_dict())
+    out = quantizer(rows(2, 5, 6), hardness=1.0)
+    flat = out.indices.flatten()
+    sums = torch.zeros(16, 6).index_add_(0, flat, out.z_e.reshape(-1, 6))
+    assert torch.allclose(quantizer.code_use.code_sum, 0.99 * published.codebook_vectors() + 0.01 * sums, atol=1e-6)
+
+
+def test_a_simvq_tokenizer_round_trips_through_its_folder(tmp_path):
+    config = TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2], latent_channels=8,
+                             norm_num_groups=4, quantizer=QuantizerConfig(codebook_size=32, codebook_dim=4, simvq=True))
+    torch.manual_seed(0)
+    tok = ProVQTokenizer(config).eval()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    loaded = ProVQTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "tok"))
+    assert loaded.config == config and loaded.fingerprint() == tok.fingerprint()
+    assert torch.equal(loaded.encode(images), tok.encode(images))
+    assert torch.equal(loaded.quantizer.codebook.basis, tok.quantizer.codebook.basis)
+
+
 # ---- dead-code restart -----------------------------------------------------------------------
 def clustered_rows(counts: list[int], codes: torch.Tensor, seed: int) -> torch.Tensor:
     """Rows near codes 0, 1, ...: counts[i] rows next to code i, one batch of one sequence."""
