@@ -151,8 +151,8 @@ def test_ema_codebook_steps_equal_vector_quantize_pytorch(l2):
         out = ours(x, hardness=1.0)
         _, indices, _ = theirs(x)
         assert torch.equal(out.indices, indices), step
-        assert torch.allclose(ours.code_use.code_use, theirs._codebook.cluster_size[0], atol=1e-6)
-        assert torch.allclose(ours.code_use.code_sum, theirs._codebook.embed_avg[0], atol=1e-6)
+        assert torch.allclose(ours.code_ema.code_use, theirs._codebook.cluster_size[0], atol=1e-6)
+        assert torch.allclose(ours.code_ema.code_sum, theirs._codebook.embed_avg[0], atol=1e-6)
         assert torch.allclose(ours.codebook_vectors(), theirs.codebook, atol=1e-6), step
     assert out.codebook_loss.item() == 0.0 and out.loss.item() > 0  # the commitment term stays
     assert not ours.codebook.weight.requires_grad  # out of the optimizer: the EMA writes the codes
@@ -171,17 +171,17 @@ def test_the_ema_restarts_from_the_kmeans_codebook(monkeypatch):
                         or fitted[-1])
     quantizer = vq(ema_codebook=True, kmeans_init=True, kmeans_buffer=64, l2_normalize=True).train()
     quantizer(rows(2, 6, 4, 4, seed=0) + 2, hardness=0.0)
-    assert not quantizer.code_use.ready  # no EMA step before the codebook is set
+    assert not quantizer.code_ema.ready  # no EMA step before the codebook is set
     out = quantizer(rows(2, 6, 4, 4, seed=1) + 2, hardness=0.5)
     assert out.initialized_now and len(fitted) == 1
     flat = out.indices.flatten()
     counts = torch.bincount(flat, minlength=16).float()
     sums = torch.zeros(16, 6).index_add_(0, flat, out.z_e.permute(0, 2, 3, 1).reshape(-1, 6))
-    assert torch.allclose(quantizer.code_use.code_use, 0.99 * 1 + 0.01 * counts)
-    assert torch.allclose(quantizer.code_use.code_sum, 0.99 * fitted[0] + 0.01 * sums, atol=1e-6)
-    use, total = quantizer.code_use.code_use, 0.99 * 16 + 0.01 * counts.sum()  # Laplace: (n + eps) / (N + K eps) N
+    assert torch.allclose(quantizer.code_ema.code_use, 0.99 * 1 + 0.01 * counts)
+    assert torch.allclose(quantizer.code_ema.code_sum, 0.99 * fitted[0] + 0.01 * sums, atol=1e-6)
+    use, total = quantizer.code_ema.code_use, 0.99 * 16 + 0.01 * counts.sum()  # Laplace: (n + eps) / (N + K eps) N
     smoothed = (use + 1e-5) / (total + 16 * 1e-5) * total
-    by_hand = F.normalize(quantizer.code_use.code_sum / smoothed[:, None], dim=-1)
+    by_hand = F.normalize(quantizer.code_ema.code_sum / smoothed[:, None], dim=-1)
     assert torch.allclose(quantizer.codebook_vectors(), by_hand, atol=1e-6)
 
 
@@ -195,7 +195,7 @@ def test_the_ema_starts_from_a_loaded_codebook():
     out = quantizer(rows(2, 5, 6), hardness=1.0)
     flat = out.indices.flatten()
     sums = torch.zeros(16, 6).index_add_(0, flat, out.z_e.reshape(-1, 6))
-    assert torch.allclose(quantizer.code_use.code_sum, 0.99 * published.codebook_vectors() + 0.01 * sums, atol=1e-6)
+    assert torch.allclose(quantizer.code_ema.code_sum, 0.99 * published.codebook_vectors() + 0.01 * sums, atol=1e-6)
 
 
 def test_a_simvq_tokenizer_round_trips_through_its_folder(tmp_path):
@@ -232,7 +232,7 @@ def test_dead_code_restart_expires_the_same_codes_as_vector_quantize_pytorch(ema
         expired_theirs.append(batch_mask[0].clone()), replace(samples, batch_mask=batch_mask, **kw))[1])
     x = clustered_rows([20, 20, 20, 3, 1], torch.eye(8, 6) * 3, seed=0)  # codes 3-7: under 6 rows each
     out, _ = ours(x, hardness=1.0), theirs(x)
-    expired = ours.code_use.code_use < 1.05
+    expired = ours.code_ema.code_use < 1.05
     assert torch.equal(expired, expired_theirs[0]) and expired.nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
     assert out.stats["code_restarts"].item() == 0  # re-seeded at the next call
     before = ours.codebook.weight.clone()
@@ -240,7 +240,7 @@ def test_dead_code_restart_expires_the_same_codes_as_vector_quantize_pytorch(ema
     out = ours(following, hardness=1.0)
     assert out.stats["code_restarts"].item() == 5
     use_now = torch.bincount(out.indices.flatten(), minlength=8).float()
-    assert torch.allclose(ours.code_use.code_use[3:], 0.99 * 1.05 + 0.01 * use_now[3:])  # reset at the threshold
+    assert torch.allclose(ours.code_ema.code_use[3:], 0.99 * 1.05 + 0.01 * use_now[3:])  # reset at the threshold
     assert (use_now[3:] >= 1).all()  # each restarted code is the nearest of the row it came from
     if not ema:  # (the EMA's step moves them on after the lookup)
         restarted = (ours.codebook.weight[3:, None] == following[0][None]).all(-1)
@@ -257,12 +257,12 @@ def test_restart_is_seeded_and_resumes_from_its_state():
     first = vq(ema_codebook=True, dead_code_threshold=1.0, l2_normalize=True).train()
     run(first, range(3))
     state = (first.state_dict(), training.NonPersistentBuffers(first).state_dict())
-    assert {"code_use.code_use", "code_use.code_sum", "code_use.ready", "code_use.restarts"} <= set(state[1])
+    assert {"code_ema.code_use", "code_ema.code_sum", "code_ema.ready", "code_ema.restarts"} <= set(state[1])
     resumed = vq(ema_codebook=True, dead_code_threshold=1.0, l2_normalize=True).train()
     resumed.load_state_dict(state[0])
     training.NonPersistentBuffers(resumed).load_state_dict(state[1])
     assert run(resumed, range(3, 6)) == run(first, range(3, 6))
-    assert torch.equal(resumed.codebook.weight, first.codebook.weight) and first.code_use.restarts > 0
+    assert torch.equal(resumed.codebook.weight, first.codebook.weight) and first.code_ema.restarts > 0
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_remedies_off_keep_the_export_and_its_fingerprint():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     assert tok.fingerprint() == digest.hexdigest()
-    assert not any(k.startswith("quantizer.code_use") for k in tok.state_dict())
+    assert not any(k.startswith("quantizer.code_ema") for k in tok.state_dict())
     rotated = ProVQTokenizer(dataclasses.replace(config, quantizer=QuantizerConfig(rotation_trick=True)))
     assert rotated.fingerprint() != tok.fingerprint()
     card = "\n".join(ProVQTokenizer.card_content(rotated.config).summary)

@@ -169,7 +169,7 @@ class ProgressiveQuantizer(nn.Module):
     vq only, the remedies (`tokenizer.remedies`): with `rotation_trick`, z_st's gradient is the
     rotation of z_e onto z_q instead of the identity, in either mechanism; `simvq` makes the codebook a
     frozen basis times a learned map; `ema_codebook` and `dead_code_threshold` update the codes outside
-    the optimizer in training mode (state in `code_use`, non-persistent buffers: register
+    the optimizer in training mode (state in `code_ema`, non-persistent buffers: register
     `training.NonPersistentBuffers(quantizer)` for checkpoints), from the k-means init on if one is due.
 
     vq only: in training mode, the first call with h > 0 runs k-means over the recent
@@ -191,13 +191,13 @@ class ProgressiveQuantizer(nn.Module):
         projected = config.codebook_dim is not None  # also at the latent's own size (taming's quant_conv)
         self.proj_in = nn.Linear(latent_dim, self.codebook_dim) if projected else nn.Identity()
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
-        self.code_use = None  # the EMA codebook's and dead-code restart's state (CodeUseEMA) when on
+        self.code_ema = None  # the EMA codebook's and dead-code restart's state (CodeUseEMA) when on
         if self.family is None:
             self.codebook = make_codebook(config, self.codebook_dim)
             # Persistent: a resumed or reloaded model must not re-run the k-means init.
             self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
             if config.ema_codebook or config.dead_code_threshold > 0:
-                self.code_use = CodeUseEMA(config.codebook_size, self.codebook_dim, track_sums=config.ema_codebook)
+                self.code_ema = CodeUseEMA(config.codebook_size, self.codebook_dim, track_sums=config.ema_codebook)
         # Statistics only: kept out of exported weights.
         steps_unused = torch.zeros(config.codebook_size, dtype=torch.long)
         self.register_buffer("steps_since_used", steps_unused, persistent=False)
@@ -305,8 +305,8 @@ class ProgressiveQuantizer(nn.Module):
         self.codebook.weight.copy_(centroids.to(self.codebook.weight))
         self.initialized.fill_(True)
         self.ever_used.zero_()  # a new codebook: its codes start unused
-        if self.code_use is not None:
-            self.code_use.ready.fill_(False)  # the EMA state starts again from the new codebook
+        if self.code_ema is not None:
+            self.code_ema.ready.fill_(False)  # the EMA state starts again from the new codebook
         self.kmeans_buffer.clear()  # its job is done; free the memory
         return True
 
@@ -336,8 +336,8 @@ class ProgressiveQuantizer(nn.Module):
         """Before the lookup, so that no autograd graph holds the codes it overwrites (training only): codes
         whose EMA use fell under dead_code_threshold at the last update take rows of this call's z_e."""
         cfg = self.config
-        if self.training and cfg.dead_code_threshold > 0 and bool(self.code_use.ready.item()):
-            codes = self.code_use.restart_dead_codes(self.codebook.weight, z_e.reshape(-1, self.codebook_dim),
+        if self.training and cfg.dead_code_threshold > 0 and bool(self.code_ema.ready.item()):
+            codes = self.code_ema.restart_dead_codes(self.codebook.weight, z_e.reshape(-1, self.codebook_dim),
                                                      cfg.dead_code_threshold, cfg.kmeans_seed)
             self.steps_since_used[codes] = 0  # new codes, not yet dead ones
 
@@ -345,7 +345,7 @@ class ProgressiveQuantizer(nn.Module):
     def _track_code_use(self, z_e: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """After the lookup (training, once the codebook is set): the EMA step of the code use and, with
         ema_codebook, of the codes. Returns the restarts so far when dead-code restart is on."""
-        state, cfg = self.code_use, self.config
+        state, cfg = self.code_ema, self.config
         if self.training and bool(self.initialized.item()):
             if not bool(state.ready.item()):
                 state.start(self.codebook_vectors())
@@ -362,7 +362,7 @@ class ProgressiveQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_e = self._project_in(self._to_rows(z))
             initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
-            if self.code_use is not None:
+            if self.code_ema is not None:
                 self._restart_dead_codes(z_e.detach())
             z_q, indices = self._hard_codes(z_e)
             terms, family_stats = self._losses(z_e, z_q)
@@ -374,7 +374,7 @@ class ProgressiveQuantizer(nn.Module):
             z_st = self._straight_through(z_e, z_q)
             z_out = self.proj_out(self._mix(z_e, z_st, hardness, generator))
             stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness) | family_stats
-            if self.code_use is not None:
+            if self.code_ema is not None:
                 stats |= self._track_code_use(z_e.detach(), indices)
         shape = tuple(z.shape)
         return QuantizerOutput(
