@@ -10,11 +10,12 @@ Q = "--tokenizer.model.quantizer."
 # The preset's ramp (emoji32, imagenet256 differ; the study's switches are placed on emoji32's):
 # h = 0 for the first 10% of the run, then a cosine ramp to 1 over the next 30%.
 RAMP_WARMUP, RAMP_TRANSITION = 0.1, 0.3
-# FSQ levels for a target code count (Mentzer et al. 2023, section 4.1); LFQ takes log2(count) bits.
 # Dead-code restart's threshold on a code's EMA use per training call (vector-quantize-pytorch's unit). The
 # emoji32 preset's calls hold 32 x 64 = 2,048 rows over 1,024 codes, 2 per code when used evenly: 0.5 is a
-# quarter of that, reached about 70 steps after a code's last use (its count starts at 1, decay 0.99).
+# quarter of that, which a code never used falls under about 70 steps after its codebook is set (its count
+# starts at 1 and decays by 0.99 a step).
 RESTART_THRESHOLD = 0.5
+# FSQ levels for a target code count (Mentzer et al. 2023, section 4.1); LFQ takes log2(count) bits.
 FSQ_LEVELS = {256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [7, 5, 5, 5, 5], 16384: [8, 8, 8, 6, 5],
               65536: [8, 8, 8, 5, 5, 5]}
 
