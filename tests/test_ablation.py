@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from provq.ablation.report import (
     write_sweep_report,
 )
 from provq.ablation.statistics import paired_difference, verdict_line
-from provq.ablation.variants import DEFAULT, SWEEP, VARIANTS, select
+from provq.ablation.variants import DEFAULT, REMEDIES, SWEEP, VARIANTS, Q, select
 from provq.commands import train_tokenizer
 from provq.common.cli import make_parser, parse_config
 from provq.common.errors import ConfigError
@@ -43,11 +44,16 @@ def test_variants_differ_only_in_discretization():
         decided.append((quantizer.pop("schedule"), quantizer.pop("kmeans_init"),
                         quantizer.pop("l2_normalize"), quantizer.pop("mechanism"),
                         # the family and the parameters that give it about 1,024 codes
-                        *(quantizer.pop(k) for k in ("kind", "levels", "bits", "codebook_size", "codebook_dim"))))
+                        *(quantizer.pop(k) for k in ("kind", "levels", "bits", "codebook_size", "codebook_dim")),
+                        # the remedy for codebook collapse that meets discretization, if any
+                        *(quantizer.pop(k) for k in ("ema_codebook", "codebook_ema_decay", "dead_code_threshold",
+                                                     "rotation_trick", "simvq"))))
         rest.append(config)
     assert [(d[0]["kind"], d[1], d[2], d[3], d[4]) for d in decided] == [
         (v.schedule, v.kmeans, v.l2, v.mechanism, v.family) for v in variants]
-    assert {json.dumps(d[4:]) for d in decided} == {json.dumps(f) for f in (
+    assert [(d[9], d[10], d[11] > 0, d[12], d[13]) for d in decided] == [
+        (v.ema, 0.99, v.restart, v.rotation, v.simvq) for v in variants]
+    assert {json.dumps(d[4:9]) for d in decided} == {json.dumps(f) for f in (
         ("vq", None, None, 1024, 8), ("fsq", [8, 5, 5, 5], None, 1000, 4), ("lfq", None, 10, 1024, 10))}
     long = next(d[0] for d, v in zip(decided, variants, strict=True) if v.name == "cosine+kmeans+l2+long")
     assert (long["warmup"], long["transition"]) == (0.1, 0.6)
@@ -55,6 +61,29 @@ def test_variants_differ_only_in_discretization():
     assert all(config == rest[0] for config in rest)
     with pytest.raises(ConfigError, match="unknown variant 'cosin'"):
         select("vq,cosin")
+
+
+def test_each_remedy_is_one_thing_away_from_its_baseline_and_a_switch_can_sit_anywhere():
+    remedies = [v for v in VARIANTS.values() if v.ema or v.restart or v.rotation or v.simvq]
+    assert {v.name for v in remedies} == {f"{base}{suffix}" for base in ("vq+kmeans+l2", "cosine+kmeans+l2")
+                                          for suffix in ("+ema", "+restart", "+rotation", "+ema+restart")} \
+        | {"vq+l2+simvq", "cosine+l2+simvq"}
+    fields = ("schedule", "kmeans", "l2", "mechanism", "warmup", "transition", "family",
+              "ema", "restart", "rotation", "simvq")
+    for v in remedies:  # simvq: k-means cannot set its codes, so its baseline is the one without
+        base = VARIANTS[v.name.split("+ema")[0] if v.ema else v.name.rsplit("+", 1)[0]]
+        differ = [f for f in fields if getattr(v, f) != getattr(base, f)]
+        assert differ == (["ema"] if v.ema and not v.restart else ["ema", "restart"] if v.ema else
+                          [next(f for f in ("restart", "rotation", "simvq") if getattr(v, f))]), v.name
+    assert VARIANTS["cosine+kmeans+l2+ema+restart"].restart and set(REMEDIES) <= set(VARIANTS)
+    late, named = select("step@0.85+kmeans+l2,step@.3+fsq")
+    assert late == VARIANTS["step@0.85+kmeans+l2"] and late == replace(VARIANTS["step+kmeans+l2"], name=late.name,
+                                                                       warmup=0.85)
+    assert (named.name, named.warmup, named.family) == ("step@0.3+fsq", 0.3, "fsq")
+    assert f"{Q}schedule.warmup" in named.overrides(1024) and "0.3" in named.overrides(1024)
+    for wrong in ("step@1.5+kmeans+l2", "step@0.5+kmeans+l2+ema", "cosine@0.5+kmeans+l2", "step@0"):
+        with pytest.raises(ConfigError, match="step@F<suffix>"):
+            select(wrong)
 
 
 def test_paired_difference_is_the_t_interval_of_the_seed_differences():

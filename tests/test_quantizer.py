@@ -296,6 +296,36 @@ def test_kmeans_init_identical_on_two_processes(tmp_path):
     assert first["tagged_back"] and second["tagged_back"]
 
 
+def _global_batch(step: int) -> torch.Tensor:
+    return torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(step))
+
+
+def _remedy_worker(rank: int, world: int, init_file: str, results) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        quantizer = make_quantizer(ema_codebook=True, dead_code_threshold=1.0, l2_normalize=True).train()
+        # each rank quantizes its half of the global batch
+        restarts = [quantizer(_global_batch(step)[2 * rank: 2 * rank + 2], hardness=1.0).stats["code_restarts"].item()
+                    for step in range(4)]
+        results[rank] = {"codebook": quantizer.codebook.weight.detach().clone(), "restarts": restarts}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ema_and_restart_on_two_processes_match_one_with_the_whole_batch(tmp_path):
+    """The EMA's counts and sums are all-reduced and restarts draw from every rank's rows: two processes
+    hold the same codebook, the one a single process with the whole batch gets."""
+    results = mp.Manager().dict()
+    mp.spawn(_remedy_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2)
+    single = make_quantizer(ema_codebook=True, dead_code_threshold=1.0, l2_normalize=True).train()
+    restarts = [single(_global_batch(step), hardness=1.0).stats["code_restarts"].item() for step in range(4)]
+    assert torch.equal(results[0]["codebook"], results[1]["codebook"])  # the same codebook everywhere
+    assert results[0]["restarts"] == results[1]["restarts"] == restarts and restarts[-1] > 0
+    assert torch.allclose(results[0]["codebook"], single.codebook.weight, atol=1e-6)  # sums in another order
+
+
 def test_participation_ratio_of_a_known_spectrum():
     from provq.common.moments import MomentAccumulator
     from tokenizer.codebook_stats import participation_ratio

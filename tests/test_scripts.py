@@ -264,7 +264,7 @@ def test_sample_config_section_and_flags_override_the_defaults(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, fields, codes", [("fsq", {"levels": "[4,4,2]"}, 32), ("lfq", {"bits": 5}, 32)])
+@pytest.mark.parametrize("kind, fields, codes", [("fsq", {"levels": "[4,8]"}, 32), ("lfq", {"bits": 5}, 32)])
 def test_each_lookup_free_family_from_tokenizer_to_evaluated_samples(kind, fields, codes, image_folder, tmp_path):
     """tokenizer -> codes -> prior -> samples -> rFID and gFID, for FSQ and LFQ (VQ: the demo's path)."""
     from eval.__main__ import main as eval_main

@@ -10,15 +10,31 @@ its modules return only their straight-through output.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from provq.common.errors import ConfigError
+
 from .codebook_init import distributed_ready
 
 FSQ_BOUND_EPS = 1e-3  # the paper's: keeps the bounded latent strictly inside the outermost levels
 MAX_LFQ_BITS = 20
+# The most values (rows x codes) of one process's soft LFQ assignment held at once, 64 MiB in float32
+# (autograd keeps about twice that): the batch entropy is exact over all codes up to this.
+LFQ_EXACT_ENTROPY_VALUES = 2**24
+
+
+def check_fsq_levels(levels: list[int] | None) -> None:
+    """A ValueError unless every channel has 3 or more levels. The paper's bound centres a 2-level
+    channel's split atanh(0.999) = 3.8 units off zero, so nearly every latent lands on one value (a
+    degenerate channel); vector-quantize-pytorch refuses it too unless its symmetric variant is on."""
+    if not levels or any(level < 3 for level in levels):
+        raise ValueError(f"quantizer.levels must list at least one level count >= 3 per channel, got {levels} "
+                         "(a level of 2 is a degenerate channel under FSQ's bound; for one bit per channel "
+                         "use kind lfq)")
 
 
 class FiniteScalarCodes:
@@ -30,6 +46,7 @@ class FiniteScalarCodes:
     """
 
     def __init__(self, levels: list[int]) -> None:
+        check_fsq_levels(levels)
         self.levels = list(levels)
         self.dim = len(self.levels)
         self.num_codes = math.prod(self.levels)
@@ -105,25 +122,55 @@ def _group_joint_probs(bit_probs: torch.Tensor) -> torch.Tensor:
     return joint
 
 
-def lfq_entropy_terms(
-    z_e: torch.Tensor, inverse_temperature: float, group_bits: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+class LFQEntropy(NamedTuple):
+    per_sample: torch.Tensor  # mean over rows of each row's entropy (exact at any number of bits)
+    batch: torch.Tensor  # entropy of the batch-average assignment (exact, or the grouped approximation)
+    exact: bool  # the batch entropy is over all 2^bits codes (False: summed over groups of bits)
+
+
+def batch_entropy_group_bits(bits: int, rows: int, group_bits: int) -> int:
+    """Bits per group of LFQ's batch entropy for `rows` rows per process: all of them (exact) when the
+    rows x 2^bits soft assignment fits LFQ_EXACT_ENTROPY_VALUES, else `group_bits` (the approximation);
+    a ConfigError, before anything is allocated, when even a group does not fit."""
+    if rows * 2**bits <= LFQ_EXACT_ENTROPY_VALUES:
+        return bits
+    group = min(group_bits, bits)
+    if rows * 2**group > LFQ_EXACT_ENTROPY_VALUES:
+        raise ConfigError(f"quantizer.entropy_group_bits {group_bits}: LFQ's batch entropy over groups of {group} "
+                          f"bits holds {rows} rows x 2^{group} = {rows * 2**group:,} values per process, over the "
+                          f"bound of {LFQ_EXACT_ENTROPY_VALUES:,}; lower entropy_group_bits (or the batch)")
+    return group
+
+
+def _max_over_processes(count: int, device) -> int:
+    # Every process must take the same branch (their collectives differ): decide on the largest batch.
+    if not distributed_ready() or dist.get_world_size() == 1:
+        return count
+    value = torch.tensor([count], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def lfq_entropy_terms(z_e: torch.Tensor, inverse_temperature: float, group_bits: int) -> LFQEntropy:
     """MAGVIT-v2's entropy terms of the soft code assignment q(c | z) = softmax(-||z - c||^2 / tau).
 
-    Returns (mean per-sample entropy, entropy of the batch-average assignment). With codes in
-    {-1, 1}^bits the assignment factorizes over bits (q(bit_d = 1) = sigmoid(4 z_d / tau)), so the
-    per-sample entropy is exactly the sum of the bits' entropies, at any number of bits. The batch
-    average does not factorize: it is computed exactly over groups of `group_bits` bits and summed
-    (Open-MAGVIT2's factorization; exact when bits <= group_bits, else an upper bound). The batch
-    average is taken over every process's rows, with gradients, as under DDP.
+    With codes in {-1, 1}^bits the assignment factorizes over bits (q(bit_d = 1) = sigmoid(4 z_d / tau)),
+    so the per-sample entropy is exactly the sum of the bits' entropies, at any number of bits. The
+    batch average does not factorize: it is computed exactly over all 2^bits codes wherever rows x 2^bits
+    fits LFQ_EXACT_ENTROPY_VALUES (vector-quantize-pytorch's LFQ always sums over every code). Beyond,
+    it is this project's grouped approximation: the exact entropies of groups of `group_bits` bits,
+    summed, an upper bound (subadditivity) blind to redundancy between groups. The batch average is
+    taken over every process's rows, with gradients, as under DDP.
     """
     rows = z_e.reshape(-1, z_e.shape[-1]).float()
+    bits = rows.shape[-1]
+    group = batch_entropy_group_bits(bits, _max_over_processes(rows.shape[0], rows.device), group_bits)
     bit_probs = torch.sigmoid(4 * inverse_temperature * rows)
     per_sample = _binary_entropy(bit_probs).sum(-1).mean()
     batch = rows.new_zeros(())
-    for group in bit_probs.split(group_bits, dim=-1):
-        average = _group_joint_probs(group).mean(0)
+    for part in bit_probs.split(group, dim=-1):
+        average = _group_joint_probs(part).mean(0)
         if distributed_ready() and dist.get_world_size() > 1:
             average = dist_fn.all_reduce(average) / dist.get_world_size()
         batch = batch - (average * average.clamp_min(1e-12).log()).sum()
-    return per_sample, batch
+    return LFQEntropy(per_sample, batch, exact=group == bits)

@@ -14,7 +14,11 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder
 from provq.common.cards import CardContent
 from provq.common.pretrained import PretrainedMixin
 
+from .families import LFQ_EXACT_ENTROPY_VALUES
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
+from .remedies import REMEDY_FIELDS
+
+ADDED_QUANTIZER_FIELDS = {**REMEDY_FIELDS, "codebook_ema_decay": 0.99}  # field: its value that means "off"
 
 
 @dataclass
@@ -38,7 +42,7 @@ class TokenizerConfig:
                 "attention": self.attention, "norm_num_groups": self.norm_num_groups,
                 "quantizer.kind": q.kind, "quantizer.levels": q.levels, "quantizer.bits": q.bits,
                 "quantizer.codebook_size": q.codebook_size, "quantizer.codebook_dim": q.codebook_dim,
-                "quantizer.l2_normalize": q.l2_normalize}
+                "quantizer.l2_normalize": q.l2_normalize, "quantizer.simvq": q.simvq}
 
     @property
     def downsample_factor(self) -> int:
@@ -80,6 +84,26 @@ def _block_types(config: TokenizerConfig, down: bool) -> list[str]:
     return types
 
 
+def _remedies_text(q: QuantizerConfig) -> str:
+    chosen = [f"EMA codebook (decay {q.codebook_ema_decay:g})" if q.ema_codebook else "",
+              f"dead-code restart under {q.dead_code_threshold:g} uses per call" if q.dead_code_threshold else "",
+              "rotation trick" if q.rotation_trick else "",
+              "SimVQ (a frozen random basis times a learned map)" if q.simvq else ""]
+    return "".join(f", {text}" for text in chosen if text)
+
+
+def _lfq_entropy_line(config: TokenizerConfig) -> str:
+    """Which batch entropy LFQ trained with: exact while a process's micro-batch fits the bound."""
+    q = config.quantizer
+    h, w = config.code_shape
+    images = LFQ_EXACT_ENTROPY_VALUES // (h * w * q.codebook_size)
+    grouped = f"groups of {min(q.entropy_group_bits, q.bits)} bits (an approximation from above)"
+    where = (f"exact over all {q.codebook_size:,} codes for micro-batches of up to {images:,} images per process, "
+             f"else summed over {grouped}" if images else f"always summed over {grouped}")
+    return (f"- LFQ's batch entropy while training: {where}; the training log's quantizer/batch_entropy_exact "
+            "says which each step used.")
+
+
 class ProVQTokenizer(PretrainedMixin, nn.Module):
     """Image tokenizer: images in [-1, 1] -> (B, h, w) codes -> images; see `ProgressiveQuantizer`.
 
@@ -95,7 +119,7 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         q, s = config.quantizer, config.quantizer.schedule
         family = {"vq": f"VQ, {q.codebook_size:,} codes of dim {q.codebook_dim}"
                         + (", l2-normalized" if q.l2_normalize else "")
-                        + (", k-means init after the warm-up" if q.kmeans_init else ""),
+                        + (", k-means init after the warm-up" if q.kmeans_init else "") + _remedies_text(q),
                   "fsq": f"FSQ, levels {q.levels} = {q.codebook_size:,} codes",
                   "lfq": f"LFQ, {q.bits} bits = {q.codebook_size:,} codes"}[q.kind]
         h, w = config.code_shape
@@ -103,10 +127,11 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
                     f"{s.kind}: continuous for {s.warmup:g}, then to hard codes"
                     + (f" over {s.transition:g}" if s.kind not in ("step",) else " at once")
                     + " (fractions of the run, or steps)")
+        entropy = [_lfq_entropy_line(config)] if q.kind == "lfq" else []
         return CardContent(
             title=f"ProVQ image tokenizer ({q.kind.upper()}, {config.resolution} px -> {h}x{w} codes)",
             task="image-tokenization",
-            summary=[f"- Quantizer: {family}.",
+            summary=[f"- Quantizer: {family}.", *entropy,
                      f"- Hardness curriculum while training: {schedule}; encoding is always hard.",
                      f"- Encoder/decoder: diffusers VAE blocks, {config.base_channels} base channels x "
                      f"{config.channel_multipliers}, {config.num_res_blocks} res block(s) per level, "
@@ -177,6 +202,11 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         """
         digest = hashlib.sha256()
         record = {"config_version": self.config_version, **dataclasses.asdict(self.config)}
+        # Fields added after tokenizers were exported are left out while they hold the old behaviour, so
+        # those tokenizers keep their fingerprint (and the codes and priors bound to it).
+        for name, old_behaviour in ADDED_QUANTIZER_FIELDS.items():
+            if record["quantizer"][name] == old_behaviour:
+                del record["quantizer"][name]
         digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
         for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().cpu().contiguous()

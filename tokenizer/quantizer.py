@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,12 +14,14 @@ from provq.common.typed_config import check_ranges
 from .codebook_init import LatentBuffer, distributed_ready, kmeans_codebook, nearest_code
 from .codebook_stats import perplexity, usage
 from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
+from .remedies import CodeUseEMA, check_remedies, make_codebook, rotation_trick
 from .schedule import ScheduleConfig
 
 MECHANISMS = ("interpolate", "stochastic")
 KINDS = ("vq", "fsq", "lfq")
 STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "ever_used", "quant_error")
 VQ_DEFAULTS = {"codebook_size": 1024, "l2_normalize": True, "kmeans_init": True}
+VQ_DEFAULT_CODEBOOK_DIM = 8  # what codebook_dim 0 (unset) means for vq; files keep the resolved value
 
 
 @dataclass
@@ -30,7 +31,9 @@ class QuantizerConfig:
 
     kind: str = "vq"  # vq (nearest code of a learned codebook) | fsq | lfq (lookup-free, no codebook)
     codebook_size: int | None = None  # number of codes; vq: 1024; fsq: prod(levels); lfq: 2 ** bits
-    codebook_dim: int | None = 8  # vq: code vector dim (None: the latent's, no projection); fsq/lfq: derived
+    # vq: code vector dim (0: the default, 8; None: the latent's, no projection); fsq/lfq: derived from
+    # levels/bits, leave it unset (0 or null; a saved file's own channel count also reads)
+    codebook_dim: int | None = 0
     l2_normalize: bool | None = None  # vq: LlamaGen's cosine codes, z_e and codes on the sphere (default)
     levels: list[int] | None = None  # fsq: levels per channel, e.g. [8, 5, 5, 5] = 1,000 codes
     bits: int | None = None  # lfq: bits per code, 2 ** bits codes
@@ -38,7 +41,9 @@ class QuantizerConfig:
     entropy_weight: float = 0.1  # lfq: weight of the entropy penalty
     diversity_weight: float = 1.0  # lfq: gamma, the batch-average entropy's weight inside the penalty
     entropy_temperature: float = 0.01  # lfq: tau of the soft code assignment softmax(-||z - c||^2 / tau)
-    entropy_group_bits: int = 10  # lfq: the batch entropy is exact over groups of this many bits
+    # lfq: the batch entropy is exact over all codes where rows x 2^bits fits LFQ_EXACT_ENTROPY_VALUES,
+    # else the sum over groups of this many bits (an approximation from above)
+    entropy_group_bits: int = 10
     omega_floor: float = 0.1  # lambda in omega(h) = lambda + (1 - lambda) h
     mechanism: str = "interpolate"  # interpolate | stochastic
     kmeans_init: bool | None = None  # vq: k-means codebook init when h first leaves 0 (default on)
@@ -47,6 +52,13 @@ class QuantizerConfig:
     kmeans_seed: int = 0
     dead_code_window: int = 100  # a code unused for this many training steps counts as dead
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The other remedies for codebook collapse, composable with any schedule and mechanism; vq only, all off
+    # by default (tokenizer/remedies.py; README, "Configuration"):
+    ema_codebook: bool = False  # codes = EMA of their assigned z_e over Laplace-smoothed counts; no codebook loss
+    codebook_ema_decay: float = 0.99  # decay of the EMA codebook and of the code use dead_code_threshold reads
+    dead_code_threshold: float = 0.0  # restart a code whose EMA use per training call falls under this (0: off)
+    rotation_trick: bool = False  # the encoder's gradient through the rotation of z_e onto z_q (Fifty et al.)
+    simvq: bool = False  # codes = frozen random basis x one learned linear map (Zhu et al.); no k-means init
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -56,15 +68,27 @@ class QuantizerConfig:
         check_ranges(self, fraction=("omega_floor",), positive=("entropy_temperature", "entropy_group_bits",
                                                                   "kmeans_buffer", "dead_code_window"),
                      non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
+        if self.entropy_group_bits > MAX_LFQ_BITS:  # a group never needs more bits than a code has
+            raise ValueError(f"quantizer.entropy_group_bits must be in [1, {MAX_LFQ_BITS}], got {self.entropy_group_bits}")
+        if self.codebook_dim is not None and self.codebook_dim < 0:
+            raise ValueError(f"quantizer.codebook_dim must be >= 0 (0: the family's default), got {self.codebook_dim}")
         if self.kind == "vq":
-            for name, default in VQ_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, default)
-            self._only_for("vq", levels=None, bits=None)
+            self._resolve_vq()
         else:
             self._resolve_lookup_free()
-        if self.codebook_size < 1 or (self.codebook_dim is not None and self.codebook_dim < 1):
-            raise ValueError("quantizer.codebook_size and codebook_dim must be >= 1")
+        if self.codebook_size < 1:
+            raise ValueError("quantizer.codebook_size must be >= 1")
+        check_remedies(self)
+
+    def _resolve_vq(self) -> None:
+        if self.simvq and self.kmeans_init is None:
+            self.kmeans_init = False  # k-means centroids cannot set an implicit codebook
+        for name, default in VQ_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.codebook_dim == 0:
+            self.codebook_dim = VQ_DEFAULT_CODEBOOK_DIM
+        self._only_for("vq", levels=None, bits=None)
 
     def _only_for(self, kind: str, **unset) -> None:
         for name, value in unset.items():
@@ -75,10 +99,8 @@ class QuantizerConfig:
     def _resolve_lookup_free(self) -> None:
         if self.kind == "fsq":
             self._only_for("lfq", bits=None)
-            if not self.levels or any(level < 2 for level in self.levels):
-                raise ValueError(f"quantizer.levels must list at least one level count >= 2 per channel, "
-                                 f"got {self.levels}")
-            size, dim = math.prod(self.levels), len(self.levels)
+            family = FiniteScalarCodes(self.levels)  # refuses levels it cannot quantize with
+            size, dim = family.num_codes, family.dim
         else:
             self._only_for("fsq", levels=None)
             if self.bits is None or not 1 <= self.bits <= MAX_LFQ_BITS:
@@ -91,9 +113,9 @@ class QuantizerConfig:
         if self.codebook_size not in (None, size):
             raise ValueError(f"quantizer.codebook_size {self.codebook_size} differs from the {size} codes "
                              f"of {self.kind} {self.levels or self.bits} (leave it unset)")
-        if self.codebook_dim not in (None, 8, dim):  # 8: the vq default, not a choice
-            raise ValueError(f"quantizer.codebook_dim {self.codebook_dim} differs from the {dim} channels "
-                             f"of {self.kind} {self.levels or self.bits} (leave it unset)")
+        if self.codebook_dim not in (0, None, dim):  # dim: what a saved config.json of this family holds
+            raise ValueError(f"quantizer.codebook_dim applies to kind vq only: {self.kind} {self.levels or self.bits} "
+                             f"has {dim} channels, not {self.codebook_dim} (leave it unset)")
         self.codebook_size, self.codebook_dim, self.l2_normalize, self.kmeans_init = size, dim, False, False
 
     def code_family(self) -> FiniteScalarCodes | BinaryCodes | None:
@@ -115,7 +137,9 @@ class QuantizerOutput:
     codebook_loss: torch.Tensor  # vq: mean ||sg(z_e) - z_q||^2 (moves the codes); else 0
     commitment_loss: torch.Tensor  # vq, lfq: mean ||z_e - sg(z_q)||^2 (moves the encoder), unweighted
     entropy_loss: torch.Tensor  # lfq: per-sample entropy - gamma * batch entropy, unweighted; else 0
-    stats: dict[str, torch.Tensor]  # STAT_NAMES, 0-dim detached tensors
+    # STAT_NAMES (+ lfq in training: batch_entropy_exact; with dead_code_threshold: code_restarts, all
+    # time), 0-dim detached tensors
+    stats: dict[str, torch.Tensor]
     initialized_now: bool = False  # True on the step the k-means init ran
 
 
@@ -142,14 +166,20 @@ class ProgressiveQuantizer(nn.Module):
     - `stochastic`: each position gets z_st with probability h, else z_e; the mask
       is drawn from `generator` (required when 0 < h < 1), never the global RNG.
 
+    vq only, the remedies (`tokenizer.remedies`): with `rotation_trick`, z_st's gradient is the
+    rotation of z_e onto z_q instead of the identity, in either mechanism; `simvq` makes the codebook a
+    frozen basis times a learned map; `ema_codebook` and `dead_code_threshold` update the codes outside
+    the optimizer in training mode (state in `code_ema`, non-persistent buffers: register
+    `training.NonPersistentBuffers(quantizer)` for checkpoints), from the k-means init on if one is due.
+
     vq only: in training mode, the first call with h > 0 runs k-means over the recent
     z_e (`kmeans_buffer`, a `LatentBuffer` filled while h == 0; checkpoint it with
     `accelerator.register_for_checkpointing(quantizer.kmeans_buffer)`, it is not in
     `state_dict()`) and marks the persistent `initialized` buffer. With
-    torch.distributed initialized, k-means gathers all ranks' data, the statistics
-    (and lfq's batch entropy) are reduced over ranks, so every rank must call it (as
-    under DDP). Eval mode does no collectives. `indices_from_latents` /
-    `decode_indices` are the hard encode / decode used for stage 2.
+    torch.distributed initialized, k-means and restarts gather all ranks' data, the
+    statistics (and lfq's batch entropy, the EMA's counts and sums) are reduced over
+    ranks, so every rank must call it (as under DDP). Eval mode does no collectives.
+    `indices_from_latents` / `decode_indices` are the hard encode / decode used for stage 2.
     """
 
     def __init__(self, latent_dim: int, config: QuantizerConfig) -> None:
@@ -161,12 +191,13 @@ class ProgressiveQuantizer(nn.Module):
         projected = config.codebook_dim is not None  # also at the latent's own size (taming's quant_conv)
         self.proj_in = nn.Linear(latent_dim, self.codebook_dim) if projected else nn.Identity()
         self.proj_out = nn.Linear(self.codebook_dim, latent_dim) if projected else nn.Identity()
+        self.code_ema = None  # the EMA codebook's and dead-code restart's state (CodeUseEMA) when on
         if self.family is None:
-            self.codebook = nn.Embedding(config.codebook_size, self.codebook_dim)
-            bound = 1.0 / config.codebook_size  # taming-transformers / LlamaGen init
-            nn.init.uniform_(self.codebook.weight, -bound, bound)
+            self.codebook = make_codebook(config, self.codebook_dim)
             # Persistent: a resumed or reloaded model must not re-run the k-means init.
             self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+            if config.ema_codebook or config.dead_code_threshold > 0:
+                self.code_ema = CodeUseEMA(config.codebook_size, self.codebook_dim, track_sums=config.ema_codebook)
         # Statistics only: kept out of exported weights.
         steps_unused = torch.zeros(config.codebook_size, dtype=torch.long)
         self.register_buffer("steps_since_used", steps_unused, persistent=False)
@@ -217,21 +248,29 @@ class ProgressiveQuantizer(nn.Module):
         indices = nearest_code(z_e.reshape(-1, self.codebook_dim), codes).view(z_e.shape[:-1])
         return F.embedding(indices, codes), indices
 
-    def _losses(self, z_e: torch.Tensor, z_q: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The family's unweighted terms: codebook, commitment and entropy losses (0 where none)."""
+    def _losses(self, z_e: torch.Tensor, z_q: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+        """The family's unweighted terms (codebook, commitment and entropy losses; 0 where none), and the
+        statistics they report (lfq in training: whether the batch entropy was exact)."""
         zero = z_e.new_zeros(())
         if self.config.kind == "fsq":  # FSQ needs none: its codes are fixed and its latent bounded
-            return {"codebook_loss": zero, "commitment_loss": zero, "entropy_loss": zero}
+            return {"codebook_loss": zero, "commitment_loss": zero, "entropy_loss": zero}, {}
         commitment = F.mse_loss(z_e, z_q.detach())
         if self.config.kind == "lfq":
-            entropy = zero
+            entropy, stats = zero, {}
             if self.training:  # a training regularizer; evaluation does no collectives
-                per_sample, batch = lfq_entropy_terms(
-                    z_e, 1.0 / self.config.entropy_temperature, self.config.entropy_group_bits)
-                entropy = per_sample - self.config.diversity_weight * batch
-            return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}
-        return {"codebook_loss": F.mse_loss(z_q, z_e.detach()), "commitment_loss": commitment,
-                "entropy_loss": zero}
+                terms = lfq_entropy_terms(z_e, 1.0 / self.config.entropy_temperature, self.config.entropy_group_bits)
+                entropy = terms.per_sample - self.config.diversity_weight * terms.batch
+                stats["batch_entropy_exact"] = zero.new_tensor(float(terms.exact))
+            return {"codebook_loss": zero, "commitment_loss": commitment, "entropy_loss": entropy}, stats
+        codebook = zero if self.config.ema_codebook else F.mse_loss(z_q, z_e.detach())  # the EMA moves them
+        return {"codebook_loss": codebook, "commitment_loss": commitment, "entropy_loss": zero}, {}
+
+    def _straight_through(self, z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        """Value exactly z_q; gradient to z_e only: the identity, or with rotation_trick the rotation of z_e
+        onto z_q (it then takes the straight-through's place in every mechanism's mix)."""
+        if self.config.rotation_trick:
+            return rotation_trick(z_e, z_q)
+        return z_q.detach() + (z_e - z_e.detach())  # adds an exact zero
 
     def _mix(
         self, z_e: torch.Tensor, z_st: torch.Tensor, hardness: float, generator: torch.Generator | None
@@ -266,6 +305,8 @@ class ProgressiveQuantizer(nn.Module):
         self.codebook.weight.copy_(centroids.to(self.codebook.weight))
         self.initialized.fill_(True)
         self.ever_used.zero_()  # a new codebook: its codes start unused
+        if self.code_ema is not None:
+            self.code_ema.ready.fill_(False)  # the EMA state starts again from the new codebook
         self.kmeans_buffer.clear()  # its job is done; free the memory
         return True
 
@@ -290,6 +331,29 @@ class ProgressiveQuantizer(nn.Module):
             "quant_error": sq_error / total,  # mean squared distance per vector
         }
 
+    @torch.no_grad()
+    def _restart_dead_codes(self, z_e: torch.Tensor) -> None:
+        """Before the lookup, so that no autograd graph holds the codes it overwrites (training only): codes
+        whose EMA use fell under dead_code_threshold at the last update take rows of this call's z_e."""
+        cfg = self.config
+        if self.training and cfg.dead_code_threshold > 0 and bool(self.code_ema.ready.item()):
+            codes = self.code_ema.restart_dead_codes(self.codebook.weight, z_e.reshape(-1, self.codebook_dim),
+                                                     cfg.dead_code_threshold, cfg.kmeans_seed)
+            self.steps_since_used[codes] = 0  # new codes, not yet dead ones
+
+    @torch.no_grad()
+    def _track_code_use(self, z_e: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """After the lookup (training, once the codebook is set): the EMA step of the code use and, with
+        ema_codebook, of the codes. Returns the restarts so far when dead-code restart is on."""
+        state, cfg = self.code_ema, self.config
+        if self.training and bool(self.initialized.item()):
+            if not bool(state.ready.item()):
+                state.start(self.codebook_vectors())
+            state.update(z_e.reshape(-1, self.codebook_dim), indices.reshape(-1), cfg.codebook_ema_decay)
+            if cfg.ema_codebook:
+                self.codebook.weight.copy_(state.codes(cfg.l2_normalize))
+        return {"code_restarts": state.restarts.float()} if cfg.dead_code_threshold > 0 else {}
+
     # ---- API ------------------------------------------------------------------------------
     def forward(
         self, z: torch.Tensor, hardness: float, generator: torch.Generator | None = None
@@ -298,17 +362,20 @@ class ProgressiveQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_e = self._project_in(self._to_rows(z))
             initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
+            if self.code_ema is not None:
+                self._restart_dead_codes(z_e.detach())
             z_q, indices = self._hard_codes(z_e)
-            terms = self._losses(z_e, z_q)
+            terms, family_stats = self._losses(z_e, z_q)
             cfg = self.config
             weighted = terms["codebook_loss"] + cfg.beta * terms["commitment_loss"]
             if cfg.kind == "lfq":
                 weighted = weighted + cfg.entropy_weight * terms["entropy_loss"]
             loss = quantizer_loss_weight(hardness, cfg.omega_floor) * weighted
-            # Value exactly z_q (adds an exact zero), gradient the identity to z_e only.
-            z_st = z_q.detach() + (z_e - z_e.detach())
+            z_st = self._straight_through(z_e, z_q)
             z_out = self.proj_out(self._mix(z_e, z_st, hardness, generator))
-            stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness)
+            stats = self._stats(indices, z_e.detach(), z_q.detach(), hardness) | family_stats
+            if self.code_ema is not None:
+                stats |= self._track_code_use(z_e.detach(), indices)
         shape = tuple(z.shape)
         return QuantizerOutput(
             z_out=self._from_rows(z_out, shape),
@@ -328,11 +395,20 @@ class ProgressiveQuantizer(nn.Module):
             _, indices = self._hard_codes(self._project_in(self._to_rows(z)))
         return indices.reshape(self._index_shape(tuple(z.shape)))
 
+    def _check_code_range(self, indices: torch.Tensor) -> None:
+        # FSQ's and LFQ's digit arithmetic would wrap a foreign code onto a real one, silently.
+        count = self.config.codebook_size
+        outside = (indices < 0) | (indices >= count)
+        if indices.numel() and bool(outside.any()):
+            bad = int(indices[outside][0])
+            raise IndexError(f"decode_indices: code {bad} is outside [0, {count}), the codes of this quantizer")
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Latents for the decoder from codes: (B, H, W) -> (B, C, H, W) or (B, N) -> (B, N, C)."""
         if indices.dim() not in (2, 3):
             raise ValueError(f"expected indices (B, H, W) or (B, N), got {tuple(indices.shape)}")
         flat = indices.reshape(indices.shape[0], -1)
+        self._check_code_range(flat)
         with torch.autocast(device_type=indices.device.type, enabled=False):
             if self.family is not None:
                 vectors = self.family.vectors(flat)

@@ -1,13 +1,20 @@
-"""The ablation's tokenizer variants: they differ only in how discretization arrives."""
+"""The ablation's tokenizer variants: they differ only in how discretization arrives, or in the remedy
+for codebook collapse (EMA codebook, dead-code restart, rotation trick, SimVQ) that meets it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 Q = "--tokenizer.model.quantizer."
 # The preset's ramp (emoji32, imagenet256 differ; the study's switches are placed on emoji32's):
 # h = 0 for the first 10% of the run, then a cosine ramp to 1 over the next 30%.
 RAMP_WARMUP, RAMP_TRANSITION = 0.1, 0.3
+# Dead-code restart's threshold on a code's EMA use per training call (vector-quantize-pytorch's unit). The
+# emoji32 preset's calls hold 32 x 64 = 2,048 rows over 1,024 codes, 2 per code when used evenly: 0.5 is a
+# quarter of that, which a code never used falls under about 70 steps after its codebook is set (its count
+# starts at 1 and decays by 0.99 a step).
+RESTART_THRESHOLD = 0.5
 # FSQ levels for a target code count (Mentzer et al. 2023, section 4.1); LFQ takes log2(count) bits.
 FSQ_LEVELS = {256: [8, 6, 5], 1024: [8, 5, 5, 5], 4096: [7, 5, 5, 5, 5], 16384: [8, 8, 8, 6, 5],
               65536: [8, 8, 8, 5, 5, 5]}
@@ -23,6 +30,10 @@ class Variant:
     warmup: float | None = None  # None: the preset's (emoji32: 10% continuous, then a 30% ramp)
     transition: float | None = None
     family: str = "vq"  # the quantizer kind: vq | fsq | lfq
+    ema: bool = False  # the remedies (vq only): EMA codebook, dead-code restart, rotation trick, SimVQ
+    restart: bool = False
+    rotation: bool = False
+    simvq: bool = False
 
     @property
     def hard(self) -> bool:
@@ -42,7 +53,13 @@ class Variant:
         for name in ("warmup", "transition"):
             if getattr(self, name) is not None:
                 fields += [f"{Q}schedule.{name}", str(getattr(self, name))]
-        return fields
+        return fields + self.remedy_fields()
+
+    def remedy_fields(self) -> list[str]:
+        """The remedies' fields, every one of them set (a preset's own values never leak in)."""
+        return [f"{Q}ema_codebook", str(self.ema).lower(), f"{Q}codebook_ema_decay", "0.99",
+                f"{Q}dead_code_threshold", str(RESTART_THRESHOLD if self.restart else 0.0),
+                f"{Q}rotation_trick", str(self.rotation).lower(), f"{Q}simvq", str(self.simvq).lower()]
 
 
 def family_fields(family: str, codebook_size: int) -> list[str]:
@@ -73,6 +90,21 @@ def _switches_and_ramp(family: str, suffix: str, kmeans: bool, l2: bool) -> list
                             transition=RAMP_TRANSITION, family=family)]
 
 
+def _remedies() -> list[Variant]:
+    """Each remedy alone on hard VQ and with the preset's cosine ramp, each one thing away from its
+    baseline (vq+kmeans+l2, cosine+kmeans+l2); EMA + restart together, as users combine them; and
+    post-hoc quantization: continuous for 85% of the run, then k-means and hard codes to the end."""
+    found = []
+    for label, schedule in (("vq", "none"), ("cosine", "cosine")):
+        for suffix, remedy in (("+ema", {"ema": True}), ("+restart", {"restart": True}),
+                               ("+rotation", {"rotation": True}), ("+ema+restart", {"ema": True, "restart": True})):
+            found.append(Variant(f"{label}+kmeans+l2{suffix}", schedule, True, True, **remedy))
+        # SimVQ's codes are the map of a frozen basis, which k-means cannot set: one thing away from
+        # vq+l2 / cosine+l2 (no k-means), two from the k-means baselines.
+        found.append(Variant(f"{label}+l2+simvq", schedule, False, True, simvq=True))
+    return [*found, Variant("step@0.85+kmeans+l2", "step", True, True, warmup=0.85)]
+
+
 def _all() -> dict[str, Variant]:
     found = []
     for schedule in ("none", "step", "linear", "cosine"):
@@ -89,6 +121,7 @@ def _all() -> dict[str, Variant]:
         Variant("linear+kmeans+stochastic", "linear", True, False, mechanism="stochastic"),
         Variant("step@mid+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION / 2),
         Variant("step@end+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION),
+        *_remedies(),
     ]
     for family in ("fsq", "lfq"):  # the lookup-free families: no codebook, so no k-means and no l2
         found += [Variant(family, "none", False, family=family),
@@ -99,6 +132,10 @@ def _all() -> dict[str, Variant]:
 
 
 VARIANTS = _all()
+# Is the curriculum better than what users would do anyway? Hard VQ and the ramp, each with every remedy,
+# and a switch placed late (python -m provq.ablation --variants "$(python -c 'from provq.ablation.variants import
+# REMEDIES; print(",".join(REMEDIES))')").
+REMEDIES = ("vq+kmeans+l2", "cosine+kmeans+l2", *(v.name for v in _remedies()))
 
 # The comparisons that decide the question (README, "The ablation"): hard VQ with and without
 # l2 codes and the k-means init; the warm-up-then-hard baseline; ProVQ as the paper states it
@@ -116,13 +153,24 @@ STUDY = {
 }
 
 
-def select(names: str | tuple[str, ...]) -> list[Variant]:
-    """Variants by name (a tuple, or a comma-separated string); an unknown name lists the known ones."""
+def variant(name: str) -> Variant:
+    """A variant by name: one of VARIANTS, or a switch at any fraction of the run, `step@F<suffix>` for a
+    `step<suffix>` variant (post-hoc quantization: `step@0.85+kmeans+l2`, continuous for 85% of the run)."""
     from provq.common.errors import ConfigError
 
+    if name in VARIANTS:
+        return VARIANTS[name]
+    switch = re.fullmatch(r"step@(0?\.\d+)(\+.*)?", name)
+    base = VARIANTS.get("step" + (switch.group(2) or "")) if switch else None
+    if base is None or base.schedule != "step" or not 0 < float(switch.group(1)) < 1:
+        raise ConfigError(f"unknown variant {name!r}; the variants are {sorted(VARIANTS)}, and step@F<suffix> "
+                          "for a fraction 0 < F < 1 of the run and a step<suffix> variant")
+    fraction = float(switch.group(1))
+    return replace(base, name=f"step@{fraction:g}{switch.group(2) or ''}", warmup=fraction)
+
+
+def select(names: str | tuple[str, ...]) -> list[Variant]:
+    """Variants by name (a tuple, or a comma-separated string); an unknown name lists the known ones."""
     wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    wanted = [n for n in wanted if n]
-    unknown = [n for n in wanted if n not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown variant {unknown[0]!r}; the variants are {sorted(VARIANTS)}")
-    return [VARIANTS[n] for n in dict.fromkeys(wanted)]
+    chosen = [variant(n) for n in wanted if n]
+    return list({v.name: v for v in chosen}.values())

@@ -148,7 +148,8 @@ def build_parts(config: TrainTokenizerConfig, datasets, accelerator, init_from: 
     ema = training.build_ema(model, train_config.ema_decay, accelerator)
     quantizer = accelerator.unwrap_model(model).quantizer
     accelerator.register_for_checkpointing(quantizer.kmeans_buffer)
-    # steps_since_used (dead codes) is kept out of the weights; a resumed run still needs it.
+    # steps_since_used (dead codes) and the remedies' EMA state (quantizer.code_ema) are kept out of the
+    # weights; a resumed run still needs them.
     accelerator.register_for_checkpointing(training.NonPersistentBuffers(quantizer))
     return TokenizerParts(model, optimizer, train_loader, ema, test_loader, gan, perceptual, section)
 
