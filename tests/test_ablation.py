@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import train_tokenizer
 from ablation import __main__ as ablation_main
 from ablation.report import curve_panels, strongest, sweep_panels, write_report, write_sweep_report
 from ablation.statistics import paired_difference, verdict_line
-from ablation.variants import DEFAULT, SWEEP, VARIANTS, select
+from ablation.variants import DEFAULT, READINGS, SWEEP, VARIANTS, select
 from common.errors import ConfigError
 from common.typed_config import config_to_dict
 from pipeline import commands
@@ -48,6 +49,16 @@ def test_variants_differ_only_in_discretization():
     assert all(config == rest[0] for config in rest)
     with pytest.raises(ConfigError, match="unknown variant 'cosin'"):
         select("vq,cosin")
+
+
+def test_the_readings_of_hardness_differ_from_the_ramp_in_the_mechanism_only():
+    ramp = VARIANTS["cosine+kmeans+l2"]
+    readings = select(READINGS)
+    assert {v.mechanism for v in readings if v.smooth} == {"interpolate", "stochastic", "soft", "gumbel"}
+    for name in ("cosine+soft+kmeans+l2", "cosine+gumbel+kmeans+l2"):
+        variant = VARIANTS[name]
+        assert variant.overrides(1024) != ramp.overrides(1024)
+        assert replace(variant, name=ramp.name, mechanism=ramp.mechanism) == ramp
 
 
 def test_paired_difference_is_the_t_interval_of_the_seed_differences():
