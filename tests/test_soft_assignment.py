@@ -65,14 +65,16 @@ def test_chunked_equals_the_whole_matrix_in_values_and_gradients(chunk_rows):
         assert torch.allclose(mine, reference, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_rows", [2, None])  # chunks recomputed in backward; one chunk kept
 @pytest.mark.parametrize("gumbel", [False, True])
-def test_backward_is_the_derivative_of_forward(gumbel):
+def test_backward_is_the_derivative_of_forward(gumbel, chunk_rows):
     generator = torch.Generator().manual_seed(2)
     rows = torch.randn(7, 3, dtype=torch.float64, generator=generator).requires_grad_(True)
     codes = torch.randn(5, 3, dtype=torch.float64, generator=generator).requires_grad_(True)
 
     def mixture(r, c):  # the same noise on every call: a fresh generator with one seed
-        return codebook_mixture(r, c, 0.7, torch.Generator().manual_seed(1) if gumbel else None, chunk_rows=2)
+        return codebook_mixture(r, c, 0.7, torch.Generator().manual_seed(1) if gumbel else None,
+                                chunk_rows=chunk_rows)
 
     assert torch.autograd.gradcheck(mixture, (rows, codes))
 
