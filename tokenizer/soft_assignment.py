@@ -81,7 +81,7 @@ def _chunk_weights(
 ) -> torch.Tensor:
     """softmax over codes of -||z - c||^2 / tau (+ Gumbel noise from `seed`) for one chunk of rows."""
     # ||z||^2 is the same for every code of a row, so it leaves the softmax unchanged: drop it.
-    logits = torch.addmm(codes_sq, rows, codes.t(), beta=-1.0, alpha=2.0).div_(temperature)
+    logits = torch.addmm(codes_sq, rows, codes.t(), beta=-1.0 / temperature, alpha=2.0 / temperature)
     if seed is not None:
         noise = torch.Generator(device=rows.device).manual_seed(seed)
         # Gumbel(0, 1) = -log(E), E = -log(U) ~ Exp(1): from uniforms, several times faster on a CPU
@@ -109,11 +109,14 @@ class _CodebookMixture(torch.autograd.Function):
     def forward(ctx, rows, codes, temperature, chunk, seeds):
         codes_sq = codes.pow(2).sum(1)
         parts = rows.split(chunk)
-        weights = [_chunk_weights(part, codes, codes_sq, temperature, _seed(seeds, i))
-                   for i, part in enumerate(parts)]
-        out = torch.cat([w @ codes for w in weights]) if weights else rows.new_zeros(0, codes.shape[1])
-        # One chunk keeps its weights (at most CHUNK_ELEMENTS) rather than computing them twice.
-        ctx.kept = weights[0] if len(weights) == 1 else None
+        mixed, ctx.kept = [], None
+        for i, part in enumerate(parts):
+            weights = _chunk_weights(part, codes, codes_sq, temperature, _seed(seeds, i))
+            mixed.append(weights @ codes)
+            if len(parts) == 1:  # one chunk keeps its weights (at most CHUNK_ELEMENTS): no recompute
+                ctx.kept = weights
+            del weights  # before the next chunk's: one chunk's weights alive at a time
+        out = torch.cat(mixed) if mixed else rows.new_zeros(0, codes.shape[1])
         ctx.save_for_backward(rows, codes, out)
         ctx.temperature, ctx.chunk, ctx.seeds = temperature, chunk, seeds
         return out
