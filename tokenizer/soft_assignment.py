@@ -18,7 +18,10 @@ How the quantizer uses it (tokenizer/quantizer.py, mechanisms `soft` and `gumbel
   evaluation are plain VQ.
 - l2 codes: the mixture is not renormalized. It is a convex combination of unit codes, inside the
   ball as interpolate's (1 - h) z_e + h z_q is; its norm says how peaked the assignment is, and
-  renormalizing a broad mixture would hand the decoder z_e's direction back.
+  renormalizing a broad mixture would hand the decoder z_e's direction back. The default
+  temperatures are set for l2 codes; raw codes start at +-1/K (taming's init), nearly equidistant
+  from every latent, so their mixture is about their mean until the codes spread or k-means
+  places them.
 - Losses: the hard ones for every mechanism, the nearest code's codebook loss and commitment,
   weighted by omega(h). The soft codebook loss sum_k w_k ||sg(z_e) - c_k||^2 is deterministic
   annealing's update (Rose 1998): above a critical temperature (twice the latents' largest
