@@ -20,7 +20,7 @@ from provq.ablation.report import (
     write_sweep_report,
 )
 from provq.ablation.statistics import paired_difference, verdict_line
-from provq.ablation.variants import DEFAULT, REMEDIES, SWEEP, VARIANTS, Q, select
+from provq.ablation.variants import DEFAULT, READINGS, REMEDIES, SWEEP, VARIANTS, Q, select
 from provq.commands import train_tokenizer
 from provq.common.cli import make_parser, parse_config
 from provq.common.errors import ConfigError
@@ -84,6 +84,16 @@ def test_each_remedy_is_one_thing_away_from_its_baseline_and_a_switch_can_sit_an
     for wrong in ("step@1.5+kmeans+l2", "step@0.5+kmeans+l2+ema", "cosine@0.5+kmeans+l2", "step@0"):
         with pytest.raises(ConfigError, match="step@F<suffix>"):
             select(wrong)
+
+
+def test_the_readings_of_hardness_differ_from_the_ramp_in_the_mechanism_only():
+    ramp = VARIANTS["cosine+kmeans+l2"]
+    readings = select(READINGS)
+    assert {v.mechanism for v in readings if v.smooth} == {"interpolate", "stochastic", "soft", "gumbel"}
+    for name in ("cosine+soft+kmeans+l2", "cosine+gumbel+kmeans+l2"):
+        variant = VARIANTS[name]
+        assert variant.overrides(1024) != ramp.overrides(1024)
+        assert replace(variant, name=ramp.name, mechanism=ramp.mechanism) == ramp
 
 
 def test_paired_difference_is_the_t_interval_of_the_seed_differences():

@@ -16,8 +16,9 @@ from .codebook_stats import perplexity, usage
 from .families import MAX_LFQ_BITS, BinaryCodes, FiniteScalarCodes, lfq_entropy_terms
 from .remedies import CodeUseEMA, check_remedies, make_codebook, rotation_trick
 from .schedule import ScheduleConfig
+from .soft_assignment import SOFT_MECHANISMS, annealed_temperature, codebook_mixture
 
-MECHANISMS = ("interpolate", "stochastic")
+MECHANISMS = ("interpolate", "stochastic", *SOFT_MECHANISMS)
 KINDS = ("vq", "fsq", "lfq")
 STAT_NAMES = ("hardness", "perplexity", "usage", "dead_codes", "ever_used", "quant_error")
 VQ_DEFAULTS = {"codebook_size": 1024, "l2_normalize": True, "kmeans_init": True}
@@ -45,7 +46,9 @@ class QuantizerConfig:
     # else the sum over groups of this many bits (an approximation from above)
     entropy_group_bits: int = 10
     omega_floor: float = 0.1  # lambda in omega(h) = lambda + (1 - lambda) h
-    mechanism: str = "interpolate"  # interpolate | stochastic
+    mechanism: str = "interpolate"  # interpolate | stochastic | soft | gumbel (the last two: vq only)
+    soft_temperature_start: float = 1.0  # soft/gumbel: tau at h = 0, in squared code-space distance
+    soft_temperature_end: float = 1e-3  # soft/gumbel: tau as h -> 1 (log-linear between; h = 1 is hard)
     kmeans_init: bool | None = None  # vq: k-means codebook init when h first leaves 0 (default on)
     kmeans_iters: int = 10
     kmeans_buffer: int = 16384  # rows of recent z_e per process kept for the init
@@ -65,8 +68,12 @@ class QuantizerConfig:
             raise ValueError(f"quantizer.kind must be one of {KINDS}, got {self.kind!r}")
         if self.mechanism not in MECHANISMS:
             raise ValueError(f"quantizer.mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
+        if self.mechanism in SOFT_MECHANISMS and self.kind != "vq":
+            raise ValueError(f"quantizer.mechanism {self.mechanism!r} is a soft assignment over a learned "
+                             f"codebook: kind vq only, not {self.kind} (use interpolate or stochastic)")
         check_ranges(self, fraction=("omega_floor",), positive=("entropy_temperature", "entropy_group_bits",
-                                                                  "kmeans_buffer", "dead_code_window"),
+                                                                  "kmeans_buffer", "dead_code_window",
+                                                                  "soft_temperature_start", "soft_temperature_end"),
                      non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
         if self.entropy_group_bits > MAX_LFQ_BITS:  # a group never needs more bits than a code has
             raise ValueError(f"quantizer.entropy_group_bits must be in [1, {MAX_LFQ_BITS}], got {self.entropy_group_bits}")
@@ -164,7 +171,14 @@ class ProgressiveQuantizer(nn.Module):
     - `interpolate`: the decoder gets (1 - h) z_e + h z_st, exactly z_e at h = 0
       and exactly z_q at h = 1;
     - `stochastic`: each position gets z_st with probability h, else z_e; the mask
-      is drawn from `generator` (required when 0 < h < 1), never the global RNG.
+      is drawn from `generator` (required when 0 < h < 1), never the global RNG;
+    - `soft` (vq only): for h < 1, from h = 0 on, the codebook mixture sum_k w_k c_k with
+      w = softmax(-||z_e - c_k||^2 / tau(h)), tau log-linear from `soft_temperature_start`
+      to `soft_temperature_end`; exactly z_st at h = 1. Gradient reaches z_e and every code
+      through w (tokenizer/soft_assignment.py); with l2 codes the mixture lies inside the ball;
+    - `gumbel` (vq only): as `soft` with Gumbel noise on the logits, from `generator`.
+
+    The loss terms are the hard ones for every mechanism (nearest code, weighted by omega(h)).
 
     vq only, the remedies (`tokenizer.remedies`): with `rotation_trick`, z_st's gradient is the
     rotation of z_e onto z_q instead of the identity, in either mechanism; `simvq` makes the codebook a
@@ -275,10 +289,12 @@ class ProgressiveQuantizer(nn.Module):
     def _mix(
         self, z_e: torch.Tensor, z_st: torch.Tensor, hardness: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        if hardness <= 0.0:
-            return z_e
         if hardness >= 1.0:
             return z_st
+        if self.config.mechanism in SOFT_MECHANISMS:
+            return self._codebook_mixture(z_e, hardness, generator)
+        if hardness <= 0.0:
+            return z_e
         if self.config.mechanism == "interpolate":
             return (1.0 - hardness) * z_e + hardness * z_st
         if generator is None:
@@ -289,6 +305,19 @@ class ProgressiveQuantizer(nn.Module):
         uniform = torch.rand(z_e.shape[:-1], generator=generator, device=generator.device)
         mask = (uniform < hardness).to(z_e.device).unsqueeze(-1)
         return torch.where(mask, z_st, z_e)
+
+    def _codebook_mixture(
+        self, z_e: torch.Tensor, hardness: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """soft / gumbel below h = 1: every code weighted by its soft assignment at tau(h), from h = 0."""
+        cfg = self.config
+        if cfg.mechanism == "gumbel" and generator is None:
+            raise ValueError("mechanism 'gumbel' with hardness < 1 needs a torch.Generator "
+                             "(training randomness must be reproducible on resume)")
+        tau = annealed_temperature(hardness, cfg.soft_temperature_start, cfg.soft_temperature_end)
+        noise = generator if cfg.mechanism == "gumbel" else None
+        mixed = codebook_mixture(z_e.reshape(-1, self.codebook_dim), self.codebook_vectors(), tau, noise)
+        return mixed.view(z_e.shape)
 
     @torch.no_grad()
     def _maybe_kmeans_init(self, z_e: torch.Tensor, hardness: float) -> bool:

@@ -122,6 +122,10 @@ def _all() -> dict[str, Variant]:
         Variant("step@mid+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION / 2),
         Variant("step@end+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION),
         *_remedies(),
+        # hardness as a temperature (issue 35): the decoder gets codebook mixtures annealed to hard
+        # codes; each differs from cosine+kmeans+l2 in the mechanism only
+        Variant("cosine+soft+kmeans+l2", "cosine", True, True, mechanism="soft"),
+        Variant("cosine+gumbel+kmeans+l2", "cosine", True, True, mechanism="gumbel"),
     ]
     for family in ("fsq", "lfq"):  # the lookup-free families: no codebook, so no k-means and no l2
         found += [Variant(family, "none", False, family=family),
@@ -144,6 +148,10 @@ DEFAULT = ("vq", "vq+l2", "vq+kmeans+l2", "step+kmeans+l2", "cosine+l2", "cosine
            "cosine+kmeans+l2+long", "cosine+kmeans")
 SWEEP = ("vq+kmeans+l2", "step+kmeans+l2", "cosine+kmeans+l2")
 QUICK = ("vq+l2", "vq+kmeans+l2", "step+kmeans+l2", "cosine+kmeans+l2")
+# The three readings of hardness side by side (README, "Three readings of hardness"), with hard VQ:
+# python -m provq.ablation --variants <these> --seeds 3 (1,024 codes, 400 steps).
+READINGS = ("vq+kmeans+l2", "cosine+kmeans+l2", "cosine+kmeans+l2+stochastic", "cosine+soft+kmeans+l2",
+            "cosine+gumbel+kmeans+l2")
 # The study (python -m provq.ablation --study): per family, hard codes from the first step, the three
 # switches and the ramp (VQ with LlamaGen's l2 codes and the k-means init after the warm-up).
 STUDY = {
