@@ -5,7 +5,8 @@ codes, mechanism) over several seeds, evaluates each with hard quantization (rFI
 on every test image, PSNR and SSIM on every training image, usage, perplexity) and, for seed 0
 (every seed with --full), a fixed-budget prior (gFID); writes ``<output_dir>/report.md`` with
 paired verdicts. ``--sweep`` repeats three variants at several codebook sizes and budgets.
-A finished variant x seed is never retrained: rerunning continues where it stopped.
+A finished variant x seed is never retrained: rerunning continues where it stopped (also after
+Ctrl-C or SIGTERM, which stop the stage at its next safe point; a training writes its checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ablation.variants import DEFAULT, QUICK, SWEEP, Variant, select
 from common.cli import CommandParser, run_command
 from common.errors import ConfigError
 from common.files import write_json_atomic
+from common.locks import LOCK_NAME, output_lock
+from common.signals import pause
 from pipeline import commands
 from pipeline.report import read_jsonl
 
@@ -152,7 +155,7 @@ def wait_for(path: Path, what: str, seconds: float = 30) -> None:
     """Until ``path`` exists (another shard of a study writes it); at once when it does."""
     while not path.exists():
         print(f"[ablation] waiting for {what}: {path}", flush=True)
-        time.sleep(seconds)
+        pause(seconds, f"while waiting for {what}")
 
 
 def prior_measures(run: Path) -> dict:
@@ -202,7 +205,7 @@ def setting_of(args) -> Setting:
 
 def run_ablation(args, started: float) -> Path:
     setting = setting_of(args)
-    out = Path(args.output_dir or ("runs/ablation_quick" if args.quick else "runs/ablation"))
+    out = output_folder(args)
     ablation = Ablation(args, setting, out)
     variants = select(setting.variants)
     results, generation = ablation.all_runs(variants)
@@ -225,7 +228,7 @@ def sweep_settings(args) -> list[Setting]:
 def run_sweep(args, started: float) -> Path:
     """SWEEP's variants at each (codebook size, steps), 3 seeds, no gFID; one report with the paired
     difference best ProVQ minus best hard VQ against size and budget."""
-    out = Path(args.output_dir or "runs/ablation_sweep")
+    out = output_folder(args)
     variants = select(args.variants or SWEEP)
     points, summary = [], {}
     for setting in sweep_settings(args):
@@ -245,7 +248,7 @@ def run_study(args, started: float) -> Path:
     from ablation.study import Study, StudyPlan, study_families
     from ablation.study_report import write_study_report
 
-    out = Path(args.output_dir or "runs/study")
+    out = output_folder(args)
     shard, shards = parse_shard(args.shard)
     base = setting_of(args)
     resolutions = (args.resolution, 2 * args.resolution) if args.study_high_resolution else (args.resolution,)
@@ -267,6 +270,12 @@ def run_study(args, started: float) -> Path:
     return write_study_report(out, plan.variants, found, {
         "description": description, "seeds": plan.seeds, **minutes,
         "minutes": round((time.time() - started) / 60, 1)})
+
+
+def output_folder(args) -> Path:
+    default = ("runs/study" if args.study else "runs/ablation_sweep" if args.sweep
+               else "runs/ablation_quick" if args.quick else "runs/ablation")
+    return Path(args.output_dir or default)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -326,10 +335,14 @@ def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     started = time.time()
     runner = run_study if args.study else run_sweep if args.sweep else run_ablation
-    report = runner(args, started)
+    # One ablation per folder; the shards of a study share theirs, one process per shard.
+    lock = f".provq-shard-{'-of-'.join(map(str, parse_shard(args.shard)))}.lock" if args.study else LOCK_NAME
+    with output_lock(output_folder(args), name=lock):
+        report = runner(args, started)
     print(f"\n[ablation] report: {report} ({(time.time() - started) / 60:.1f} min)", flush=True)
     return report
 
 
 if __name__ == "__main__":
-    run_command("python -m ablation", main)
+    run_command("python -m ablation", main,
+                resume="rerun the same command: finished stages are skipped, trainings resume from their checkpoints")

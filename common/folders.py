@@ -37,11 +37,13 @@ DESCRIPTIONS = {
     "prior run": "a prior training run (train_prior.py's output_dir)", "run": "a training run",
     "missing": "a path that does not exist", "file": "a file", "empty": "an empty folder",
     "other": "a folder of none of the kinds provq writes",
+    "images": "a samples .npz, a statistics .npz or a folder of images",  # what eval reads
 }
 # Where the thing wanted usually is, from a folder of another kind (wanted, found) -> hint.
 HINTS = {("tokenizer", "tokenizer run"): "its export is {path}/tokenizer",
          ("prior", "prior run"): "its export is {path}/prior",
          ("codes", "codes split"): "pass its parent {parent}",
+         ("images", "samples"): "pass {path}/samples.npz",
          ("checkpoint", "tokenizer run"): "use --resume latest, or one of {path}/checkpoints/step_*",
          ("checkpoint", "prior run"): "use --resume latest, or one of {path}/checkpoints/step_*",
          ("checkpoint", "run"): "use --resume latest, or one of {path}/checkpoints/step_*"}
@@ -105,12 +107,13 @@ def folder_kind(path: str | os.PathLike) -> FolderKind | None:
 
 
 def expect_kind(path: str | os.PathLike, wanted: str | tuple[str, ...], flag: str | None = None,
-                expected: str | None = None) -> FolderKind | None:
+                expected: str | None = None, hub: bool = False) -> FolderKind | None:
     """The kind of ``path`` when it is one of ``wanted``; else ``WrongFolderError`` naming what it is
-    and what was expected (``expected``, by default the first wanted kind's description)."""
+    and what was expected (``expected``, by default the first wanted kind's description). With
+    ``hub``, a path that does not exist passes: it is a Hub repo id for the loader to fetch."""
     wanted = (wanted,) if isinstance(wanted, str) else wanted
     found = folder_kind(path)
-    if found is None or found.name in wanted:
+    if found is None or found.name in wanted or (hub and found.name == "missing"):
         return found
     named = f"{flag} {path}" if flag else str(path)
     if found.name == "missing":

@@ -74,13 +74,15 @@ class FolderLock:
     """The lock of one output folder; ``acquire`` refuses (FolderInUseError naming the holder) or
     takes it, taking over a lock whose holder is gone with a warning."""
 
-    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir"):
+    def __init__(self, folder: str | os.PathLike, flag: str = "--output_dir", name: str = LOCK_NAME):
         self.folder, self.flag = Path(folder), flag
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
         self.fd: int | None = None
+        self.created: list[Path] = []  # folders made for the lock, removed again if left empty
 
     def acquire(self) -> None:
         with writing(self.path, "the folder's lock file"):
+            self.created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
             self.folder.mkdir(parents=True, exist_ok=True)
             while self.fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -119,15 +121,19 @@ class FolderLock:
                 self.path.unlink()
         os.close(self.fd)
         self.fd = None
+        with contextlib.suppress(OSError):  # a command that wrote nothing leaves nothing
+            for folder in self.created:
+                folder.rmdir()
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike, state=None, flag: str = "--output_dir") -> Iterator[None]:
+def output_lock(folder: str | os.PathLike, state=None, flag: str = "--output_dir",
+                name: str = LOCK_NAME) -> Iterator[None]:
     """Hold the lock of ``folder`` while inside. Under a launch (``state``: an Accelerator or
     PartialState) only the main process takes it, and every process learns whether it could,
-    so all of them stop or none."""
+    so all of them stop or none. ``name``: the lock file (a study's shards each have their own)."""
     main = state is None or state.is_main_process
-    lock, refused = FolderLock(folder, flag), None
+    lock, refused = FolderLock(folder, flag, name), None
     if main:
         try:
             lock.acquire()

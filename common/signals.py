@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -92,11 +93,13 @@ def forced() -> bool:
 
 
 def max_over_processes(value: int, world: int = 1, device="cpu") -> int:
-    """The largest ``value`` over the processes of a launch (a collective: every process calls it)."""
-    if world <= 1:
-        return value
+    """The largest ``value`` over the processes of a launch (a collective: every process calls it).
+    Without a process group (one process) it is ``value``."""
     import torch
     import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return value
 
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -133,6 +136,15 @@ class SafePoints:
 
 
 _END = object()
+
+
+def pause(seconds: float, where: str) -> None:
+    """``time.sleep`` that a stop signal ends: ``Interrupted`` saying it stopped ``where``."""
+    end = time.monotonic() + seconds
+    while not pending() and time.monotonic() < end:
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+    if pending():
+        raise interrupted(pending(), where)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from common.cli import CommandParser, run_command
 from common.errors import ConfigError
-from common.files import read_npz
+from common.files import read_npz, write_atomic
+from common.folders import expect_kind
 from common.typed_config import build_config
 from data import DataConfig
 from eval import stats_cache
@@ -231,8 +232,25 @@ def update_card(args, result: dict) -> None:
     cls.update_card(folder, metrics)
 
 
+# What a flag may name: a samples or statistics .npz, or a folder of images (a folder of no kind provq
+# writes; a missing or damaged file is open_images' to name).
+IMAGES = ("images", "other", "empty", "file", "missing")
+
+
+def check_inputs(args) -> None:
+    """Every folder given is of the kind its flag reads, before any model is loaded."""
+    for name in ("images", "samples", "ref", "a", "b"):
+        if getattr(args, name, None):
+            expect_kind(getattr(args, name), IMAGES, f"--{name}")
+    if getattr(args, "tokenizer", None):
+        expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
+    if args.command == "gfid" and args.card:
+        expect_kind(args.card, "prior", "--card")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    check_inputs(args)
     if args.command == "stats":
         # For stats, --out names the statistics file; its JSON goes to --json_out.
         args.stats_out, args.out = args.out, args.json_out
@@ -254,9 +272,9 @@ def main(argv=None) -> dict:
         print(text)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            write_atomic(args.out, lambda tmp: tmp.write_text(text + "\n"), "the results")
     return result
 
 
 if __name__ == "__main__":
-    run_command("python -m eval", main)
+    run_command("python -m eval", main, resume="run the same command again")

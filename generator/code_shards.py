@@ -15,15 +15,15 @@ from torch.utils.data import Dataset
 
 from common.errors import ConfigError, FormatError, MissingFileError
 from common.files import read_versioned, write_atomic, write_json_atomic
-from common.folders import MANIFEST_NAME, TOKENIZER_RECORD, expect_kind
+from common.folders import MANIFEST_NAME, expect_kind
 from common.typed_config import build_config
 
 from .errors import CodeRangeError, check_fingerprint
 
 FORMAT_VERSION = 1
 VERSION_KEY = "format_version"
-# TOKENIZER_RECORD is written by extract_codes.py beside the splits: which tokenizer folder made
-# the codes, so train_prior.py can draw sample grids while it trains.
+# common.folders.TOKENIZER_RECORD is written by extract_codes.py beside the splits: which tokenizer
+# folder made the codes, so train_prior.py can draw sample grids while it trains.
 
 
 def shard_name(index: int) -> str:
