@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from common.cli import run_command
 from common.errors import ConfigError, UserError
 from common.files import write_json_atomic
-from common.folders import expect_kind, output_kinds
+from common.folders import expect_kind, expect_output
 from common.locks import output_lock
 from common.signals import SafePoints, interrupted
 from data import DataConfig, collate, load_split
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
-    expect_kind(args.output_dir, output_kinds("codes"), "--output_dir")
+    expect_output(args.output_dir, "codes")
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()

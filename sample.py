@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from common.cli import run_command
 from common.errors import ConfigError
 from common.files import write_atomic, writing
-from common.folders import SAMPLES_NAME, expect_kind, output_kinds
+from common.folders import SAMPLES_NAME, expect_kind, expect_output
 from common.locks import output_lock
 from common.signals import SafePoints, interrupted
 from data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
@@ -123,7 +123,7 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
     expect_kind(args.prior, "prior", "--prior", hub=True)
-    expect_kind(args.output_dir, output_kinds("samples"), "--output_dir")
+    expect_output(args.output_dir, "samples")
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()

@@ -123,7 +123,8 @@ def expect_kind(path: str | os.PathLike, wanted: str | tuple[str, ...], flag: st
                            f"{expected or DESCRIPTIONS.get(wanted[0], wanted[0])}" + (f": {hint}" if hint else ""))
 
 
-def output_kinds(own: str) -> tuple[str, ...]:
-    """What a command writing folders of kind ``own`` may write into: one of its own (to resume or
-    complete it), a new or empty folder, or a folder of no kind provq writes."""
-    return (own, "missing", "empty", "other")
+def expect_output(path: str | os.PathLike, own: str, flag: str = "--output_dir") -> FolderKind | None:
+    """A folder a command writing folders of kind ``own`` may write into: one of its own (to resume
+    or complete it), a new or empty folder, or a folder of no kind provq writes."""
+    return expect_kind(path, (own, "missing", "empty", "other"), flag,
+                       expected=f"{DESCRIPTIONS[own]} or a new folder")

@@ -339,25 +339,26 @@ def test_a_library_error_without_an_errno_is_read_from_the_disk(tiny_disk):
 # ---- 3. one writer per output folder ----------------------------------------------------------
 @pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(
-        image_folder, tmp_path, caplog):
+        image_folder, tmp_path, capsys, caplog):
     out, log = tmp_path / "run", tmp_path / "first.log"
-    argv = tiny_tokenizer_argv(image_folder, out, STEPS)
-    with log.open("w") as printed:
+    argv = tiny_tokenizer_argv(image_folder, out, 1000)
+    with log.open("w") as printed:  # the first writer: a training paced to 1 s a step, until killed
         first = subprocess.Popen([sys.executable, str(run_driver(DRIVER, tmp_path)), "train_tokenizer.py", "pace",
                                   "1", *argv], cwd=REPO, env=subprocess_env(), stdout=printed, stderr=printed)
         try:
             wait_until(step_logged(out / "metrics.jsonl", 1), first, log)
-            second = subprocess.run([sys.executable, "train_tokenizer.py", *argv], cwd=REPO, env=subprocess_env(),
-                                    capture_output=True, text=True, timeout=300)
+            code, stderr = command_here("train_tokenizer.py", train_tokenizer.main,  # this process: the second
+                                        tiny_tokenizer_argv(image_folder, out, 2), capsys)
+            assert first.poll() is None
         finally:
             first.kill()  # SIGKILL: the lock file stays behind, naming a process that no longer exists
             first.wait()
-    assert second.returncode == 2
+    assert code == 2
     assert re.fullmatch(rf"train_tokenizer.py: error: --output_dir {out} is being written by another command "
                         rf"\(process {first.pid} on .*\); wait for it to end or choose another folder .*",
-                        last_line(second.stderr))
+                        last_line(stderr))
     assert (out / LOCK_NAME).is_file()
-    run_in_process(train_tokenizer.main, argv + ["--resume", "latest"])
+    run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, out, 2))
     assert f"taking over {out / LOCK_NAME}: its holder (process {first.pid} on" in caplog.text
     assert (out / "tokenizer").is_dir() and not (out / LOCK_NAME).exists()
 

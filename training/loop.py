@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from common import signals
 from common.errors import StorageError
-from common.folders import expect_kind, output_kinds
+from common.folders import expect_output
 from common.locks import output_lock
 from common.typed_config import config_to_dict
 from training.accelerator import configure_threads, make_accelerator
@@ -202,7 +202,7 @@ def start_run(config, train: TrainConfig, output_dir: str | Path, project: str, 
     A resume target that is newer or unreadable is refused before anything is written.
     """
     output_dir = Path(output_dir)
-    expect_kind(output_dir, output_kinds(f"{project} run"), "--output_dir")
+    expect_output(output_dir, f"{project} run")
     threads = configure_threads()
     accelerator = make_accelerator(train, output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
