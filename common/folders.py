@@ -125,6 +125,8 @@ def expect_kind(path: str | os.PathLike, wanted: str | tuple[str, ...], flag: st
 
 def expect_output(path: str | os.PathLike, own: str, flag: str = "--output_dir") -> FolderKind | None:
     """A folder a command writing folders of kind ``own`` may write into: one of its own (to resume
-    or complete it), a new or empty folder, or a folder of no kind provq writes."""
-    return expect_kind(path, (own, "missing", "empty", "other"), flag,
+    or complete it; a run whose stage its files do not tell, e.g. copied checkpoints, may be one), a new
+    or empty folder, or a folder of no kind provq writes."""
+    unknown_run = ("run",) if own.endswith(" run") else ()
+    return expect_kind(path, (own, *unknown_run, "missing", "empty", "other"), flag,
                        expected=f"{DESCRIPTIONS[own]} or a new folder")

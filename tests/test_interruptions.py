@@ -120,6 +120,37 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(reference, image_fold
     assert assert_same_run(reference, out) == 0.0
 
 
+def rank_1(launcher: subprocess.Popen) -> int:
+    """The worker with RANK=1 among a torchrun launcher's children."""
+    children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    return next(int(pid) for pid in children if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes())
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_process_signalled_stops_all_at_the_same_step(image_folder, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log"
+    argv = tiny_tokenizer_argv(image_folder, out, STEPS, **dict(RUN, train__batch_size=4))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    with log.open("w") as printed:
+        launcher = subprocess.Popen([*torchrun, str(run_driver(DRIVER, tmp_path)), "train_tokenizer.py", "pace", "3",
+                                     *argv], cwd=REPO, env=subprocess_env(), stdout=printed, stderr=printed)
+        try:
+            wait_until(step_logged(out / "metrics.jsonl", 4), launcher, log)
+            os.kill(rank_1(launcher), signal.SIGTERM)  # rank 0 hears of it only through the agreed flag
+            launcher.wait(300)
+        finally:
+            launcher.kill()
+            launcher.wait()
+    step = logged_steps(out / "metrics.jsonl")[-1]["step"]
+    lines = [line for line in log.read_text().splitlines() if "interrupted" in line]
+    assert lines == [f"train_tokenizer.py: interrupted at step {step} by SIGTERM; checkpoint "
+                     f"{out / 'checkpoints' / f'step_{step:08d}'}; resume with --resume latest"]
+    # Rank 1 exits 143 once the checkpoint both wrote is complete; the launcher then SIGTERMs rank 0, which
+    # has printed its line by then (it may be on its way out, with the default handler back: -15).
+    assert "exitcode  : 143 (pid: " in log.read_text()
+    assert CheckpointManager(out).resolve("latest").name == f"step_{step:08d}" and not (out / LOCK_NAME).exists()
+
+
 @pytest.fixture(scope="module")
 def codes(reference, image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("codes")
