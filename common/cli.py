@@ -8,12 +8,14 @@ with one line saying where it stopped and how to continue, and exit status 130 (
 ``UserError`` into ``<command>: error: <message>`` (printed by the first process alone under a
 launcher) and exit status 2, and a full disk or an unwritable file met anywhere into the same.
 Any other exception is a bug and keeps its traceback; so does a user error when PROVQ_DEBUG=1.
-SIGINT and SIGTERM are handled as ``common.signals`` describes.
+In a command that passes ``resume``, SIGINT and SIGTERM are handled as ``common.signals``
+describes; in the others a Ctrl-C ends the command at once, as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -41,33 +43,41 @@ def user_error_line(command: str, error: BaseException) -> str:
     return f"{command}: error: {message}"
 
 
-def run_command(command: str, main: Callable[..., T], argv: list[str] | None = None, resume: str = "") -> T:
-    """``main(argv)``, with user errors as one line and exit status 2, and a stop by SIGINT or
-    SIGTERM as one line ending in ``resume`` (how to continue) and exit status 128 + the signal."""
-    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
-    with signals.handled():
+def run_command(command: str, main: Callable[..., T], argv: list[str] | None = None, resume: str | None = None) -> T:
+    """``main(argv)``, with user errors (and a full disk met anywhere) as one line and exit status 2.
+
+    ``resume`` (how the command continues after a stop) says it has safe points: SIGINT and SIGTERM
+    then stop it at the next one (``common.signals``) with one line ending in ``resume`` and exit
+    status 128 + the signal. Without it, Ctrl-C stops the command at once, in one line too."""
+    with signals.handled() if resume is not None else contextlib.nullcontext():
         try:
             return main(argv)
-        except UserError as error:
-            if debug:
+        except BaseException as error:
+            status, line = outcome(command, error, resume)
+            if status is None:
                 raise
-            say(user_error_line(command, error), error)
-            raise SystemExit(2) from None
-        except signals.Interrupted as stop:
-            say(f"{command}: {stop.message}" + (f"; {resume}" if resume else ""), stop)
-            raise SystemExit(stop.exit_status) from None
-        except OSError as error:  # a full disk or an unwritable file where no writer named it
-            cause = storage_cause(error)
-            if cause is None or debug:
-                raise
-            say(f"{command}: error: {error.filename}: {cause}" if error.filename else f"{command}: error: {cause}", error)
-            raise SystemExit(2) from None
-        except Exception:
-            if not signals.forced():
-                raise
-            # Stopped at once under a launcher: a peer that left a collective is not a bug.
-            say(f"{command}: stopped at once by a second signal" + (f"; {resume}" if resume else ""))
-            raise SystemExit(128 + signals.pending()) from None
+            say(line, error)
+            raise SystemExit(status) from None
+
+
+def outcome(command: str, error: BaseException, resume: str | None) -> tuple[int | None, str]:
+    """The exit status and the line of a command that ended with ``error``; (None, "") for a bug
+    (and, with PROVQ_DEBUG=1, a user error), which keeps its traceback."""
+    then = f"; {resume}" if resume else ""
+    if isinstance(error, signals.Interrupted):
+        return error.exit_status, f"{command}: {error.message}{then}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, f"{command}: stopped by SIGINT"
+    if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        return None, ""
+    if isinstance(error, UserError):
+        return 2, user_error_line(command, error)
+    cause = storage_cause(error) if isinstance(error, OSError) else None
+    if cause:  # a full disk or an unwritable file where no writer named it
+        return 2, f"{command}: error: " + (f"{error.filename}: {cause}" if error.filename else cause)
+    if isinstance(error, Exception) and signals.forced():  # a peer that left a collective when stopped at once
+        return 128 + signals.pending(), f"{command}: stopped at once by a second signal{then}"
+    return None, ""
 
 
 def say(line: str, error: BaseException | None = None) -> None:
