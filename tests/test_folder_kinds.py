@@ -9,14 +9,19 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from training_helpers import REPO, run_in_process, tiny_prior_argv, tiny_tokenizer_argv
+from training_helpers import (
+    REPO,
+    run_in_process,
+    save_tiny_models,
+    tiny_prior_argv,
+    tiny_tokenizer_argv,
+)
 
 from common.cli import run_command
 from common.errors import WrongFolderError
 from common.folders import folder_kind
-from generator import ARPrior, PriorConfig
-from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+from generator import ARPrior
+from tokenizer import ProVQTokenizer
 
 EMOJI32 = str(REPO / "configs" / "emoji32.yaml")
 MAINS = {"train_tokenizer.py": "train_tokenizer", "train_prior.py": "train_prior", "extract_codes.py": "extract_codes",
@@ -32,14 +37,7 @@ def folders(image_folder, tmp_path_factory) -> dict[str, Path]:
     import train_tokenizer
 
     root = tmp_path_factory.mktemp("kinds")
-    torch.manual_seed(0)
-    tok = ProVQTokenizer(TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
-                                         latent_channels=8, norm_num_groups=4,
-                                         quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4)))
-    tok.save_pretrained(root / "tok")
-    ARPrior(PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=4, hidden_size=32, num_layers=1,
-                        num_heads=2, intermediate_size=64, tokenizer_fingerprint=tok.fingerprint())
-            ).save_pretrained(root / "prior")
+    save_tiny_models(root)
     run_in_process(extract_codes.main, ["--config", EMOJI32, "--tokenizer", str(root / "tok"), "--output_dir",
                                         str(root / "codes"), "--data.dataset", str(image_folder),
                                         "--data.resolution", "16"])

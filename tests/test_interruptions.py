@@ -32,6 +32,7 @@ from training_helpers import (
     logged_steps,
     run_driver,
     run_in_process,
+    save_tiny_models,
     signal_when,
     step_logged,
     subprocess_env,
@@ -46,8 +47,6 @@ import train_prior
 import train_tokenizer
 from common.cli import run_command
 from common.locks import LOCK_NAME, output_lock
-from generator import ARPrior, PriorConfig
-from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 from training import CheckpointManager
 
 EMOJI32 = str(REPO / "configs" / "emoji32.yaml")
@@ -178,16 +177,7 @@ def test_sigterm_stops_the_prior_after_a_step_and_it_resumes_exactly(codes, tmp_
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny (untrained) tokenizer and a prior bound to it."""
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tok = ProVQTokenizer(TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
-                                         latent_channels=8, norm_num_groups=4,
-                                         quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4)))
-    ARPrior(PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=4, hidden_size=32,
-                        num_layers=1, num_heads=2, intermediate_size=64,
-                        tokenizer_fingerprint=tok.fingerprint())).save_pretrained(root / "prior")
-    return {"tok": tok.save_pretrained(root / "tok"), "prior": root / "prior"}
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def sample_argv(models, out: Path, *extra: str) -> list[str]:

@@ -30,6 +30,21 @@ def make_image_folder(root: Path, classes: int = 4, per_class: int = 24, size: i
     return root
 
 
+def save_tiny_models(root: Path) -> dict[str, Path]:
+    """An untrained ~3k-parameter tokenizer at 16 px (16 codes, 8x8 grid) and a prior bound to it,
+    saved as root/tok and root/prior."""
+    from generator import ARPrior, PriorConfig
+    from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+
+    torch.manual_seed(0)
+    tok = ProVQTokenizer(TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
+                                         latent_channels=8, norm_num_groups=4,
+                                         quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4)))
+    prior = ARPrior(PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=4, hidden_size=32,
+                                num_layers=1, num_heads=2, intermediate_size=64, tokenizer_fingerprint=tok.fingerprint()))
+    return {"tok": tok.save_pretrained(root / "tok"), "prior": prior.save_pretrained(root / "prior")}
+
+
 def tiny_tokenizer_argv(dataset: Path, output_dir: Path, max_steps: int, **fields) -> list[str]:
     """train_tokenizer.py arguments for a ~3k-parameter tokenizer at 16 px (8x8 codes), fp32.
 
