@@ -51,11 +51,11 @@ class CheckpointManager:
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)  # frees the space; never marked complete
             if isinstance(error, StorageError):
-                raise StorageError(f"{error}; it was removed, and {self.still_latest()}") from error
+                raise StorageError(f"{error}; it was removed, and {self.latest_hint()}") from error
             raise
         return final
 
-    def still_latest(self) -> str:
+    def latest_hint(self) -> str:
         """What a failed save leaves: the checkpoint a ``--resume latest`` takes."""
         found = self.complete()
         if not found:

@@ -210,13 +210,14 @@ def start_run(config, train: TrainConfig, output_dir: str | Path, project: str, 
     checkpoints = CheckpointManager(output_dir, keep=train.keep_checkpoints)
     resume_path = checkpoints.resolve(resume)
     held = contextlib.ExitStack()
-    with contextlib.ExitStack() as on_error:
-        on_error.callback(held.close)
-        held.enter_context(output_lock(output_dir, accelerator))
+    held.enter_context(output_lock(output_dir, accelerator))
+    try:
         together(accelerator, output_dir, "the run's config and trackers", lambda: (
             save_config(config, output_dir / "config.yaml"),
             accelerator.init_trackers(project, config=flat_hparams(config_to_dict(config)))))
-        on_error.pop_all()
+    except BaseException:
+        held.close()
+        raise
     # Identical initial weights on every process; python/numpy RNGs seeded too, so every RNG
     # state a checkpoint holds is a function of the seed and the step.
     set_seed(train.seed)
@@ -235,6 +236,6 @@ def finish_run(run: TrainingRun, parts: TrainParts, export_dir: Path, metrics=No
     try:
         path = export_pretrained(parts.model, parts.ema, run.accelerator, export_dir, metrics, datasets)
     except StorageError as error:
-        raise StorageError(f"{error}; the checkpoints are untouched: {run.checkpoints.still_latest()}") from error
+        raise StorageError(f"{error}; the checkpoints are untouched: {run.checkpoints.latest_hint()}") from error
     run.accelerator.end_training()
     return path
