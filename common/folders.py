@@ -51,7 +51,7 @@ HINTS = {("tokenizer", "tokenizer run"): "its export is {path}/tokenizer",
 
 @dataclass(frozen=True)
 class FolderKind:
-    name: str  # a key of DESCRIPTIONS, or "model" for a config.json of another model type
+    name: str  # a key of DESCRIPTIONS, or "'<model_type>' model" for a config.json of another model type
     evidence: str  # the file that says so
 
     def describe(self) -> str:

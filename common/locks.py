@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def _holder_text(holder: dict) -> str:
-    return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: "
-            f"{holder.get('command', '?')}")
+    command = str(holder.get("command", "?"))
+    command = command if len(command) <= 80 else command[:77] + "..."  # the file has all of it
+    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}: {command}"
 
 
 def _read_holder(fd: int) -> dict:
