@@ -17,7 +17,8 @@ from eval.precision_recall import precision_recall
 from eval.stats_cache import reference_stats
 from provq.common.cli import CommandParser, command_name, run_command
 from provq.common.errors import ConfigError
-from provq.common.files import read_npz
+from provq.common.files import read_npz, write_atomic
+from provq.common.folders import expect_kind
 from provq.common.presets import load_yaml
 from provq.common.typed_config import build_config
 from provq.data import DataConfig
@@ -231,8 +232,25 @@ def update_card(args, result: dict) -> None:
     cls.update_card(folder, metrics)
 
 
+# What a flag may name: a samples or statistics .npz, or a folder of images (a folder of no kind provq
+# writes; a missing or damaged file is open_images' to name).
+IMAGES = ("images", "other", "empty", "file", "missing")
+
+
+def check_inputs(args) -> None:
+    """Every folder given is of the kind its flag reads, before any model is loaded."""
+    for name in ("images", "samples", "ref", "a", "b"):
+        if getattr(args, name, None):
+            expect_kind(getattr(args, name), IMAGES, f"--{name}")
+    if getattr(args, "tokenizer", None):
+        expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
+    if args.command == "gfid" and args.card:
+        expect_kind(args.card, "prior", "--card")
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    check_inputs(args)
     if args.command == "stats":
         # For stats, --out names the statistics file; its JSON goes to --json_out.
         args.stats_out, args.out = args.out, args.json_out
@@ -254,13 +272,13 @@ def main(argv=None) -> dict:
         print(text)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            write_atomic(args.out, lambda tmp: tmp.write_text(text + "\n"), "the results")
     return result
 
 
 def entry() -> None:
     """The console command (``provq-...``) and ``python -m``."""
-    run_command(command_name("python -m eval"), main)
+    run_command(command_name("python -m eval"), main, resume="run the same command again")
 
 
 if __name__ == "__main__":

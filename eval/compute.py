@@ -12,6 +12,7 @@ from eval.fid import FeatureStats, InceptionScoreAccumulator, feature_stats
 from eval.inception import FEATURE_DIM, FIDInception, InceptionOutput, preprocess, protocol
 from eval.metrics import codebook_usage, ssim, ssim_llamagen, uint8_psnr
 from provq.common.moments import MomentAccumulator
+from provq.common.signals import SafePoints, interrupted
 from provq.data.pixels import to_uint8
 from provq.training.accelerator import process_state
 
@@ -76,8 +77,14 @@ class EvalSetup:
     num_workers: int = 0  # DataLoader workers decoding images
 
     def batches(self, source):
-        """This process's batches of ``source`` (each image in exactly one process)."""
-        return source.batches(self.batch_size, self.procs.rank, self.procs.world, self.num_workers)
+        """This process's batches of ``source`` (each image in exactly one process). SIGINT or SIGTERM
+        stops every process after a batch (``Interrupted``): nothing is written."""
+        procs, safe = self.procs, SafePoints(self.procs.world, self.procs.device)
+        rounds = source.num_batches(self.batch_size, 0, procs.world)  # the first process has the most
+        yield from safe.over(source.batches(self.batch_size, procs.rank, procs.world, self.num_workers), rounds)
+        if safe.signum:
+            mine = source.num_batches(self.batch_size, procs.rank, procs.world)
+            raise interrupted(safe.signum, f"after {safe.done} of {mine} batches of {source.name}", "nothing was written")
 
     def progress(self, source, desc: str):
         total = source.num_batches(self.batch_size, self.procs.rank, self.procs.world)

@@ -1,7 +1,8 @@
 """Stage 2: a class-conditional autoregressive prior over tokenizer codes (after LlamaGen)."""
 
+from provq.common.folders import TOKENIZER_RECORD
+
 from .code_shards import (
-    TOKENIZER_RECORD,
     CodeDataset,
     CodeShardWriter,
     CodesManifest,

@@ -15,16 +15,15 @@ from torch.utils.data import Dataset
 
 from provq.common.errors import ConfigError, FormatError, MissingFileError
 from provq.common.files import read_versioned, write_atomic, write_json_atomic
+from provq.common.folders import MANIFEST_NAME, expect_kind
 from provq.common.typed_config import build_config
 
 from .errors import CodeRangeError, check_fingerprint
 
 FORMAT_VERSION = 1
 VERSION_KEY = "format_version"
-MANIFEST_NAME = "manifest.json"
-# Written by extract_codes.py beside the splits: which tokenizer folder made the codes, so
-# train_prior.py can draw sample grids while it trains.
-TOKENIZER_RECORD = "tokenizer.json"
+# common.folders.TOKENIZER_RECORD is written by extract_codes.py beside the splits: which tokenizer
+# folder made the codes, so train_prior.py can draw sample grids while it trains.
 
 
 def shard_name(index: int) -> str:
@@ -87,7 +86,9 @@ def split_folder(root: str | os.PathLike, split: str) -> Path:
 
 
 def load_manifest(root: str | os.PathLike, split: str) -> CodesManifest:
-    """Read <root>/<split>/manifest.json, refusing newer versions or unknown fields by name."""
+    """Read <root>/<split>/manifest.json, refusing another kind of folder, newer versions or unknown
+    fields by name."""
+    expect_kind(root, "codes")
     path = split_folder(root, split) / MANIFEST_NAME
     if not path.is_file():
         raise MissingFileError(f"no code manifest at {path} (did extract_codes.py finish this split?)")
@@ -158,7 +159,7 @@ class CodeShardWriter:
         _check_range(codes, labels, m, f"shard {index}")
         tensors = {"codes": np.ascontiguousarray(codes.astype(m.dtype)), "labels": labels}
         write_atomic(self.folder / shard_name(index),
-                          lambda tmp: save_file(tensors, str(tmp), metadata=self._metadata(index)))
+                     lambda tmp: save_file(tensors, str(tmp), metadata=self._metadata(index)), "a code shard")
         return True
 
     def finalize(self) -> CodesManifest:
@@ -167,7 +168,7 @@ class CodeShardWriter:
         if missing:
             raise RuntimeError(f"cannot finalize {self.folder}: shards {missing[:10]} are not written")
         record = {VERSION_KEY: FORMAT_VERSION, **dataclasses.asdict(self.manifest)}
-        write_json_atomic(self.folder / MANIFEST_NAME, record)
+        write_json_atomic(self.folder / MANIFEST_NAME, record, what="the codes' manifest")
         return self.manifest
 
 

@@ -107,7 +107,7 @@ class ARPrior(PretrainedMixin, nn.Module):
 
     config_class = PriorConfig
     config_version = 2  # 2: one dropout field per place, position_embedding, zero_init_head
-    model_type = "provq-ar-prior"
+    kind = "prior"  # model_type provq-ar-prior
 
     @classmethod
     def card_content(cls, config: PriorConfig) -> CardContent:

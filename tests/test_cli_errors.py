@@ -16,10 +16,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.numpy import load_file
-from training_helpers import REPO, run_in_process, subprocess_env, tiny_tokenizer_argv
-
-from generator import ARPrior, PriorConfig
-from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+from training_helpers import (
+    REPO,
+    run_in_process,
+    save_tiny_models,
+    subprocess_env,
+    tiny_tokenizer_argv,
+)
 
 EMOJI32 = str(REPO / "configs" / "emoji32.yaml")
 
@@ -28,14 +31,7 @@ EMOJI32 = str(REPO / "configs" / "emoji32.yaml")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny tokenizer and a prior bound to it; a truncated and a pickled copy of the tokenizer."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tok = ProVQTokenizer(TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
-                                         latent_channels=8, norm_num_groups=4,
-                                         quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4)))
-    tok.save_pretrained(root / "tok")
-    ARPrior(PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=4, hidden_size=32,
-                        num_layers=1, num_heads=2, intermediate_size=64,
-                        tokenizer_fingerprint=tok.fingerprint())).save_pretrained(root / "prior")
+    save_tiny_models(root)
     whole = (root / "tok" / "model.safetensors").read_bytes()
     for name, payload in (("truncated", whole[: len(whole) // 2]), ("pickled", pickle.dumps({"w": [1, 2]}))):
         (root / name).mkdir()

@@ -1,7 +1,7 @@
 """Runs that survive faults (issue 7): kill + resume, atomic checkpoints, 2 processes, NaN, untrusted files.
 
-The kill tests start train_tokenizer.py in a subprocess through a small driver that only
-slows the run down (so the SIGKILL lands mid-run) or kills it inside a save; the reference
+The kill tests start train_tokenizer.py in a subprocess through a small driver (training_helpers.DRIVER)
+that only slows the run down (so the SIGKILL lands mid-run) or kills it inside a save; the reference
 and resumed runs are in-process (bitwise the same as a subprocess: same code, same threads).
 """
 
@@ -20,11 +20,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from training_helpers import (
+    DRIVER,
     REPO,
+    assert_same_run,
     compare_folders,
     kill_after_step,
     logged_steps,
-    metric_rows,
     probe_run,
     run_driver,
     run_in_process,
@@ -55,29 +56,6 @@ VARIANTS = {
                                  train__batch_size=4),
 }
 
-DRIVER = """
-import importlib, os, signal, sys, time
-import provq.training.checkpoint as checkpoint, provq.training.loop as loop
-script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's SIGKILL lands mid-run
-    batches = loop.batches
-    def paced(dataloader, accelerator, start_step, grad_accum_steps=1):
-        for i, batch in enumerate(batches(dataloader, accelerator, start_step, grad_accum_steps)):
-            if start_step * grad_accum_steps + i >= at * grad_accum_steps:
-                time.sleep(1.0)
-            yield batch
-    loop.batches = paced
-elif mode == "kill_in_save":  # SIGKILL itself after save_state wrote step `at`, before its marker
-    write = checkpoint.write_marker
-    def killing(path, payload):
-        if payload.get("step") == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        write(path, payload)
-    checkpoint.write_marker = killing
-importlib.import_module("provq.commands." + script).main(sys.argv[4:])
-"""
-
-
 @pytest.fixture(scope="module")
 def reference(image_folder, tmp_path_factory):
     """Uninterrupted runs of each variant, computed once."""
@@ -87,16 +65,6 @@ def reference(image_folder, tmp_path_factory):
         run_in_process(train_tokenizer.main, tiny_tokenizer_argv(image_folder, out, 30, **RUN, **fields))
         runs[name] = out
     return runs
-
-
-def assert_same_run(reference: Path, resumed: Path, export: str = "tokenizer", skip=()) -> float:
-    """Bit-identical export, last checkpoint (weights, optimizers, EMA, buffers, RNGs) and log."""
-    worst = compare_folders(reference / export, resumed / export)
-    ref_ckpts = sorted((reference / "checkpoints").iterdir())
-    assert [p.name for p in ref_ckpts] == [p.name for p in sorted((resumed / "checkpoints").iterdir())]
-    worst = max(worst, compare_folders(ref_ckpts[-1], resumed / "checkpoints" / ref_ckpts[-1].name, skip))
-    assert metric_rows(resumed / "metrics.jsonl") == metric_rows(reference / "metrics.jsonl")
-    return worst
 
 
 # ---- 1. exact resume after SIGKILL ----------------------------------------------------------
@@ -214,11 +182,12 @@ def test_a_failed_save_leaves_the_last_checkpoint_loadable(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         manager.save(accelerator, 4)
     monkeypatch.undo()
+    assert not (manager.root / ".tmp_step_00000004").exists()  # the half-written save is removed
     (manager.root / "step_00000007").mkdir()  # a marker-less folder (e.g. copied half-way)
     caplog.set_level(logging.WARNING)
     latest = manager.resolve("latest")
     assert latest.name == "step_00000003"
-    assert "step_00000007" in caplog.text and ".tmp_step_00000004" in caplog.text
+    assert "step_00000007" in caplog.text
     with torch.no_grad():
         model.weight.mul_(0)
     assert manager.load(accelerator, latest) == 3 and torch.equal(model.weight, good)

@@ -148,7 +148,7 @@ def test_load_refuses_newer_versions_unknown_fields_and_missing_tensors(tmp_path
     with pytest.raises(FormatError, match="rope_scaling"):
         ARPrior.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({**good, "model_type": "provq-tokenizer"}))
-    with pytest.raises(FormatError, match="not a 'provq-ar-prior'"):
+    with pytest.raises(FormatError, match="is a tokenizer folder .*; expected a prior folder"):
         ARPrior.from_pretrained(tmp_path)
     # a field missing from the file takes its default: here that contradicts the weights
     config_path.write_text(json.dumps({k: v for k, v in good.items() if k != "codebook_size"}))

@@ -30,6 +30,21 @@ def make_image_folder(root: Path, classes: int = 4, per_class: int = 24, size: i
     return root
 
 
+def save_tiny_models(root: Path) -> dict[str, Path]:
+    """An untrained ~3k-parameter tokenizer at 16 px (16 codes, 8x8 grid) and a prior bound to it,
+    saved as root/tok and root/prior."""
+    from generator import ARPrior, PriorConfig
+    from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
+
+    torch.manual_seed(0)
+    tok = ProVQTokenizer(TokenizerConfig(resolution=16, base_channels=8, channel_multipliers=[1, 2],
+                                         latent_channels=8, norm_num_groups=4,
+                                         quantizer=QuantizerConfig(codebook_size=16, codebook_dim=4)))
+    prior = ARPrior(PriorConfig(codebook_size=16, code_height=8, code_width=8, num_classes=4, hidden_size=32,
+                                num_layers=1, num_heads=2, intermediate_size=64, tokenizer_fingerprint=tok.fingerprint()))
+    return {"tok": tok.save_pretrained(root / "tok"), "prior": prior.save_pretrained(root / "prior")}
+
+
 def tiny_tokenizer_argv(dataset: Path, output_dir: Path, max_steps: int, **fields) -> list[str]:
     """train_tokenizer.py arguments for a ~3k-parameter tokenizer at 16 px (8x8 codes), fp32.
 
@@ -115,27 +130,44 @@ def logged_steps(metrics: Path) -> list[dict]:
     return rows
 
 
-def kill_after_step(command: list[str], metrics: Path, step: int, log: Path, timeout: float = 180) -> int:
-    """Start `command`, SIGKILL it once `metrics` shows `step` done; the last step it logged."""
+def wait_until(ready, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until `ready()` is true; an AssertionError (with the log's end) if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended (rc {proc.returncode}) before it was ready:\n"
+                                 + log.read_text()[-3000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.02)
+
+
+def signal_when(command: list[str], ready, log: Path, signals: tuple[int, ...], timeout: float = 180) -> int:
+    """Start `command`, send it `signals` (0.1 s apart) once `ready()` is true; its exit status."""
     with log.open("w") as out:
         proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=out)
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                rows = logged_steps(metrics)
-                if rows and rows[-1]["step"] >= step:
-                    break
-                if proc.poll() is not None:
-                    raise AssertionError(f"the run ended (rc {proc.returncode}) before step {step}:\n"
-                                         + log.read_text()[-3000:])
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no step {step} after {timeout}s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.02)
+            wait_until(ready, proc, log, timeout)
+            for i, signum in enumerate(signals):
+                time.sleep(0.1 if i else 0.0)
+                proc.send_signal(signum)
+            proc.wait(timeout)
         finally:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"rc {proc.returncode}:\n{log.read_text()[-3000:]}"
+                proc.kill()
+                proc.wait()
+    return proc.returncode
+
+
+def step_logged(metrics: Path, step: int):
+    """A `ready` for signal_when: `metrics` shows `step` done."""
+    return lambda: (rows := logged_steps(metrics)) and rows[-1]["step"] >= step
+
+
+def kill_after_step(command: list[str], metrics: Path, step: int, log: Path, timeout: float = 180) -> int:
+    """Start `command`, SIGKILL it once `metrics` shows `step` done; the last step it logged."""
+    returncode = signal_when(command, step_logged(metrics, step), log, (signal.SIGKILL,), timeout)
+    assert returncode == -signal.SIGKILL, f"rc {returncode}:\n{log.read_text()[-3000:]}"
     return max(row["step"] for row in logged_steps(metrics))
 
 
@@ -191,6 +223,54 @@ def compare_folders(first: Path, second: Path, skip: tuple[str, ...] = ()) -> fl
 
 def metric_rows(metrics: Path, ignore=("images_per_s", "codes_per_s")) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in ignore} for row in logged_steps(metrics)]
+
+
+# Runs a script under test with a patch: `driver.py SCRIPT MODE AT ARGS...`. SCRIPT `train_tokenizer`
+# calls provq.commands.train_tokenizer.main(ARGS); `train_tokenizer.py` runs it as the command line does (run_command: signals
+# handled, errors as one line).
+DRIVER = """
+import importlib, os, runpy, signal, sys, time
+import generator.sampling as sampling, provq.training.checkpoint as checkpoint, provq.training.loop as loop
+script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's signal lands mid-run
+    batches = loop.batches
+    def paced(dataloader, accelerator, start_step, grad_accum_steps=1):
+        for i, batch in enumerate(batches(dataloader, accelerator, start_step, grad_accum_steps)):
+            if start_step * grad_accum_steps + i >= at * grad_accum_steps:
+                time.sleep(1.0)
+            yield batch
+    loop.batches = paced
+elif mode == "pace_sampling":  # from batch `at` on, 1 s per sampled batch
+    draw, calls = sampling.sample, []
+    def paced_sample(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > at:
+            time.sleep(1.0)
+        return draw(*args, **kwargs)
+    sampling.sample = paced_sample
+elif mode == "kill_in_save":  # SIGKILL itself after save_state wrote step `at`, before its marker
+    write = checkpoint.write_marker
+    def killing(path, payload):
+        if payload.get("step") == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(path, payload)
+    checkpoint.write_marker = killing
+if script.endswith(".py"):
+    sys.argv = [script, *sys.argv[4:]]
+    runpy.run_path(script, run_name="__main__")
+else:
+    importlib.import_module("provq.commands." + script).main(sys.argv[4:])
+"""
+
+
+def assert_same_run(reference: Path, resumed: Path, export: str = "tokenizer", skip=()) -> float:
+    """Bit-identical export, last checkpoint (weights, optimizers, EMA, buffers, RNGs) and log."""
+    worst = compare_folders(reference / export, resumed / export)
+    ref_ckpts = sorted((reference / "checkpoints").iterdir())
+    assert [p.name for p in ref_ckpts] == [p.name for p in sorted((resumed / "checkpoints").iterdir())]
+    worst = max(worst, compare_folders(ref_ckpts[-1], resumed / "checkpoints" / ref_ckpts[-1].name, skip))
+    assert metric_rows(resumed / "metrics.jsonl") == metric_rows(reference / "metrics.jsonl")
+    return worst
 
 
 def run_driver(code: str, folder: Path) -> Path:

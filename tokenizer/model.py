@@ -112,7 +112,7 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
     """
 
     config_class = TokenizerConfig
-    model_type = "provq-tokenizer"
+    kind = "tokenizer"  # model_type provq-tokenizer
 
     @classmethod
     def card_content(cls, config: TokenizerConfig) -> CardContent:

@@ -5,7 +5,8 @@ codes, mechanism) over several seeds, evaluates each with hard quantization (rFI
 on every test image, PSNR and SSIM on every training image, usage, perplexity) and, for seed 0
 (every seed with --full), a fixed-budget prior (gFID); writes ``<output_dir>/report.md`` with
 paired verdicts. ``--sweep`` repeats three variants at several codebook sizes and budgets.
-A finished variant x seed is never retrained: rerunning continues where it stopped.
+A finished variant x seed is never retrained: rerunning continues where it stopped (also after
+Ctrl-C or SIGTERM, which stop the stage at its next safe point; a training writes its checkpoint).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from provq.ablation.runner import SWEEP_LARGE, SWEEP_POINTS, Ablation, Setting, 
 from provq.ablation.variants import SWEEP, select
 from provq.common.cli import CommandParser, command_name, run_command
 from provq.common.errors import ConfigError
+from provq.common.locks import LOCK_NAME, output_lock
 
 
 def run_ablation(args, started: float) -> Path:
     setting = setting_of(args)
-    out = Path(args.output_dir or ("runs/ablation_quick" if args.quick else "runs/ablation"))
+    out = output_folder(args)
     ablation = Ablation(args, setting, out)
     variants = select(setting.variants)
     results, generation = ablation.all_runs(variants)
@@ -47,7 +49,7 @@ def sweep_settings(args) -> list[Setting]:
 def run_sweep(args, started: float) -> Path:
     """SWEEP's variants at each (codebook size, steps), 3 seeds, no gFID; one report with the paired
     difference best ProVQ minus best hard VQ against size and budget."""
-    out = Path(args.output_dir or "runs/ablation_sweep")
+    out = output_folder(args)
     variants = select(args.variants or SWEEP)
     points, summary = [], {}
     for setting in sweep_settings(args):
@@ -67,7 +69,7 @@ def run_study(args, started: float) -> Path:
     from provq.ablation.study import Study, StudyPlan, study_families
     from provq.ablation.study_report import write_study_report
 
-    out = Path(args.output_dir or "runs/study")
+    out = output_folder(args)
     shard, shards = parse_shard(args.shard)
     base = setting_of(args)
     resolutions = (args.resolution, 2 * args.resolution) if args.study_high_resolution else (args.resolution,)
@@ -89,6 +91,12 @@ def run_study(args, started: float) -> Path:
     return write_study_report(out, plan.variants, found, {
         "description": description, "seeds": plan.seeds, **minutes,
         "minutes": round((time.time() - started) / 60, 1)})
+
+
+def output_folder(args) -> Path:
+    default = ("runs/study" if args.study else "runs/ablation_sweep" if args.sweep
+               else "runs/ablation_quick" if args.quick else "runs/ablation")
+    return Path(args.output_dir or default)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -148,14 +156,18 @@ def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     started = time.time()
     runner = run_study if args.study else run_sweep if args.sweep else run_ablation
-    report = runner(args, started)
+    # One ablation per folder; the shards of a study share theirs, one process per shard.
+    lock = f".provq-shard-{'-of-'.join(map(str, parse_shard(args.shard)))}.lock" if args.study else LOCK_NAME
+    with output_lock(output_folder(args), name=lock):
+        report = runner(args, started)
     print(f"\n[ablation] report: {report} ({(time.time() - started) / 60:.1f} min)", flush=True)
     return report
 
 
 def entry() -> None:
     """The console command (``provq-...``) and ``python -m``."""
-    run_command(command_name("python -m provq.ablation"), main)
+    run_command(command_name("python -m provq.ablation"), main,
+                resume="rerun the same command: finished stages are skipped, trainings resume from their checkpoints")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from provq.ablation.variants import DEFAULT, QUICK, Variant, select
 from provq.common.errors import ConfigError
 from provq.common.files import write_json_atomic
+from provq.common.signals import pause
 from provq.pipeline import commands
 from provq.pipeline.report import read_jsonl
 
@@ -142,7 +143,7 @@ def wait_for(path: Path, what: str, seconds: float = 30) -> None:
     """Until ``path`` exists (another shard of a study writes it); at once when it does."""
     while not path.exists():
         print(f"[ablation] waiting for {what}: {path}", flush=True)
-        time.sleep(seconds)
+        pause(seconds, f"while waiting for {what}")
 
 
 def prior_measures(run: Path) -> dict:

@@ -14,7 +14,6 @@ the folder), each waiting for the others' runs at the end of a phase.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from provq.ablation.runner import Ablation
 from provq.ablation.statistics import mean_std
 from provq.ablation.variants import STUDY, VARIANTS, select
 from provq.common.errors import ConfigError
+from provq.common.signals import pause
 
 WAIT_SECONDS = 30  # how often a shard looks for the other shards' runs
 
@@ -111,7 +111,7 @@ class Study:
         waiting = [job for job in jobs if not done(ablation.folder(VARIANTS[job[0]], job[1]))]
         while waiting:
             self.log(f"[study] {what} at {resolution} px: waiting for {len(waiting)} run(s) of other shards")
-            time.sleep(WAIT_SECONDS)
+            pause(WAIT_SECONDS, f"while waiting for other shards' {what} runs")
             waiting = [job for job in waiting if not done(ablation.folder(VARIANTS[job[0]], job[1]))]
         return {name: [run(ablation, VARIANTS[name], seed) for seed in range(self.plan.seeds)] for name in names}
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from provq.common.cli import CommandParser, command_name, run_command
+from provq.common.files import write_json_atomic
+from provq.common.locks import output_lock
 from provq.data.pixels import from_hwc, save_image_grid, to_float
 from provq.pipeline import commands
 from provq.pipeline.report import markdown_table, plot_panels, read_jsonl, series
@@ -119,24 +121,24 @@ def main(argv=None) -> None:
     parser.add_argument("--cfg_scale", type=float, default=2.0)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    start = time.time()
-    for name, command, done in stages(args):
-        capture = done if name == "data" else None  # describe prints its JSON: keep it for the report
-        commands.run_unless_done(name, command, done, timings, capture_to=capture)
-        # ru_maxrss of waited-for children: the largest stage process so far (KiB on Linux)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-        timings["peak_rss_gib"] = round(max(peak, timings.get("peak_rss_gib", 0.0)), 2)
-        timings_path.write_text(json.dumps(timings, indent=1))
-    report = write_report(args, timings)
+    with output_lock(out):
+        timings_path = out / "timings.json"
+        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+        start = time.time()
+        for name, command, done in stages(args):
+            capture = done if name == "data" else None  # describe prints its JSON: keep it for the report
+            commands.run_unless_done(name, command, done, timings, capture_to=capture)
+            # ru_maxrss of waited-for children: the largest stage process so far (KiB on Linux)
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+            timings["peak_rss_gib"] = round(max(peak, timings.get("peak_rss_gib", 0.0)), 2)
+            write_json_atomic(timings_path, timings, what="the stage timings")
+        report = write_report(args, timings)
     print(f"\n[demo] done in {time.time() - start:.0f} s; report: {report}", flush=True)
 
 
 def entry() -> None:
     """``provq-demo`` and ``python demo.py``."""
-    run_command(command_name("demo.py"), main)
+    run_command(command_name("demo.py"), main, resume="rerun the same command: finished stages are skipped, trainings resume from their checkpoints")
 
 
 if __name__ == "__main__":

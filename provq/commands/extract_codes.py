@@ -3,13 +3,13 @@
     python extract_codes.py --tokenizer runs/tok/tokenizer --config configs/emoji32.yaml --output_dir runs/codes
     accelerate launch extract_codes.py ...     (each process encodes its own shards)
 
-Finished shards are kept: rerunning resumes at shard level. The manifest of
-each split records the tokenizer fingerprint, code grid and codebook size.
+Finished shards are kept: rerunning resumes at shard level (also after Ctrl-C or
+SIGTERM, which stop after the shard being written). The manifest of each split
+records the tokenizer fingerprint, code grid and codebook size.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,10 @@ from tqdm.auto import tqdm
 from generator import TOKENIZER_RECORD, CodeShardWriter, CodesManifest
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError, UserError
+from provq.common.files import write_json_atomic
+from provq.common.folders import expect_kind, expect_output
+from provq.common.locks import output_lock
+from provq.common.signals import SafePoints, interrupted
 from provq.data import DataConfig, collate, load_split
 from provq.training import configure_threads, process_state
 from tokenizer import ProVQTokenizer
@@ -72,10 +76,16 @@ def extract_split(tok, config: ExtractCodesConfig, split: str, args, state) -> C
     done = manifest.num_shards - len(writer.pending_shards(0, 1))
     if done:
         logger.info("%s: %d of %d shards already written, resuming", split, done, manifest.num_shards)
-    for index in tqdm(pending, desc=f"codes {split}", disable=not state.is_main_process):
+    safe = SafePoints(state.num_processes, state.device)  # a signal stops the processes after a shard
+    for index in tqdm(safe.over(pending), total=len(pending), desc=f"codes {split}",
+                      disable=not state.is_main_process):
         loader = shard_loader(dataset, manifest.shard_items(index), args.batch_size, config.data.num_workers)
         codes, labels = encode_items(tok, loader, args.flip_copies, state.device)
         writer.write_shard(index, codes, labels)
+    if safe.signum:
+        written = manifest.num_shards - len(writer.pending_shards(0, 1))
+        raise interrupted(safe.signum, f"in the {split} split",
+                          f"{written} of {manifest.num_shards} shards written to {writer.folder}")
     state.wait_for_everyone()
     return writer.finalize() if state.is_main_process else writer.manifest
 
@@ -91,6 +101,8 @@ def main(argv=None) -> None:
     for flag in ("batch_size", "shard_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
+    expect_output(args.output_dir, "codes")
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()
@@ -98,17 +110,18 @@ def main(argv=None) -> None:
     if config.data.resolution != tok.config.resolution:
         raise ConfigError(f"data.resolution is {config.data.resolution} but the tokenizer was trained at "
                          f"{tok.config.resolution}: pass --data.resolution {tok.config.resolution}")
-    for split in args.splits.split(","):
-        manifest = extract_split(tok, config, split, args, state)
-        logger.info("%s: %d images -> %s codes", split, manifest.num_items, manifest.code_shape)
-    if state.is_main_process:
-        record = {"tokenizer": str(args.tokenizer), "fingerprint": tok.fingerprint()}
-        (Path(args.output_dir) / TOKENIZER_RECORD).write_text(json.dumps(record, indent=1))
+    with output_lock(args.output_dir, state):
+        for split in args.splits.split(","):
+            manifest = extract_split(tok, config, split, args, state)
+            logger.info("%s: %d images -> %s codes", split, manifest.num_items, manifest.code_shape)
+        if state.is_main_process:
+            record = {"tokenizer": str(args.tokenizer), "fingerprint": tok.fingerprint()}
+            write_json_atomic(Path(args.output_dir) / TOKENIZER_RECORD, record, what="the codes' tokenizer record")
 
 
 def entry() -> None:
     """``provq-extract-codes`` and ``python extract_codes.py``."""
-    run_command(command_name("extract_codes.py"), main)
+    run_command(command_name("extract_codes.py"), main, resume="rerun the same command: finished shards are kept")
 
 
 if __name__ == "__main__":

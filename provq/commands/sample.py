@@ -7,7 +7,8 @@
 Writes one PNG per image, ``grid.png`` and ``samples.npz`` (uint8 NHWC ``arr_0``,
 the ADM evaluator's layout, plus ``labels`` and the sampled code grids ``codes``).
 Labels are class-balanced by default; batch b uses seed ``seed * 1_000_003 + b``,
-so the images depend on neither the number of processes nor a ``--resume``.
+so the images depend on neither the number of processes nor a ``--resume`` (which
+keeps the batches written before a Ctrl-C or SIGTERM stopped the command).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from generator import ARPrior
 from generator.sampling import SamplingConfig, sample
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError
+from provq.common.files import write_atomic, writing
+from provq.common.folders import SAMPLES_NAME, expect_kind, expect_output
+from provq.common.locks import output_lock
+from provq.common.signals import SafePoints, interrupted
 from provq.data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
 from provq.training import configure_threads, process_state
 from tokenizer import ProVQTokenizer
@@ -116,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
+    expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
+    expect_kind(args.prior, "prior", "--prior", hub=True)
+    expect_output(args.output_dir, "samples")
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()
@@ -123,23 +131,36 @@ def main(argv=None) -> Path:
     labels = class_labels(args.labels, args.num_images, prior.config.num_classes)
     args.sampling = unguided_if_unlabelled(args, prior.config.num_classes)
     out = Path(args.output_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, args.num_images, args.batch_size))
-    mine = starts[state.process_index::state.num_processes]
-    for b, start in tqdm([(starts.index(s), s) for s in mine], desc="sampling",
-                         disable=not state.is_main_process):
-        codes_file = out / "images" / f"codes_{start:06d}.npy"  # written last: the batch is complete
+    with output_lock(out, state):
+        starts = list(range(0, args.num_images, args.batch_size))
+        write_batches(tok, prior, labels, starts, args, state)
+        if state.is_main_process:
+            write_collection(out, labels, starts)
+    return out / SAMPLES_NAME
+
+
+def write_batches(tok, prior, labels, starts: list[int], args, state) -> None:
+    """This process's batches as PNGs and codes; a signal stops every process after a batch."""
+    images = Path(args.output_dir) / "images"
+    with writing(images, "the samples"):
+        images.mkdir(parents=True, exist_ok=True)
+    mine = [(starts.index(s), s) for s in starts[state.process_index::state.num_processes]]
+    safe = SafePoints(state.num_processes, state.device)
+    for b, start in tqdm(safe.over(mine, rounds=len(starts[::state.num_processes])), total=len(mine),
+                         desc="sampling", disable=not state.is_main_process):
+        codes_file = images / f"codes_{start:06d}.npy"  # written last: the batch is complete
         if args.resume and codes_file.is_file():
             continue
         chunk = labels[start:start + args.batch_size]
         codes = sample(prior, chunk, seed=args.seed * 1_000_003 + b, **asdict(args.sampling))
-        for i, image in enumerate(to_hwc(to_uint8(tok.decode(codes)))):
-            Image.fromarray(image).save(out / "images" / f"{start + i:06d}.png")
-        np.save(codes_file, codes.cpu().numpy().astype(np.int32))
+        with writing(images, "the samples"):
+            for i, image in enumerate(to_hwc(to_uint8(tok.decode(codes)))):
+                Image.fromarray(image).save(images / f"{start + i:06d}.png")
+            np.save(codes_file, codes.cpu().numpy().astype(np.int32))
+    if safe.signum:
+        kept = len(list(images.glob("codes_*.npy")))
+        raise interrupted(safe.signum, f"after {kept} of {len(starts)} batches", f"they are kept in {images}")
     state.wait_for_everyone()
-    if state.is_main_process:
-        write_collection(out, labels, starts)
-    return out / "samples.npz"
 
 
 def write_collection(out: Path, labels: torch.Tensor, starts: list[int]) -> None:
@@ -148,16 +169,19 @@ def write_collection(out: Path, labels: torch.Tensor, starts: list[int]) -> None
     arrays = np.stack([np.asarray(Image.open(out / "images" / f"{i:06d}.png").convert("RGB"))
                        for i in range(len(labels))])
     codes = np.concatenate([np.load(out / "images" / f"codes_{start:06d}.npy") for start in starts])
-    tmp = out / "samples.tmp.npz"
-    np.savez(tmp, arr_0=arrays, labels=labels.numpy(), codes=codes)
-    tmp.replace(out / "samples.npz")  # the demo and the ablation take samples.npz as "done"
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to it
+            np.savez(f, arr_0=arrays, labels=labels.numpy(), codes=codes)
+
+    write_atomic(out / SAMPLES_NAME, write, "the samples")  # the demo and the ablation take it as "done"
     save_image_grid(to_float(from_hwc(arrays[:100])), out / "grid.png", nrow=10)
-    logger.info("%d samples -> %s", len(labels), out / "samples.npz")
+    logger.info("%d samples -> %s", len(labels), out / SAMPLES_NAME)
 
 
 def entry() -> None:
     """``provq-sample`` and ``python sample.py``."""
-    run_command(command_name("sample.py"), main)
+    run_command(command_name("sample.py"), main, resume="rerun the same command with --resume: finished batches are kept")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from provq import training
 from provq.common.cards import CardMetric
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import FormatError, MissingFileError
+from provq.common.folders import expect_kind
 from provq.common.typed_config import check_ranges
 from provq.data.pixels import save_image_grid
 
@@ -190,32 +191,34 @@ def build_parser():
 def main(argv=None) -> Path:
     config, args = parse_config(build_parser(), TrainPriorConfig, "prior", argv)
     output_dir, codes, train_config = Path(args.output_dir), Path(args.codes), config.prior.train
+    expect_kind(codes, "codes", "--codes")
     model_config = bind_to_codes(config.prior.model, codes)  # data: the codes decide vocabulary and grid
     config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
     datasets = load_codes(codes, model_config.tokenizer_fingerprint)
-    run = training.start_run(config, train_config, output_dir, "prior", args.resume)
-    parts = build_parts(model_config, codes, datasets, train_config, run.accelerator)  # model and optimizer
-    run.resume()
-    logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
-                run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
-                train_config.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
-    validation = None
-    for step in run.steps(parts, "prior", items="codes", postfix={"loss": "loss/ce", "acc": "train/accuracy"}):
-        for batch, ctx in step.micro_batches():
-            terms = train_step(parts, batch, ctx)
-        step.log(terms)
-        if parts.val_loader is not None and step.due(train_config.eval_every):
-            validation = validate(parts.model, parts.val_loader, run.accelerator, train_config.val_batches)
-            run.metrics_log.log(step.number, validation)
-        if parts.grid_tokenizer is not None and step.due(train_config.image_every):
-            write_samples(parts.model, parts.grid_tokenizer, run.accelerator,
-                          output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale)
-    return training.finish_run(run, parts, output_dir / "prior", card_metrics(validation, codes) if validation else [])
+    with training.start_run(config, train_config, output_dir, "prior", args.resume) as run:
+        parts = build_parts(model_config, codes, datasets, train_config, run.accelerator)  # model and optimizer
+        run.resume()
+        logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
+                    run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
+                    train_config.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
+        validation = None
+        for step in run.steps(parts, "prior", items="codes", postfix={"loss": "loss/ce", "acc": "train/accuracy"}):
+            for batch, ctx in step.micro_batches():
+                terms = train_step(parts, batch, ctx)
+            step.log(terms)
+            if parts.val_loader is not None and step.due(train_config.eval_every):
+                validation = validate(parts.model, parts.val_loader, run.accelerator, train_config.val_batches)
+                run.metrics_log.log(step.number, validation)
+            if parts.grid_tokenizer is not None and step.due(train_config.image_every):
+                write_samples(parts.model, parts.grid_tokenizer, run.accelerator,
+                              output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale)
+        metrics = card_metrics(validation, codes) if validation else []
+        return training.finish_run(run, parts, output_dir / "prior", metrics)
 
 
 def entry() -> None:
     """``provq-train-prior`` and ``python train_prior.py``."""
-    run_command(command_name("train_prior.py"), main)
+    run_command(command_name("train_prior.py"), main, resume="resume with --resume latest")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from provq.common.cards import CardMetric, dataset_name
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError
 from provq.common.files import load_weights
+from provq.common.folders import expect_kind
 from provq.common.moments import MomentAccumulator
 from provq.common.pretrained import CONFIG_NAME, WEIGHTS_NAME
 from provq.common.typed_config import check_ranges
@@ -121,6 +122,7 @@ def check_init_from(model: TokenizerConfig, folder: str | None) -> None:
     is the run's; checked before the run writes anything."""
     if folder is None:
         return
+    expect_kind(folder, "tokenizer", "--init_from")
     saved = ProVQTokenizer.read_config(Path(folder) / CONFIG_NAME).architecture()
     differ = {k: (v, saved[k]) for k, v in model.architecture().items() if saved[k] != v}
     if differ:
@@ -305,31 +307,31 @@ def main(argv=None) -> Path:
     train_config, output_dir = config.tokenizer.train, Path(args.output_dir)
     datasets = load_data(config)  # data, checked before anything is written
     check_init_from(config.tokenizer.model, args.init_from)
-    run = training.start_run(config, train_config, output_dir, "tokenizer", args.resume)
-    parts = build_parts(config, datasets, run.accelerator, args.init_from)  # models and optimizers
-    run.resume()
-    logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
-                run.accelerator.device, run.accelerator.num_processes, run.threads, train_config.mixed_precision)
-    progress = {"h": "quantizer/hardness", "rec": "loss/reconstruction", "usage": "quantizer/usage"}
-    evaluation = None
-    for step in run.steps(parts, "tokenizer", items="images", postfix=progress):
-        for batch, ctx in step.micro_batches():
-            terms = train_step(parts, batch, ctx)
-        step.log(terms)
-        if step.due(train_config.eval_every):
-            evaluation = evaluate(parts.model, parts.test_loader, run.accelerator, train_config.eval_batches)
-            run.metrics_log.log(step.number, evaluation)
-        if step.due(train_config.image_every):
-            write_reconstructions(parts.model, parts.test_loader, run.accelerator,
-                                  output_dir / "images" / f"recon_{step.number:08d}.png")
-    parts.skips.report()
-    metrics = card_metrics(evaluation, config) if evaluation else []  # None when resumed at the end
-    return training.finish_run(run, parts, output_dir / "tokenizer", metrics, [dataset_name(config.data.dataset)])
+    with training.start_run(config, train_config, output_dir, "tokenizer", args.resume) as run:
+        parts = build_parts(config, datasets, run.accelerator, args.init_from)  # models and optimizers
+        run.resume()
+        logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
+                    run.accelerator.device, run.accelerator.num_processes, run.threads, train_config.mixed_precision)
+        progress = {"h": "quantizer/hardness", "rec": "loss/reconstruction", "usage": "quantizer/usage"}
+        evaluation = None
+        for step in run.steps(parts, "tokenizer", items="images", postfix=progress):
+            for batch, ctx in step.micro_batches():
+                terms = train_step(parts, batch, ctx)
+            step.log(terms)
+            if step.due(train_config.eval_every):
+                evaluation = evaluate(parts.model, parts.test_loader, run.accelerator, train_config.eval_batches)
+                run.metrics_log.log(step.number, evaluation)
+            if step.due(train_config.image_every):
+                write_reconstructions(parts.model, parts.test_loader, run.accelerator,
+                                      output_dir / "images" / f"recon_{step.number:08d}.png")
+        parts.skips.report()
+        metrics = card_metrics(evaluation, config) if evaluation else []  # None when resumed at the end
+        return training.finish_run(run, parts, output_dir / "tokenizer", metrics, [dataset_name(config.data.dataset)])
 
 
 def entry() -> None:
     """``provq-train-tokenizer`` and ``python train_tokenizer.py``."""
-    run_command(command_name("train_tokenizer.py"), main)
+    run_command(command_name("train_tokenizer.py"), main, resume="resume with --resume latest")
 
 
 if __name__ == "__main__":

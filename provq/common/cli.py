@@ -1,28 +1,34 @@
 """The command line: entry points (a user error ends a command with one line on stderr and exit
-status 2), the stage commands' parser and their config from preset + dotted overrides.
+status 2; a signal with one line saying where it stopped and how to continue, and exit status 130
+(SIGINT) or 143 (SIGTERM)), the stage commands' parser and their config from preset + dotted overrides.
 
     def entry() -> None:                     # the console command provq-train-tokenizer
-        run_command(command_name("train_tokenizer.py"), main)
+        run_command(command_name("train_tokenizer.py"), main, resume="resume with --resume latest")
 
 ``main(argv)`` raises typed errors like any library call; only the command line turns a
 ``UserError`` into ``<command>: error: <message>`` (printed by the first process alone under a
-launcher) and exit status 2. Any other exception is a bug and keeps its traceback; so does a
-user error when PROVQ_DEBUG=1.
+launcher) and exit status 2, and a full disk or an unwritable file met anywhere into the same.
+Any other exception is a bug and keeps its traceback; so does a user error when PROVQ_DEBUG=1.
+In a command that passes ``resume``, SIGINT and SIGTERM are handled as ``common.signals``
+describes; in the others a Ctrl-C ends the command at once, as one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import gc
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from provq.common import signals
 from provq.common.errors import ConfigError, UserError
-from provq.common.files import check_output_dir
+from provq.common.files import check_output_dir, storage_cause
 from provq.common.presets import load_yaml, merge_mappings, parse_yaml_value
 from provq.common.typed_config import build_config
 
@@ -50,16 +56,52 @@ def command_name(default: str) -> str:
     return typed if typed and typed not in ("__main__.py", "-c") else default
 
 
-def run_command(command: str, main: Callable[..., T], argv: list[str] | None = None) -> T:
-    """``main(argv)``, with user errors as one line and exit status 2."""
-    try:
-        return main(argv)
-    except UserError as error:
-        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(user_error_line(command, error), file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+def run_command(command: str, main: Callable[..., T], argv: list[str] | None = None, resume: str | None = None) -> T:
+    """``main(argv)``, with user errors (and a full disk met anywhere) as one line and exit status 2.
+
+    ``resume`` (how the command continues after a stop) says it has safe points: SIGINT and SIGTERM
+    then stop it at the next one (``common.signals``) with one line ending in ``resume`` and exit
+    status 128 + the signal. Without it, Ctrl-C stops the command at once, in one line too."""
+    with signals.handled() if resume is not None else contextlib.nullcontext():
+        try:
+            return main(argv)
+        except BaseException as error:
+            status, line = outcome(command, error, resume)
+            if status is None:
+                raise
+            say(line, error)
+            raise SystemExit(status) from None
+
+
+def outcome(command: str, error: BaseException, resume: str | None) -> tuple[int | None, str]:
+    """The exit status and the line of a command that ended with ``error``; (None, "") for a bug
+    (and, with PROVQ_DEBUG=1, a user error), which keeps its traceback."""
+    then = f"; {resume}" if resume else ""
+    if isinstance(error, signals.Interrupted):
+        return error.exit_status, f"{command}: {error.message}{then}"
+    if isinstance(error, KeyboardInterrupt):
+        return 130, f"{command}: stopped by SIGINT"
+    if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
+        return None, ""
+    if isinstance(error, UserError):
+        return 2, user_error_line(command, error)
+    cause = storage_cause(error) if isinstance(error, OSError) else None
+    if cause:  # a full disk or an unwritable file where no writer named it
+        return 2, f"{command}: error: " + (f"{error.filename}: {cause}" if error.filename else cause)
+    if isinstance(error, Exception) and signals.forced():  # a peer that left a collective when stopped at once
+        return 128 + signals.pending(), f"{command}: stopped at once by a second signal{then}"
+    return None, ""
+
+
+def say(line: str, error: BaseException | None = None) -> None:
+    """One line on stderr, from the first process only under a launcher, and the last one: the frames
+    ``error`` passed through are let go first, so what they close (a progress bar) prints before it."""
+    while error is not None:
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    gc.collect()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def make_parser(description: str, training_run: bool = True, config_required: bool = True) -> argparse.ArgumentParser:

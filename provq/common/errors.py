@@ -22,3 +22,15 @@ class FormatError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the command needs is not there."""
+
+
+class StorageError(UserError, OSError):
+    """A file could not be written: the disk is full, a quota is reached, or the folder is not writable."""
+
+
+class FolderInUseError(UserError):
+    """Another command is writing the output folder (its lock file names it)."""
+
+
+class WrongFolderError(FormatError):
+    """A folder of another kind than the one asked for (a prior where a tokenizer was wanted)."""

@@ -10,8 +10,10 @@ is present with the expected shape.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,10 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from provq.common.errors import FormatError, MissingFileError, UserError
+from provq.common.errors import FormatError, MissingFileError, StorageError, UserError
 
 # What numpy and zipfile raise for a file that is cut short, empty or of another kind.
 DAMAGED_ARCHIVE = (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError)
+# Why a write fails that the user can fix, by errno.
+STORAGE_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "the file system is read-only"}
+FULL_BELOW = 1 << 20  # free bytes under which a device counts as full when a writer does not say why
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -86,20 +93,66 @@ def read_versioned(path: str | os.PathLike, key: str, current: int) -> tuple[dic
     return data, version
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def storage_cause(error: BaseException, folder: str | os.PathLike | None = None) -> str | None:
+    """Why a write failed when the user can fix it (a full disk, a quota, no permission, a read-only
+    file system), else None: anything else is a bug and keeps its traceback.
+
+    The errno comes from the OSError or from a library's own words (safetensors: "os error 28");
+    torch.save says only "unexpected pos", so for an error without one ``folder`` is examined."""
+    code = getattr(error, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)|\[Errno (\d+)\]", str(error))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code is not None or folder is None:
+        return STORAGE_CAUSES.get(code)
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        device = os.statvfs(folder)
+    except OSError:
+        return None
+    if device.f_flag & os.ST_RDONLY:
+        return STORAGE_CAUSES[errno.EROFS]
+    if device.f_bavail * device.f_frsize < FULL_BELOW:
+        return STORAGE_CAUSES[errno.ENOSPC]
+    return None if os.access(folder, os.W_OK) else STORAGE_CAUSES[errno.EACCES]
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Around the writes of ``what`` to ``path`` (a file or a folder): a failure the user can fix
+    becomes a ``StorageError`` naming both, e.g. "could not write the metrics log (runs/x/metrics.jsonl):
+    no space left on the device"."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        cause = storage_cause(error, path if getattr(error, "errno", None) is None else None)
+        if cause is None:
+            raise
+        said = "" if isinstance(error, OSError) else f" ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+        raise StorageError(f"could not write {what} ({path}): {cause}{said}") from error
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], what: str = "a file") -> Path:
     """``write(tmp)`` beside ``path``, then rename: a reader (or a resumed run) sees the old file
-    or the whole new one, never a torn write."""
+    or the whole new one, never a torn write. A full disk or an unwritable folder is a
+    ``StorageError`` naming the path and ``what``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with writing(path, what):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder: nothing to remove, and the error said so
+            tmp.unlink(missing_ok=True)
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict, sync: bool = False) -> Path:
+def write_json_atomic(path: str | os.PathLike, data: dict, sync: bool = False, what: str = "a file") -> Path:
     """JSON (sorted keys, indented) written atomically; ``sync`` also fsyncs it before the rename."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -109,7 +162,7 @@ def write_json_atomic(path: str | os.PathLike, data: dict, sync: bool = False) -
                 f.flush()
                 os.fsync(f.fileno())
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, what)
 
 
 def save_weights(module: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -24,9 +24,9 @@ from provq.common.files import (
     save_weights,
     write_json_atomic,
 )
+from provq.common.folders import CONFIG_NAME, MODEL_TYPES, expect_kind
 from provq.common.typed_config import build_config, config_to_dict
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VERSION_KEY = "config_version"
 
@@ -36,7 +36,13 @@ class PretrainedMixin:
 
     config_class: type
     config_version: int = 1
+    kind: str  # "tokenizer" or "prior": common.folders.MODEL_TYPES names its model_type
     model_type: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            cls.model_type = MODEL_TYPES[cls.kind]
 
     @classmethod
     def card_content(cls, config) -> CardContent:
@@ -80,11 +86,11 @@ class PretrainedMixin:
 
     @classmethod
     def read_config(cls, path: str | os.PathLike):
-        """The config of a saved folder; refuses another model type, a newer version, unknown fields."""
+        """The config of a saved folder; refuses a folder of another kind (first: a prior's newer
+        config_version is no reason to upgrade a tokenizer), a newer version, unknown fields."""
+        expect_kind(Path(path).parent, cls.kind)
         data, version = read_versioned(path, VERSION_KEY, cls.config_version)
-        model_type = data.pop("model_type", cls.model_type)  # files of 0.1.0 tokenizers had none
-        if model_type != cls.model_type:
-            raise FormatError(f"{path} holds a {model_type!r}, not a {cls.model_type!r}")
+        data.pop("model_type", None)  # files of 0.1.0 tokenizers had none
         try:
             return build_config(cls.config_class, cls.upgrade_config(data, version))
         except ConfigError as error:
@@ -99,6 +105,8 @@ class PretrainedMixin:
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         revision: str | None = None):
         """Load a folder written by ``save_pretrained``, or a Hub repo id (when online), in eval mode."""
+        if Path(name_or_path).is_dir():
+            expect_kind(name_or_path, cls.kind)
         config_file, weights_file = resolve_files(name_or_path, (CONFIG_NAME, WEIGHTS_NAME),
                                                   cls.model_type, revision)
         model = cls(cls.read_config(config_file))

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from provq.common.files import writing
+
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) in [0, 255] -> float32 in [-1, 1]: the models' input range."""
@@ -42,6 +44,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, upsca
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    with writing(path, "a picture grid"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
     return path

@@ -2,7 +2,9 @@
 
 Each stage runs as its own process, exactly the command a user would type, so
 every stage can be rerun, resumed or checked by hand; a stage whose output
-file exists is not run again.
+file exists is not run again. SIGINT and SIGTERM reach the stage's process once
+(forwarded: it runs in its own session) and stop it at its safe point; the
+driver then stops too, and no stage starts after a signal.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from provq.common import signals
+from provq.common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -73,17 +78,36 @@ def run_unless_done(name: str, command: StageCommand, done: Path, timings: dict 
     if done.exists():
         print(f"[{name}] already done ({done}), skipping", flush=True)
         return False
+    if signals.pending():
+        raise signals.interrupted(signals.pending(), f"before the stage {name!r}")
     print(f"\n[{name}] {' '.join(command.command()[1:])}", flush=True)
     start = time.time()
     if in_process:
         importlib.import_module(command.main_module()).main(list(command.argv))
-    elif capture_to is not None:  # commands that print their result as JSON on stdout
-        result = subprocess.run(command.command(), check=True, stdout=subprocess.PIPE, text=True)
-        capture_to.parent.mkdir(parents=True, exist_ok=True)
-        capture_to.write_text(result.stdout)
-        print(result.stdout, flush=True)
     else:
-        subprocess.run(command.command(), check=True)
+        output = run_process(name, command, capture=capture_to is not None)
+        if capture_to is not None:  # commands that print their result as JSON on stdout
+            capture_to.parent.mkdir(parents=True, exist_ok=True)
+            capture_to.write_text(output)
+            print(output, flush=True)
     if timings is not None:
         timings[name] = round(time.time() - start, 1)
     return True
+
+
+def run_process(name: str, command: StageCommand, capture: bool = False) -> str | None:
+    """The stage as a process in its own session, with this process's stop signals forwarded to it;
+    its output when ``capture``. A stage stopped by a signal stops the driver (``Interrupted``); one
+    that ended with a user error (it printed the line) is a ``UserError`` naming the stage."""
+    out = subprocess.PIPE if capture else None
+    with subprocess.Popen(command.command(), stdout=out, text=True, start_new_session=True) as process, \
+            signals.forwarding(process):
+        output, _ = process.communicate()
+    code = process.returncode
+    if code in (130, 143) or (code and signals.pending()):
+        raise signals.interrupted(signals.pending() or code - 128, f"in the stage {name!r}")
+    if code == 2:
+        raise UserError(f"the stage {name!r} stopped with the error above ({' '.join(command.command()[1:])})")
+    if code:
+        raise subprocess.CalledProcessError(code, process.args)
+    return output

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from provq.common.errors import FormatError, MissingFileError
-from provq.common.files import read_versioned, write_json_atomic
+from provq.common.errors import FormatError, MissingFileError, StorageError
+from provq.common.files import read_versioned, write_json_atomic, writing
+from provq.common.folders import CHECKPOINT_MARKER, expect_kind
+from provq.common.signals import max_over_processes
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_MARKER = "checkpoint.json"
 CHECKPOINT_FORMAT = 1
 
 
@@ -37,25 +38,38 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, accelerator, step: int) -> Path:
+        """Write ``step_N`` atomically. A full disk or an unwritable folder is a ``StorageError`` on
+        every process, the half-written folder removed and the previous checkpoint still the latest."""
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            _fsync_tree(tmp)  # the files are on disk before the marker says they are
-            marker = {"step": step, "format": CHECKPOINT_FORMAT, "time": time.time()}
-            write_marker(tmp / CHECKPOINT_MARKER, marker)
-            if final.exists():  # only a marker-less leftover can be in the way
-                _remove(final)
-            os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            _fsync_dir(self.root)
-            self._prune()
-        accelerator.wait_for_everyone()
+        what = f"the checkpoint of step {step}"
+        try:
+            together(accelerator, tmp, what, lambda: _fresh_folder(tmp))
+            together(accelerator, tmp, what, lambda: accelerator.save_state(str(tmp)), everyone=True)
+            together(accelerator, tmp, what, lambda: self._complete(tmp, final, step))
+        except BaseException as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the space; never marked complete
+            if isinstance(error, StorageError):
+                raise StorageError(f"{error}; it was removed, and {self.latest_hint()}") from error
+            raise
         return final
+
+    def latest_hint(self) -> str:
+        """What a failed save leaves: the checkpoint a ``--resume latest`` takes."""
+        found = self.complete()
+        if not found:
+            return "no checkpoint was written yet"
+        return f"the latest checkpoint is {found[-1]}: free space, then resume with --resume latest"
+
+    def _complete(self, tmp: Path, final: Path, step: int) -> None:
+        _fsync_tree(tmp)  # the files are on disk before the marker says they are
+        write_marker(tmp / CHECKPOINT_MARKER, {"step": step, "format": CHECKPOINT_FORMAT, "time": time.time()})
+        if final.exists():  # only a marker-less leftover can be in the way
+            _remove(final)
+        os.replace(tmp, final)  # the checkpoint appears whole or not at all
+        _fsync_dir(self.root)
+        self._prune()
 
     def _prune(self) -> None:
         for leftover in self.root.glob(".tmp_step_*"):  # saves interrupted by a kill
@@ -89,6 +103,7 @@ class CheckpointManager:
             path = found[-1]
         else:
             path = Path(resume)
+            expect_kind(path, ("checkpoint", "other", "empty", "missing"), "--resume")  # not a run, an export...
             if not (path / CHECKPOINT_MARKER).is_file():
                 raise MissingFileError(
                     f"--resume {resume}: not a complete checkpoint (no {CHECKPOINT_MARKER}); "
@@ -108,6 +123,26 @@ class CheckpointManager:
         marker = read_marker(path)
         accelerator.load_state(str(path))
         return int(marker["step"])
+
+
+def together(accelerator, path: Path, what: str, write, everyone: bool = False) -> None:
+    """``write()`` on the main process (``everyone``: on each), then every process learns whether it
+    failed, so all of them raise or none waits forever in the next collective. A storage failure
+    is a ``StorageError`` naming ``path`` and ``what``."""
+    failure = None
+    if everyone or accelerator.is_main_process:
+        try:
+            with writing(path, what):
+                write()
+        except Exception as error:
+            failure = error
+    if max_over_processes(int(failure is not None), accelerator.num_processes, accelerator.device):
+        raise failure or StorageError(f"could not write {what} ({path}): another process failed (see its error)")
+
+
+def _fresh_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 def damaged_files(path: Path) -> list[str]:

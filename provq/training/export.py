@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from provq.training.checkpoint import together
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,16 +24,18 @@ def build_ema(model, decay: float, accelerator):
 
 def export_pretrained(model, ema, accelerator, path: Path, metrics=None, datasets=None) -> Path:
     """``save_pretrained`` of the unwrapped model on the main process, with the EMA weights when on,
-    and its card listing ``metrics`` (common.cards.CardMetric) of ``datasets``."""
+    and its card listing ``metrics`` (common.cards.CardMetric) of ``datasets``. A full disk or an
+    unwritable folder is a ``StorageError`` on every process; the checkpoints are untouched."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(path, metrics or [], datasets or [])
-        logger.info("written %s", path)
-    if ema is not None:
-        ema.restore(unwrapped.parameters())
-    accelerator.wait_for_everyone()
+    try:
+        together(accelerator, Path(path), f"the {unwrapped.kind} export",
+                 lambda: unwrapped.save_pretrained(path, metrics or [], datasets or []))
+    finally:
+        if ema is not None:
+            ema.restore(unwrapped.parameters())
+    logger.info("written %s", path)
     return Path(path)

@@ -3,23 +3,27 @@ micro-batches, per-micro-batch seeds, the progress bar, the log line, checkpoint
 
 A script reads like the Accelerate examples::
 
-    run = training.start_run(config, train_config, output_dir, "tokenizer", resume)
-    ...                                    # data, models, optimizers (prepared), then:
-    run.resume()
-    for step in run.steps(parts, "tokenizer", items="images"):
-        for batch, ctx in step.micro_batches():
-            terms = train_step(parts, batch, ctx)       # forward, loss, backward, update
-        step.log(terms)
-        if step.due(train_config.eval_every):
-            run.metrics_log.log(step.number, evaluate(...))
-    training.finish_run(run, parts, output_dir / "tokenizer")
+    with training.start_run(config, train_config, output_dir, "tokenizer", resume) as run:
+        ...                                    # data, models, optimizers (prepared), then:
+        run.resume()
+        for step in run.steps(parts, "tokenizer", items="images"):
+            for batch, ctx in step.micro_batches():
+                terms = train_step(parts, batch, ctx)       # forward, loss, backward, update
+            step.log(terms)
+            if step.due(train_config.eval_every):
+                run.metrics_log.log(step.number, evaluate(...))
+        return training.finish_run(run, parts, output_dir / "tokenizer")
 
 After each optimizer step the EMA is updated; the checkpoint is written when the script's loop body
 (its log line and periodic work) is done, so a run resumed from any checkpoint logs no step twice.
+That is also where a SIGINT or SIGTERM stops the run (agreed over the processes): a checkpoint of
+the step, then ``common.signals.Interrupted``. The run holds its output folder's lock while inside
+the ``with``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -29,10 +33,14 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from provq.common import signals
+from provq.common.errors import StorageError
+from provq.common.folders import expect_output
+from provq.common.locks import output_lock
 from provq.common.presets import save_config
 from provq.common.typed_config import config_to_dict
 from provq.training.accelerator import configure_threads, make_accelerator
-from provq.training.checkpoint import CheckpointManager
+from provq.training.checkpoint import CheckpointManager, together
 from provq.training.config import TrainConfig
 from provq.training.export import export_pretrained
 from provq.training.metrics_log import JsonlLogger, StepTerms, flat_hparams, global_terms
@@ -85,6 +93,13 @@ class TrainingRun:
     threads: int  # torch threads of this process
     start_step: int = 0
     loop_started: float = field(default_factory=time.time)
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # the output folder's lock
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.held.close()
 
     def resume(self) -> int:
         """Load the checkpoint asked for (after ``prepare`` and ``register_for_checkpointing``).
@@ -115,13 +130,22 @@ class TrainingRun:
                         disable=not self.accelerator.is_main_process)
         source = batches(parts.train_loader, self.accelerator, self.start_step, train.grad_accum_steps)
         micro_step = self.start_step * train.grad_accum_steps
-        for index in range(self.start_step, train.max_steps):
-            step = OptimizerStep(self, parts, index, micro_step, source, progress, items, postfix or {})
-            yield step
-            micro_step = step.micro_step
-            if due(step.number, train.save_every, train.max_steps):
-                self.checkpoints.save(self.accelerator, step.number)
-        progress.close()
+        with progress:  # closed before a stop's message is printed
+            for index in range(self.start_step, train.max_steps):
+                step = OptimizerStep(self, parts, index, micro_step, source, progress, items, postfix or {})
+                yield step
+                micro_step = step.micro_step
+                self.after_step(step.number)
+
+    def after_step(self, number: int) -> None:
+        """The checkpoint when due, or when a process got SIGINT or SIGTERM: then the stop."""
+        signum = signals.agreed(self.accelerator.num_processes, self.accelerator.device)
+        if not (signum or due(number, self.train.save_every, self.train.max_steps)):
+            return
+        saved = self.checkpoints.save(self.accelerator, number)
+        if signum:
+            self.accelerator.end_training()  # the trackers' files flushed
+            raise signals.interrupted(signum, f"at step {number}", f"checkpoint {saved}")
 
 
 @dataclass
@@ -179,20 +203,27 @@ def start_run(config, train: TrainConfig, output_dir: str | Path, project: str, 
     A resume target that is newer or unreadable is refused before anything is written.
     """
     output_dir = Path(output_dir)
+    expect_output(output_dir, f"{project} run")
     threads = configure_threads()
     accelerator = make_accelerator(train, output_dir)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
     checkpoints = CheckpointManager(output_dir, keep=train.keep_checkpoints)
     resume_path = checkpoints.resolve(resume)
-    if accelerator.is_main_process:
-        save_config(config, output_dir / "config.yaml")
-        accelerator.init_trackers(project, config=flat_hparams(config_to_dict(config)))
+    held = contextlib.ExitStack()
+    held.enter_context(output_lock(output_dir, accelerator))
+    try:
+        together(accelerator, output_dir, "the run's config and trackers", lambda: (
+            save_config(config, output_dir / "config.yaml"),
+            accelerator.init_trackers(project, config=flat_hparams(config_to_dict(config)))))
+    except BaseException:
+        held.close()
+        raise
     # Identical initial weights on every process; python/numpy RNGs seeded too, so every RNG
     # state a checkpoint holds is a function of the seed and the step.
     set_seed(train.seed)
     metrics_log = JsonlLogger(output_dir / "metrics.jsonl", accelerator)
-    return TrainingRun(accelerator, train, output_dir, checkpoints, metrics_log, resume_path, threads)
+    return TrainingRun(accelerator, train, output_dir, checkpoints, metrics_log, resume_path, threads, held=held)
 
 
 def due(step: int, every: int, max_steps: int) -> bool:
@@ -203,6 +234,9 @@ def due(step: int, every: int, max_steps: int) -> bool:
 
 def finish_run(run: TrainingRun, parts: TrainParts, export_dir: Path, metrics=None, datasets=None) -> Path:
     """Export the weights (the EMA's when on) with a model card of ``metrics``, and close the trackers."""
-    path = export_pretrained(parts.model, parts.ema, run.accelerator, export_dir, metrics, datasets)
+    try:
+        path = export_pretrained(parts.model, parts.ema, run.accelerator, export_dir, metrics, datasets)
+    except StorageError as error:
+        raise StorageError(f"{error}; the checkpoints are untouched: {run.checkpoints.latest_hint()}") from error
     run.accelerator.end_training()
     return path

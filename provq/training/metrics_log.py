@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from provq.common.files import write_atomic, writing
 
 
 class JsonlLogger:
@@ -25,16 +26,14 @@ class JsonlLogger:
         (and a line cut short by the kill)."""
         if not self.accelerator.is_main_process or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)  # a kill during the rewrite keeps the old log
+        kept = "".join(line + "\n" for line in self.path.read_text().splitlines() if _logged_step(line) <= step)
+        write_atomic(self.path, lambda tmp: tmp.write_text(kept), "the metrics log")  # a kill keeps the old log
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
         self.accelerator.log(clean, step=step)
         if self.accelerator.is_main_process:
-            with self.path.open("a") as f:
+            with writing(self.path, "the metrics log"), self.path.open("a") as f:
                 f.write(json.dumps({"step": step, **clean}) + "\n")
 
 
