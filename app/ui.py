@@ -7,15 +7,11 @@ cleared with it: nothing on the page describes an input other than the one it sa
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
-
-import numpy as np
 
 from app.inputs import MAX_IMAGES, MAX_SEED, clamped_hardness, generate_request
+from app.outputs import OutputFolder
 from app.session import AppSession, ShownImage
 from app.views import code_grid_html, enlarged, escaped, geometry_plot, usage_plot
 from common.cli import user_error_line
@@ -50,7 +46,7 @@ def picture(gr, caption: str, elem_id: str):
     with gr.Column(min_width=160):
         gr.Markdown(f"**{caption}**", elem_id=f"{elem_id}_caption")
         return gr.Image(label=caption, show_label=False, buttons=[], elem_id=elem_id, interactive=False,
-                        format="png")
+                        type="filepath")  # the handlers return PNG files (app.outputs)
 
 
 def build(session: AppSession):
@@ -62,19 +58,19 @@ def build(session: AppSession):
         gr.Markdown(f"## ProVQ tokenizer: {q.kind.upper()}, {q.codebook_size:,} codes, "
                     f"{session.resolution} px -> {session.tok.code_shape[0]}x{session.tok.code_shape[1]} codes")
         shown = gr.State(None)  # the ShownImage the Tokenizer tab shows; the other views follow it
-        image_changes = tokenizer_tab(gr, session, shown)
-        show_codebook = codebook_tab(gr, session, shown)
+        files = OutputFolder()
+        image_changes = tokenizer_tab(gr, session, shown, files)
+        show_codebook = codebook_tab(gr, session, shown, files)
         if session.prior is not None:
-            generate_tab(gr, session)
+            generate_tab(gr, session, files)
         page.load(**show_codebook, api_name="codebook")
         for event in image_changes:
             event.then(**show_codebook, api_visibility="private")
     return page
 
 
-def tokenizer_tab(gr, session: AppSession, shown) -> list:
+def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
     """The tab's widgets and events; returns the events after which another image (or none) is shown."""
-    codes_folder = Path(tempfile.mkdtemp(prefix="provq-app-codes-"))
     with gr.Tab("Tokenizer", elem_id="tab_tokenizer"):
         error = gr.Markdown(elem_id="tokenizer_error")
         with gr.Row():
@@ -102,8 +98,8 @@ def tokenizer_tab(gr, session: AppSession, shown) -> list:
         text = f"{escaped(image.source)}: PSNR {found.psnr:.2f} dB, SSIM {found.ssim:.4f} (uint8 pixels, hard codes)"
         if image.note:
             text += f"  \n{escaped(image.note)}"
-        return (image, enlarged(found.original), enlarged(found.reconstruction), code_grid_html(found.codes),
-                codes_path(codes_folder, found.codes), text, "")
+        return (image, files.image(enlarged(found.original)), files.image(enlarged(found.reconstruction)),
+                code_grid_html(found.codes), files.codes(found.codes), text, "")
 
     def show_without_upload(test_image):  # the upload was removed: back to the test image, if there are any
         return show(test_image, None) if session.images is not None else (None,) * 6 + ("",)
@@ -112,7 +108,7 @@ def tokenizer_tab(gr, session: AppSession, shown) -> list:
         h, note = clamped_hardness(hardness)
         if image is None:
             return None, note or "reconstruct an image first: the slider decodes the image shown above"
-        return enlarged(session.at_hardness(image.pixels, h)), note
+        return files.image(enlarged(session.at_hardness(image.pixels, h))), note
 
     shown_outputs = [shown, original, reconstruction, code_grid, codes_file, measured, error]
     decode = dict(fn=guarded(decode_at_hardness, 1), inputs_kwargs={"hardness": hardness, "image": shown},
@@ -133,17 +129,7 @@ def tokenizer_tab(gr, session: AppSession, shown) -> list:
     return events
 
 
-def codes_path(folder: Path, codes: np.ndarray) -> str:
-    """The code indices as an .npy file to download (one file per distinct grid)."""
-    digest = hashlib.sha1(codes.tobytes() + str(codes.shape).encode()).hexdigest()[:16]
-    path = folder / digest / f"codes_{codes.shape[0]}x{codes.shape[1]}.npy"
-    if not path.exists():
-        path.parent.mkdir(exist_ok=True)
-        np.save(path, codes.astype(np.int64))
-    return str(path)
-
-
-def codebook_tab(gr, session: AppSession, shown) -> dict:
+def codebook_tab(gr, session: AppSession, shown, files: OutputFolder) -> dict:
     """The tab's widgets; returns its event (for ``.then`` and ``load``): it follows the shown image."""
     with gr.Tab("Codebook", elem_id="tab_codebook"):
         error = gr.Markdown(elem_id="codebook_error")
@@ -162,14 +148,14 @@ def codebook_tab(gr, session: AppSession, shown) -> dict:
                     f"{min(len(session.images), 512)} test images; {int((counts == 0).sum()):,} never used")
         text += f"  \nencoder outputs of: {escaped(image.source)}" if image is not None else "  \nno image shown"
         found = session.code_geometry(None if image is None else image.pixels)
-        return (usage_plot(counts) if counts is not None else None,
-                geometry_plot(found.codes, found.latents, found.usage_known), text, "")
+        return (files.image(usage_plot(counts)) if counts is not None else None,
+                files.image(geometry_plot(found.codes, found.latents, found.usage_known)), text, "")
 
     return dict(fn=guarded(show_codebook, 3), inputs_kwargs={"image": shown},
                 outputs=[usage, geometry, summary, error])
 
 
-def generate_tab(gr, session: AppSession) -> None:
+def generate_tab(gr, session: AppSession, files: OutputFolder) -> None:
     names = session.class_names
     labelled = bool(names)
     with gr.Tab("Generate", elem_id="tab_generate"):
@@ -196,7 +182,7 @@ def generate_tab(gr, session: AppSession) -> None:
     def generate(**values):
         request = generate_request(values, names)
         grid, took = session.generate(request.label, request.sampling, request.seed, request.count)
-        return enlarged(grid, 512), f"{request.count} samples in {took:.2f} s: {request.describe(names)}", ""
+        return files.image(enlarged(grid, 512)), f"{request.count} samples in {took:.2f} s: {request.describe(names)}", ""
 
     inputs = {"class_name": label, "cfg_scale": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p,
               "seed": seed, "images": count}

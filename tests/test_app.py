@@ -93,12 +93,19 @@ def until(condition, what: str, timeout: float = 60):
     raise AssertionError(f"{what}: not so after {timeout} s")
 
 
+TEXT = """
+const found = document.querySelector(arguments[0]);
+if (!found) return null;
+const copy = found.cloneNode(true);
+copy.querySelectorAll('[data-testid=status-tracker]').forEach(e => e.remove());  // "processing | 1.1s"
+return copy.textContent;
+"""
+
+
 def text(driver, css: str) -> str | None:
     """An element's text, or None when the page has no such element (a tab is drawn once opened)."""
-    from selenium.webdriver.common.by import By
-
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return " ".join(found[0].get_attribute("textContent").split()) if found else None
+    found = driver.execute_script(TEXT, css)
+    return None if found is None else " ".join(found.split())
 
 
 def says(driver, css: str, part: str) -> bool:
@@ -367,8 +374,9 @@ def test_without_a_dataset_the_classes_keep_their_stored_names_and_usage_is_unkn
 
     url, session = served_without_dataset
     open_page(browser, url)
-    assert text_on_tab(browser, "Codebook", "#codebook_summary").startswith("code usage is unknown (no --dataset): the plot shows "
-                                                                            "all 16 codes, used or not")
+    open_tab(browser, "Codebook")  # drawn when the page loads
+    unknown = "code usage is unknown (no --dataset): the plot shows all 16 codes, used or not"
+    until(lambda: says(browser, "#codebook_summary", unknown), "usage said to be unknown")
     open_tab(browser, "Tokenizer")
     browser.find_element(By.CSS_SELECTOR, "#reconstruct").click()  # nothing to reconstruct yet
     until(lambda: text(browser, "#tokenizer_error"), "an error line")

@@ -4,6 +4,9 @@ one-line failures and the code grid. The page itself is tests/test_app.py."""
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from app_helpers import tiny_models
 from PIL import Image
 
 from app.inputs import Bounds, clamped_hardness, class_index, generate_request
+from app.outputs import OutputFolder
 from app.session import AppSession
 from app.ui import guarded
 from app.views import code_colour, code_grid_html
@@ -125,3 +129,19 @@ def test_a_label_out_of_range_is_a_user_error_the_page_shows_in_one_line(tmp_pat
         session.generate(7, SamplingConfig(), 0, 2)
     shown = guarded(lambda: session.generate(7, SamplingConfig(), 0, 2), 2)()
     assert shown[-1] == "python -m app: error: label 7 outside the prior's classes [0, 4)"
+
+
+def test_output_files_are_written_whole_once_per_content_and_pruned_when_old(tmp_path):
+    """Sessions showing the same picture share one finished file (Gradio's array cache rewrote it in place,
+    and a download at that moment was cut short)."""
+    files = OutputFolder(tmp_path / "out", max_age_s=60)
+    picture = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(lambda _: files.image(picture), range(32)))
+    assert len(paths) == 1 and np.array_equal(np.asarray(Image.open(paths.pop())), picture)
+    codes = np.array([[3, 1], [0, 2]])
+    assert np.array_equal(np.load(files.codes(codes)), codes) and files.codes(codes).endswith("codes_2x2.npy")
+    old = Path(files.image(picture)).parent
+    os.utime(old, (0, 0))  # unused for longer than max_age_s
+    files._prune()
+    assert not old.exists() and len(list((tmp_path / "out").iterdir())) == 1  # the codes stay
