@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from app.inputs import MAX_IMAGES, MAX_SEED, clamped_hardness, generate_request
 from app.outputs import OutputFolder
@@ -69,8 +70,25 @@ def build(session: AppSession):
     return page
 
 
-def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
-    """The tab's widgets and events; returns the events after which another image (or none) is shown."""
+@dataclass
+class TokenizerWidgets:
+    """The Tokenizer tab's inputs and outputs."""
+
+    error: object
+    index: object
+    upload: object
+    run_button: object
+    measured: object
+    original: object
+    reconstruction: object
+    code_grid: object
+    codes_file: object
+    hardness: object
+    hardness_note: object
+    at_hardness: object
+
+
+def tokenizer_widgets(gr, session: AppSession) -> TokenizerWidgets:
     with gr.Tab("Tokenizer", elem_id="tab_tokenizer"):
         error = gr.Markdown(elem_id="tokenizer_error")
         with gr.Row():
@@ -91,6 +109,13 @@ def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
                              "between the continuous latent (0) and its codes (1)", elem_id="hardness")
         hardness_note = gr.Markdown(elem_id="hardness_note")
         at_hardness = picture(gr, "decoded at h", "at_hardness")
+    return TokenizerWidgets(error, index, upload, run_button, measured, original, reconstruction, code_grid,
+                            codes_file, hardness, hardness_note, at_hardness)
+
+
+def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
+    """The tab and its events; returns the events after which another image (or none) is shown."""
+    w = tokenizer_widgets(gr, session)
 
     def show(test_image, upload):
         image = session.uploaded_image(upload) if upload else session.test_image(test_image)
@@ -110,20 +135,18 @@ def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
             return None, note or "reconstruct an image first: the slider decodes the image shown above"
         return files.image(enlarged(session.at_hardness(image.pixels, h))), note
 
-    shown_outputs = [shown, original, reconstruction, code_grid, codes_file, measured, error]
-    decode = dict(fn=guarded(decode_at_hardness, 1), inputs_kwargs={"hardness": hardness, "image": shown},
-                  outputs=[at_hardness, hardness_note], preprocess=False)  # the range is checked here
-    events = [run_button.click(guarded(show, 6), inputs_kwargs={"test_image": index, "upload": upload},
-                               outputs=shown_outputs, api_name="reconstruct"),
-              upload.upload(guarded(show, 6), inputs_kwargs={"test_image": index, "upload": upload},
-                            outputs=shown_outputs, api_visibility="private"),
-              upload.clear(guarded(show_without_upload, 6), inputs_kwargs={"test_image": index},
-                           outputs=shown_outputs, api_visibility="private"),
-              index.submit(guarded(show, 6), inputs_kwargs={"test_image": index, "upload": upload},
-                           outputs=shown_outputs, api_visibility="private")]
+    outputs = [shown, w.original, w.reconstruction, w.code_grid, w.codes_file, w.measured, w.error]
+    source = {"test_image": w.index, "upload": w.upload}
+    decode = dict(fn=guarded(decode_at_hardness, 1), inputs_kwargs={"hardness": w.hardness, "image": shown},
+                  outputs=[w.at_hardness, w.hardness_note], preprocess=False)  # the range is checked here
+    events = [w.run_button.click(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_name="reconstruct"),
+              w.upload.upload(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_visibility="private"),
+              w.upload.clear(guarded(show_without_upload, 6), inputs_kwargs={"test_image": w.index},
+                             outputs=outputs, api_visibility="private"),
+              w.index.submit(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_visibility="private")]
     # On release: the browser sends a typed 5 before it clamps the box to 1 (and sends no release then).
     # Registered first, so the endpoint's name is not taken by the private events below.
-    hardness.release(**decode, api_name="decode_at_hardness")
+    w.hardness.release(**decode, api_name="decode_at_hardness")
     for event in events:
         event.then(**decode, api_visibility="private")
     return events
