@@ -8,6 +8,7 @@ once). A finished file path, by contrast, Gradio copies into its cache atomicall
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import os
@@ -30,7 +31,10 @@ class OutputFolder:
     PRUNE_EVERY = 256  # saves
 
     def __init__(self, root: str | os.PathLike | None = None, max_age_s: float = 3600.0):
-        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="provq-app-"))
+        if root is None:  # a folder of its own, removed when the server's process ends
+            root = tempfile.mkdtemp(prefix="provq-app-")
+            atexit.register(shutil.rmtree, root, True)
+        self.root = Path(root)
         self.max_age_s = max_age_s
         self._saves = 0
         self._lock = threading.Lock()  # one writer and pruner at a time within the server
