@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ class PriorConfig:
     position_embedding: str = "rope_1d"  # rope_1d: raster index | rope_2d: (row, column), LlamaGen c2i
     zero_init_head: bool = False  # the output head starts at zero (LlamaGen)
     tokenizer_fingerprint: str | None = None
+    label_names: list[str] = field(default_factory=list)  # one per class, from the codes; [] = unnamed (numbers)
 
     def __post_init__(self) -> None:
         positive = ("codebook_size", "code_height", "code_width", "hidden_size", "num_layers",
@@ -52,6 +53,9 @@ class PriorConfig:
         for name in ("attention_dropout", "residual_dropout", "ffn_dropout", "token_dropout", "class_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"PriorConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.label_names and len(self.label_names) != self.num_classes:
+            raise ValueError(f"PriorConfig.label_names has {len(self.label_names)} names for "
+                             f"{self.num_classes} classes")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"PriorConfig.position_embedding must be one of {POSITION_EMBEDDINGS}, "
                              f"got {self.position_embedding!r}")
@@ -106,12 +110,15 @@ class ARPrior(PretrainedMixin, nn.Module):
     """
 
     config_class = PriorConfig
-    config_version = 2  # 2: one dropout field per place, position_embedding, zero_init_head
+    config_version = 3  # 2: one dropout field per place, position_embedding, zero_init_head; 3: label_names
     kind = "prior"  # model_type provq-ar-prior
 
     @classmethod
     def card_content(cls, config: PriorConfig) -> CardContent:
         classes = f"{config.num_classes} classes" if config.num_classes else "unlabelled data (one null class)"
+        if config.label_names:
+            shown = ", ".join(config.label_names[:10]) + (", ..." if len(config.label_names) > 10 else "")
+            classes += f" ({shown})"
         return CardContent(
             title=f"ProVQ autoregressive prior ({config.num_layers} layers x {config.hidden_size}, "
                   f"{config.code_height}x{config.code_width} codes of {config.codebook_size:,})",

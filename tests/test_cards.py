@@ -81,6 +81,13 @@ def test_the_prior_card_gives_bits_per_code_and_round_trips(exported):
     assert prior.config.tokenizer_fingerprint in card.text
 
 
+def test_train_prior_stores_the_datasets_class_names_with_the_prior(exported):
+    """The app and sample grids name classes without the dataset: train_prior.py keeps the codes' names."""
+    prior = ARPrior.from_pretrained(exported["prior"])
+    assert prior.config.label_names == ["class0", "class1", "class2", "class3"]
+    assert "4 classes (class0, class1, class2, class3)" in (exported["prior"] / "README.md").read_text()
+
+
 def test_push_to_hub_uploads_the_three_files_through_huggingface_hub(exported, tmp_path, monkeypatch):
     import shutil
 

@@ -137,9 +137,9 @@ def test_load_refuses_newer_versions_unknown_fields_and_missing_tensors(tmp_path
     prior.save_pretrained(tmp_path)
     config_path = tmp_path / "config.json"
     good = json.loads(config_path.read_text())
-    assert (good["model_type"], good["config_version"]) == ("provq-ar-prior", 2)
+    assert (good["model_type"], good["config_version"]) == ("provq-ar-prior", 3)
     config_path.write_text(json.dumps({**good, "config_version": 99}))
-    with pytest.raises(FormatError, match="config_version 99, newer than this version's 2"):
+    with pytest.raises(FormatError, match="config_version 99, newer than this version's 3"):
         ARPrior.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({k: v for k, v in good.items() if k != "config_version"}))
     with pytest.raises(FormatError, match="no valid integer 'config_version'"):
@@ -176,6 +176,21 @@ def test_a_prior_saved_by_version_1_loads_as_it_was(tmp_path):
     assert (loaded.config.position_embedding, loaded.config.residual_dropout) == ("rope_1d", 0.0)
     codes, labels = random_codes(2, prior.config)
     assert torch.equal(loaded(codes, labels).logits, prior.eval()(codes, labels).logits)
+
+
+def test_class_names_are_stored_with_the_prior_and_a_version_2_prior_loads_without_them(tmp_path):
+    """Version 3 added label_names; a version-2 file has none and shows its classes as numbers, as before."""
+    prior = tiny_prior(label_names=["cat", "dog", "owl"])
+    prior.save_pretrained(tmp_path)
+    assert ARPrior.from_pretrained(tmp_path).config.label_names == ["cat", "dog", "owl"]
+    assert "3 classes (cat, dog, owl)" in (tmp_path / "README.md").read_text()
+    config = json.loads((tmp_path / "config.json").read_text())
+    v2 = {k: v for k, v in config.items() if k != "label_names"}
+    (tmp_path / "config.json").write_text(json.dumps({**v2, "config_version": 2}))
+    loaded = ARPrior.from_pretrained(tmp_path)
+    assert loaded.config.label_names == [] and loaded.config.num_classes == 3
+    with pytest.raises(ValueError, match="2 names for 3 classes"):
+        tiny_prior(label_names=["cat", "dog"])
 
 
 def attention_scores(prior: ARPrior, first: int, second: int) -> torch.Tensor:

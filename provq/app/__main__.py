@@ -28,7 +28,7 @@ def start(argv=None, block: bool = True):
     session = AppSession.load(args.tokenizer, args.prior, args.dataset)
     page = build(session)
     page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
-                show_error=False, quiet=not block)
+                show_error=True, quiet=not block)
     return page
 
 

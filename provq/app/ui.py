@@ -1,173 +1,214 @@
-"""The page: Gradio Blocks over an AppSession (tokenizer, codebook and generate tabs)."""
+"""The page: Gradio Blocks over an AppSession, one function per tab, each event a named API endpoint.
+
+Every failure is one line on the tab where it happened, and the results it would have replaced are
+cleared with it: nothing on the page describes an input other than the one it says.
+"""
 
 from __future__ import annotations
 
-import io
+import functools
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
-import numpy as np
-
-from generator.sampling import SamplingConfig
-from provq.app.session import AppSession
+from provq.app.inputs import MAX_IMAGES, MAX_SEED, clamped_hardness, generate_request
+from provq.app.outputs import OutputFolder
+from provq.app.session import AppSession, ShownImage
+from provq.app.views import code_grid_html, enlarged, escaped, geometry_plot, usage_plot
 from provq.common.cli import user_error_line
 from provq.common.errors import UserError
 
 COMMAND = "python -m provq.app"
+logger = logging.getLogger("app")
 
 
-def figure_array(draw: Callable, size=(4.2, 3.2)) -> np.ndarray:
-    """A matplotlib drawing as an RGB array (shown as an image: no plot widget needed)."""
-    import matplotlib
+def guarded(handler: Callable, blanks: int) -> Callable:
+    """``handler`` returns its outputs and, last, the line under them ("" or a note). On any
+    failure the outputs are cleared (``blanks`` Nones) and the line says what went wrong: a user error
+    as the CLI's one line, anything else as one line that names it a bug (the traceback goes to the
+    server's log, never to the page)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=size)
-    draw(ax)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return np.asarray(Image.open(buffer).convert("RGB"))
-
-
-def enlarged(image: np.ndarray, size: int = 256) -> np.ndarray:
-    """Small images shown at about ``size`` pixels, each pixel a square (nearest): nothing is smoothed."""
-    scale = max(1, size // max(image.shape[:2]))
-    return np.kron(image, np.ones((scale, scale, 1), np.uint8)) if scale > 1 else image
-
-
-def usage_plot(counts: np.ndarray) -> np.ndarray:
-    def draw(ax):
-        ax.bar(np.arange(len(counts)), np.sort(counts)[::-1], width=1.0)
-        ax.set_yscale("symlog")
-        ax.set_xlabel("codes, most used first")
-        ax.set_ylabel("uses on the test images")
-    return figure_array(draw)
-
-
-def geometry_plot(geometry: dict) -> np.ndarray:
-    def draw(ax):
-        codes = geometry["codes"]
-        ax.scatter(codes[:, 0], codes[:, 1], s=6, alpha=0.5, label="codes in use")
-        if geometry["latents"] is not None:
-            z = geometry["latents"]
-            ax.scatter(z[:, 0], z[:, 1], s=14, marker="x", color="crimson", label="this image's z_e")
-        ax.set_title("first two principal axes of the used codes", fontsize=9)
-        ax.legend(fontsize=7)
-    return figure_array(draw)
-
-
-def guarded(handler: Callable, outputs: int) -> Callable:
-    """A handler whose user errors show as the CLI's one line in the page (the last output), never a
-    traceback; on success that line is cleared."""
-    import gradio as gr
-
-    def run(*args):
+    @functools.wraps(handler)
+    def run(*args, **values):  # Gradio passes the inputs by position where the handler's names allow
         try:
-            return (*handler(*args), "")
+            return handler(*args, **values)
         except UserError as error:
-            return (*[gr.update() for _ in range(outputs)], user_error_line(COMMAND, error))
+            line = user_error_line(COMMAND, error)
+        except Exception as error:
+            logger.exception("%s failed", handler.__name__)
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            line = f"{COMMAND}: internal error (a bug; the server's log has its traceback): {message}"
+        return (*[None] * blanks, line)
     return run
+
+
+def picture(gr, caption: str, elem_id: str):
+    """An output image under its caption: no label or buttons drawn over the picture."""
+    with gr.Column(min_width=160):
+        gr.Markdown(f"**{caption}**", elem_id=f"{elem_id}_caption")
+        return gr.Image(label=caption, show_label=False, buttons=[], elem_id=elem_id, interactive=False,
+                        type="filepath")  # the handlers return PNG files (app.outputs)
 
 
 def build(session: AppSession):
     import gradio as gr
 
     q = session.tok.config.quantizer
-    with gr.Blocks(title="ProVQ") as page:
+    # Gradio keeps every output file in its cache: clear files older than an hour, hourly.
+    with gr.Blocks(title="ProVQ", delete_cache=(3600, 3600)) as page:
         gr.Markdown(f"## ProVQ tokenizer: {q.kind.upper()}, {q.codebook_size:,} codes, "
                     f"{session.resolution} px -> {session.tok.code_shape[0]}x{session.tok.code_shape[1]} codes")
-        error = gr.Markdown("", elem_id="error")
-        current = gr.State(None)
-        tokenizer_tab(gr, session, error, current)
-        codebook_tab(gr, session, error, current)
+        shown = gr.State(None)  # the ShownImage the Tokenizer tab shows; the other views follow it
+        files = OutputFolder()
+        image_changes = tokenizer_tab(gr, session, shown, files)
+        show_codebook = codebook_tab(gr, session, shown, files)
         if session.prior is not None:
-            generate_tab(gr, session, error)
+            generate_tab(gr, session, files)
+        page.load(**show_codebook, api_name="codebook")
+        for event in image_changes:
+            event.then(**show_codebook, api_visibility="private")
     return page
 
 
-def tokenizer_tab(gr, session: AppSession, error, current) -> None:
+@dataclass
+class TokenizerWidgets:
+    """The Tokenizer tab's inputs and outputs."""
+
+    error: object
+    index: object
+    upload: object
+    run_button: object
+    measured: object
+    original: object
+    reconstruction: object
+    code_grid: object
+    codes_file: object
+    hardness: object
+    hardness_note: object
+    at_hardness: object
+
+
+def tokenizer_widgets(gr, session: AppSession) -> TokenizerWidgets:
     with gr.Tab("Tokenizer", elem_id="tab_tokenizer"):
+        error = gr.Markdown(elem_id="tokenizer_error")
         with gr.Row():
-            index = gr.Number(value=0, precision=0, label="test image", elem_id="image_index",
-                              visible=session.images is not None)
-            upload = gr.File(label="or upload an image", type="filepath", elem_id="upload")
+            index = gr.Number(value=0, label="test image", elem_id="image_index", visible=session.images is not None)
+            upload = gr.File(label="or upload an image (shown instead of the test image until removed)",
+                             type="filepath", elem_id="upload")
             run_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
-        with gr.Row():
-            original = gr.Image(label="original", elem_id="original", interactive=False, format="png")
-            reconstruction = gr.Image(label="reconstruction (hard codes)", elem_id="reconstruction",
-                                      interactive=False, format="png")
-            code_map = gr.Image(label="code map (one colour per code)", elem_id="code_map", interactive=False,
-                                format="png")
         measured = gr.Markdown(elem_id="image_metrics")
+        with gr.Row():
+            original = picture(gr, "original (the tokenizer's input)", "original")
+            reconstruction = picture(gr, "reconstruction (hard codes)", "reconstruction")
+            with gr.Column(min_width=160):
+                gr.Markdown("**code indices** (coloured by index, a hint: each cell shows its code; hover for "
+                            "its row and column)", elem_id="code_grid_caption")
+                code_grid = gr.HTML(elem_id="code_grid")
+                codes_file = gr.File(label="the code indices as .npy", elem_id="codes_file", interactive=False)
         hardness = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="hardness h: what the decoder sees "
                              "between the continuous latent (0) and its codes (1)", elem_id="hardness")
-        at_hardness = gr.Image(label="decoded at h", elem_id="at_hardness", interactive=False, format="png")
+        hardness_note = gr.Markdown(elem_id="hardness_note")
+        at_hardness = picture(gr, "decoded at h", "at_hardness")
+    return TokenizerWidgets(error, index, upload, run_button, measured, original, reconstruction, code_grid,
+                            codes_file, hardness, hardness_note, at_hardness)
 
-    def reconstruct(number, path, h):
-        image = session.uploaded_image(path) if path else session.test_image(int(number or 0))
-        found = session.reconstruct(image)
-        text = f"PSNR {found.psnr:.2f} dB, SSIM {found.ssim:.4f} (uint8 pixels, hard codes)"
-        return (image, enlarged(found.original), enlarged(found.reconstruction), enlarged(found.code_map), text,
-                enlarged(session.at_hardness(image, h)))
 
-    def decoded_at(h, image):
+def tokenizer_tab(gr, session: AppSession, shown, files: OutputFolder) -> list:
+    """The tab and its events; returns the events after which another image (or none) is shown."""
+    w = tokenizer_widgets(gr, session)
+
+    def show(test_image, upload):
+        image = session.uploaded_image(upload) if upload else session.test_image(test_image)
+        found = session.reconstruct(image.pixels)
+        text = f"{escaped(image.source)}: PSNR {found.psnr:.2f} dB, SSIM {found.ssim:.4f} (uint8 pixels, hard codes)"
+        if image.note:
+            text += f"  \n{escaped(image.note)}"
+        return (image, files.image(enlarged(found.original)), files.image(enlarged(found.reconstruction)),
+                code_grid_html(found.codes), files.codes(found.codes), text, "")
+
+    def show_without_upload(test_image):  # the upload was removed: back to the test image, if there are any
+        return show(test_image, None) if session.images is not None else (None,) * 6 + ("",)
+
+    def decode_at_hardness(hardness, image: ShownImage | None):
+        h, note = clamped_hardness(hardness)
         if image is None:
-            raise UserError("reconstruct an image first")
-        return (enlarged(session.at_hardness(image, h)),)
+            return None, note or "reconstruct an image first: the slider decodes the image shown above"
+        return files.image(enlarged(session.at_hardness(image.pixels, h))), note
 
-    run_button.click(guarded(reconstruct, 6), [index, upload, hardness],
-                     [current, original, reconstruction, code_map, measured, at_hardness, error])
-    hardness.change(guarded(decoded_at, 1), [hardness, current], [at_hardness, error])
+    outputs = [shown, w.original, w.reconstruction, w.code_grid, w.codes_file, w.measured, w.error]
+    source = {"test_image": w.index, "upload": w.upload}
+    decode = dict(fn=guarded(decode_at_hardness, 1), inputs_kwargs={"hardness": w.hardness, "image": shown},
+                  outputs=[w.at_hardness, w.hardness_note], preprocess=False)  # the range is checked here
+    events = [w.run_button.click(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_name="reconstruct"),
+              w.upload.upload(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_visibility="private"),
+              w.upload.clear(guarded(show_without_upload, 6), inputs_kwargs={"test_image": w.index},
+                             outputs=outputs, api_visibility="private"),
+              w.index.submit(guarded(show, 6), inputs_kwargs=source, outputs=outputs, api_visibility="private")]
+    # On release: the browser sends a typed 5 before it clamps the box to 1 (and sends no release then).
+    # Registered first, so the endpoint's name is not taken by the private events below.
+    w.hardness.release(**decode, api_name="decode_at_hardness")
+    for event in events:
+        event.then(**decode, api_visibility="private")
+    return events
 
 
-def codebook_tab(gr, session: AppSession, error, current) -> None:
+def codebook_tab(gr, session: AppSession, shown, files: OutputFolder) -> dict:
+    """The tab's widgets; returns its event (for ``.then`` and ``load``): it follows the shown image."""
     with gr.Tab("Codebook", elem_id="tab_codebook"):
-        button = gr.Button("Show for the current image", elem_id="codebook_refresh")
-        with gr.Row():
-            usage = gr.Image(label="code usage", elem_id="usage_plot", interactive=False, format="png")
-            geometry = gr.Image(label="codes and encoder outputs", elem_id="geometry_plot", interactive=False,
-                                format="png")
+        error = gr.Markdown(elem_id="codebook_error")
         summary = gr.Markdown(elem_id="codebook_summary")
+        with gr.Row():
+            usage = picture(gr, "code usage on the test images", "usage_plot")
+            geometry = picture(gr, "codes and the shown image's encoder outputs", "geometry_plot")
 
-    def codebook(image):
+    def show_codebook(image: ShownImage | None):
         counts = session.counts
-        text = ("no --dataset: usage is unknown" if counts is None else
-                f"{int((counts > 0).sum()):,} of {len(counts):,} codes used on "
-                f"{min(len(session.images), 512)} test images; {int((counts == 0).sum()):,} never used")
-        return (usage_plot(counts) if counts is not None else None,
-                geometry_plot(session.code_geometry(image)), text)
+        if counts is None:
+            size = session.tok.config.quantizer.codebook_size
+            text = f"code usage is unknown (no --dataset): the plot shows all {size:,} codes, used or not"
+        else:
+            text = (f"{int((counts > 0).sum()):,} of {len(counts):,} codes used on "
+                    f"{min(len(session.images), 512)} test images; {int((counts == 0).sum()):,} never used")
+        text += f"  \nencoder outputs of: {escaped(image.source)}" if image is not None else "  \nno image shown"
+        found = session.code_geometry(None if image is None else image.pixels)
+        return (files.image(usage_plot(counts)) if counts is not None else None,
+                files.image(geometry_plot(found.codes, found.latents, found.usage_known)), text, "")
 
-    button.click(guarded(codebook, 3), [current], [usage, geometry, summary, error])
+    return dict(fn=guarded(show_codebook, 3), inputs_kwargs={"image": shown},
+                outputs=[usage, geometry, summary, error])
 
 
-def generate_tab(gr, session: AppSession, error) -> None:
-    prior = session.prior.config
-    names = session.label_names or [str(i) for i in range(prior.num_classes)]
+def generate_tab(gr, session: AppSession, files: OutputFolder) -> None:
+    names = session.class_names
+    labelled = bool(names)
     with gr.Tab("Generate", elem_id="tab_generate"):
+        error = gr.Markdown(elem_id="generate_error")
         with gr.Row():
-            label = gr.Dropdown(choices=[(n, i) for i, n in enumerate(names)] or [("no classes", -1)],
-                                value=0 if prior.num_classes else -1, label="class", elem_id="label")
-            cfg = gr.Slider(0.0, 6.0, value=2.0 if prior.num_classes else 1.0, step=0.1, label="CFG scale",
-                            elem_id="cfg_scale")
-            temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature", elem_id="temperature")
+            choices = names or ["none (the prior was trained on unlabelled data)"]
+            label = gr.Dropdown(choices=choices, value=choices[0], label="class", elem_id="label",
+                                interactive=labelled)
+            cfg = gr.Number(value=2.0 if labelled else 1.0, label="CFG scale (>= 0; 1: no guidance)",
+                            elem_id="cfg_scale", interactive=labelled)
+            temperature = gr.Number(value=1.0, label="temperature (>= 0; 0: greedy)", elem_id="temperature")
         with gr.Row():
-            top_k = gr.Number(value=0, precision=0, label="top-k (0: off)", elem_id="top_k")
-            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p", elem_id="top_p")
-            seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
-            count = gr.Slider(1, 16, value=8, step=1, label="images", elem_id="count")
+            top_k = gr.Number(value=0, label="top-k (a whole number >= 0; 0: off)", elem_id="top_k")
+            top_p = gr.Number(value=1.0, label="top-p (in (0, 1]; 1: off)", elem_id="top_p")
+            seed = gr.Number(value=0, label=f"seed (0 to {MAX_SEED})", elem_id="seed")
+            count = gr.Number(value=8, label=f"images (1 to {MAX_IMAGES})", elem_id="count")
+        if labelled and not session.prior.config.label_names and names != session.label_names:
+            gr.Markdown("this prior stores no class names (saved before they were kept) and no --dataset "
+                        "names them: classes are numbered", elem_id="class_names_note")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
-        samples = gr.Image(label="samples", elem_id="samples", interactive=False, format="png")
-        seconds = gr.Markdown(elem_id="seconds")
+        summary = gr.Markdown(elem_id="seconds")
+        samples = picture(gr, "samples", "samples")
 
-    def run(*values):  # in the order of the inputs below
-        label_value, cfg_value, temperature_value, k, p, seed_value, n = values
-        settings = SamplingConfig(cfg_scale=float(cfg_value), temperature=float(temperature_value),
-                                  top_k=int(k or 0), top_p=float(p))
-        label_value = None if label_value is None else int(label_value)
-        picture, took = session.generate(label_value, settings, int(seed_value or 0), int(n))
-        return enlarged(picture, 512), f"{int(n)} samples in {took:.2f} s"
+    def generate(**values):
+        request = generate_request(values, names)
+        grid, took = session.generate(request.label, request.sampling, request.seed, request.count)
+        return files.image(enlarged(grid, 512)), f"{request.count} samples in {took:.2f} s: {request.describe(names)}", ""
 
-    button.click(guarded(run, 2), [label, cfg, temperature, top_k, top_p, seed, count], [samples, seconds, error])
+    inputs = {"class_name": label, "cfg_scale": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+              "seed": seed, "images": count}
+    # preprocess=False: the values arrive as typed (the API's too) and generate_request checks them.
+    button.click(guarded(generate, 2), inputs_kwargs=inputs, outputs=[samples, summary, error],
+                 api_name="generate", preprocess=False)

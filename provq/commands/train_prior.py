@@ -64,14 +64,15 @@ class TrainPriorConfig:
 
 
 def bind_to_codes(model: PriorConfig, codes: Path) -> PriorConfig:
-    """The prior's vocabulary and grid are the codes'; a configured fingerprint must match theirs."""
+    """The prior's vocabulary, grid and class names are the codes'; a configured fingerprint must match
+    theirs."""
     manifest = load_manifest(codes, "train")
     if model.tokenizer_fingerprint:
         manifest.check_tokenizer(model.tokenizer_fingerprint)
     return dataclasses.replace(
         model, codebook_size=manifest.codebook_size, code_height=manifest.code_shape[0],
         code_width=manifest.code_shape[1], num_classes=manifest.num_classes,
-        tokenizer_fingerprint=manifest.tokenizer_fingerprint,
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint, label_names=list(manifest.label_names),
     )
 
 
