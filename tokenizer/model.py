@@ -153,15 +153,18 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
             norm_num_groups=config.norm_num_groups,
             mid_block_add_attention=config.attention,
         )
-        self.encoder = Encoder(
+        encoder = Encoder(
             in_channels=config.in_channels, out_channels=config.latent_channels,
             down_block_types=tuple(_block_types(config, down=True)), double_z=False, **block_args,
         )
-        self.quantizer = ProgressiveQuantizer(config.latent_channels, config.quantizer)
-        self.decoder = Decoder(
+        decoder = Decoder(
             in_channels=config.latent_channels, out_channels=config.in_channels,
             up_block_types=tuple(_block_types(config, down=False)), **block_args,
         )
+        # The quantizer draws its random numbers last, so a seed gives the same encoder and decoder
+        # whatever the quantizer (family, code count, remedy): the variants of a study stay paired.
+        quantizer = ProgressiveQuantizer(config.latent_channels, config.quantizer)
+        self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
 
     @property
     def downsample_factor(self) -> int:

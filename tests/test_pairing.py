@@ -1,0 +1,62 @@
+"""Seed s means the same start in every variant of a study: the same initial weights of everything the
+variants share, and the same batches in the same order, whatever the quantizer (issue 30)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from training_helpers import run_in_process, tiny_tokenizer_argv
+
+from provq.ablation.variants import VARIANTS
+from provq.commands import train_tokenizer
+from provq.training import loop
+
+# Each differs from hard VQ in something that draws random numbers or changes when the codebook is set:
+# the ramp (k-means at its warm-up's end), SimVQ (a random basis, no k-means), the soft reading, a
+# remedy with state (EMA + restarts), another code count.
+BATCHES, TRAIN_STEP = loop.batches, train_tokenizer.train_step
+OTHERS = ("cosine+kmeans+l2", "cosine+l2+simvq", "cosine+soft+kmeans+l2", "vq+kmeans+l2+ema+restart")
+
+
+def start_and_batches(tmp_path, image_folder, monkeypatch, name: str, codes: int = 32) -> dict:
+    """The weights as the first optimizer step sees them and every batch's dataset indices."""
+    seen = {"indices": [], "start": None}
+
+    def recording_batches(*args, **kwargs):
+        for batch in BATCHES(*args, **kwargs):
+            seen["indices"].append(batch["index"].tolist())
+            yield batch
+
+    def recording_step(parts, batch, ctx):
+        if seen["start"] is None:
+            model = getattr(parts.model, "module", parts.model)
+            seen["start"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return TRAIN_STEP(parts, batch, ctx)
+
+    monkeypatch.setattr(loop, "batches", recording_batches)
+    monkeypatch.setattr(train_tokenizer, "train_step", recording_step)
+    variant = VARIANTS[name]
+    argv = [*tiny_tokenizer_argv(image_folder, tmp_path / name, 6, train__seed=3),
+            *variant.overrides(codes)]
+    run_in_process(train_tokenizer.main, argv)
+    return seen
+
+
+@pytest.mark.parametrize("other", OTHERS)
+def test_a_seed_is_the_same_start_and_the_same_batches_in_every_variant(other, tmp_path, image_folder,
+                                                                        monkeypatch):
+    hard = start_and_batches(tmp_path, image_folder, monkeypatch, "vq+kmeans+l2")
+    them = start_and_batches(tmp_path, image_folder, monkeypatch, other)
+    assert them["indices"] == hard["indices"] and len(hard["indices"]) == 6
+    shared = [k for k in hard["start"] if not k.startswith("quantizer.")]
+    assert shared and all(k in them["start"] for k in shared)
+    differ = [k for k in shared if not torch.equal(hard["start"][k], them["start"][k])]
+    assert differ == [], f"{other}: initial weights differ from hard VQ's in {differ[:4]}"
+
+
+def test_another_code_count_keeps_the_encoder_and_decoder(tmp_path, image_folder, monkeypatch):
+    small = start_and_batches(tmp_path, image_folder, monkeypatch, "vq+kmeans+l2", codes=32)
+    large = start_and_batches(tmp_path, image_folder, monkeypatch, "vq+kmeans+l2", codes=128)
+    shared = [k for k in small["start"] if not k.startswith("quantizer.")]
+    assert all(torch.equal(small["start"][k], large["start"][k]) for k in shared)
+    assert small["indices"] == large["indices"]
