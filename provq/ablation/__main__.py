@@ -136,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--codebook_size", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="gFID for every seed, not only seed 0")
     parser.add_argument("--cfg_scale", type=float, default=2.0)
+    parser.add_argument("--no_generation", action="store_true", help="no priors and no gFID: tokenizers only")
+    parser.add_argument("--no_train_pixels", action="store_true",
+                        help="no PSNR/SSIM over the training images (the test split's metrics only)")
+    parser.add_argument("--ledger", default=None,
+                        help="a study's ledger (docs/results/ledger.jsonl): runs it holds are not run again, "
+                             "finished runs are added (provq/ablation/ledger.py)")
+    parser.add_argument("--plan", default="exploratory",
+                        help="with --ledger: the plan version the runs belong to (docs/results/study_plan.yaml)")
     parser.add_argument("--study", action="store_true",
                         help="the study: every family's hard, switch and ramp variants, generation, 64 px "
                              "(ablation/study.py); report in <output_dir>/study_report.md")

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from provq.ablation.ledger import Ledger
 from provq.ablation.variants import DEFAULT, QUICK, Variant, select
 from provq.common.errors import ConfigError
 from provq.common.files import write_json_atomic
@@ -55,6 +56,8 @@ class Ablation:
         self.timings_path = out / "timings.json"
         self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
         self.stages: list[str] = []
+        # The study's ledger (--ledger): a run already there is not run again; a finished one is added.
+        self.ledger = Ledger(args.ledger, args.plan) if getattr(args, "ledger", None) else None
 
     def folder(self, variant: Variant, seed: int) -> Path:
         return self.out / variant.name / f"seed{seed}"
@@ -86,7 +89,29 @@ class Ablation:
             "stats", "--dataset", self.args.dataset, "--split", self.ref_split, "--resolution",
             str(self.args.resolution), "--out", str(self.ref)), self.ref)
 
+    def ledger_key(self, variant: Variant, seed: int) -> dict:
+        s = self.setting
+        return {"variant": variant.name, "seed": seed, "steps": s.tokenizer_steps, "codebook_size": s.codebook_size,
+                "resolution": self.args.resolution, "dataset": self.args.dataset,
+                "config": Path(self.args.config).stem}
+
     def tokenizer(self, variant: Variant, seed: int) -> dict:
+        """One variant x seed's metrics: from the ledger when it holds the run, else trained, evaluated
+        and added to it."""
+        if self.ledger is None:
+            return self.train_and_evaluate(variant, seed)
+        key = self.ledger_key(variant, seed)
+        found = self.ledger.find(key)
+        if found is not None:
+            print(f"[ablation] {variant.name} seed {seed}: in the ledger {self.ledger.path}, not run again", flush=True)
+            return found["metrics"]
+        metrics = self.train_and_evaluate(variant, seed)
+        name = str(self.folder(variant, seed).relative_to(self.out))
+        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("tokenizer", "rFID", "train pixels"))
+        self.ledger.append(key, metrics, wall)
+        return metrics
+
+    def train_and_evaluate(self, variant: Variant, seed: int) -> dict:
         """Train one variant x seed and evaluate it: test rFID/PSNR/SSIM, train PSNR/SSIM."""
         run, s = self.folder(variant, seed), self.setting
         overrides = (*self.data(), "--tokenizer.model.resolution", str(self.args.resolution),
@@ -188,6 +213,10 @@ def setting_of(args) -> Setting:
     for name in ("seeds", "tokenizer_steps", "prior_steps", "num_samples"):
         if changes.get(name, 1) < 1:
             raise ConfigError(f"--{ {'tokenizer_steps': 'steps'}.get(name, name)} must be >= 1")
+    if getattr(args, "no_generation", False):
+        changes["generation"] = False
+    if getattr(args, "no_train_pixels", False):
+        changes["train_pixels"] = False
     return replace(setting, **changes)
 
 
