@@ -17,10 +17,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from provq.ablation.report import strongest, write_report, write_sweep_report
-from provq.ablation.runner import SWEEP_LARGE, SWEEP_POINTS, Ablation, Setting, setting_of
+from provq.ablation.runner import (
+    SWEEP_LARGE,
+    SWEEP_POINTS,
+    Ablation,
+    Setting,
+    parse_shard,
+    setting_of,
+)
 from provq.ablation.variants import SWEEP, select
 from provq.common.cli import CommandParser, command_name, run_command
-from provq.common.errors import ConfigError
 from provq.common.locks import LOCK_NAME, output_lock
 
 
@@ -99,16 +105,6 @@ def output_folder(args) -> Path:
     return Path(args.output_dir or default)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        shard, shards = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
-    if not 0 <= shard < shards:
-        raise ConfigError(f"--shard {text!r}: i must be in [0, n)")
-    return shard, shards
-
-
 def _yes_no(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
@@ -154,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--study_high_generation", action="store_true",
                         help="with --study: priors and gFID at twice --resolution too")
     parser.add_argument("--shard", default="0/1",
-                        help="with --study: run share i of n (i/n) of each phase; the shards wait for each other")
+                        help="run share i of n (i/n): with --study, of each phase (the shards wait for each other); "
+                             "with --ledger, of the tokenizer runs (the others are read from the ledger)")
     parser.add_argument("--subprocess", action="store_true",
                         help="run each stage as its own process (slower start, isolated memory)")
     return parser
@@ -165,7 +162,8 @@ def main(argv=None) -> Path:
     started = time.time()
     runner = run_study if args.study else run_sweep if args.sweep else run_ablation
     # One ablation per folder; the shards of a study share theirs, one process per shard.
-    lock = f".provq-shard-{'-of-'.join(map(str, parse_shard(args.shard)))}.lock" if args.study else LOCK_NAME
+    sharded = args.study or parse_shard(args.shard)[1] > 1
+    lock = f".provq-shard-{'-of-'.join(map(str, parse_shard(args.shard)))}.lock" if sharded else LOCK_NAME
     with output_lock(output_folder(args), name=lock):
         report = runner(args, started)
     print(f"\n[ablation] report: {report} ({(time.time() - started) / 60:.1f} min)", flush=True)

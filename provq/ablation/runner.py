@@ -95,6 +95,18 @@ class Ablation:
                 "resolution": self.args.resolution, "dataset": self.args.dataset,
                 "config": Path(self.args.config).stem}
 
+    def mine(self, job: int) -> bool:
+        """Whether this process runs tokenizer job ``job`` (--shard i/n with --ledger: every n-th)."""
+        if self.ledger is None or getattr(self.args, "study", False):
+            return True
+        shard, shards = parse_shard(self.args.shard)
+        return job % shards == shard
+
+    def from_ledger(self, variant: Variant, seed: int) -> dict | None:
+        """Another shard's run: its metrics when the ledger holds it already, else None (not reported)."""
+        found = self.ledger.find(self.ledger_key(variant, seed))
+        return None if found is None else found["metrics"]
+
     def tokenizer(self, variant: Variant, seed: int) -> dict:
         """One variant x seed's metrics: from the ledger when it holds the run, else trained, evaluated
         and added to it."""
@@ -157,7 +169,8 @@ class Ablation:
         s = self.setting
         if s.generation:
             self.reference()
-        results = {v.name: [self.tokenizer(v, seed) for seed in range(s.seeds)] for v in variants}
+        results = {v.name: [self.tokenizer(v, seed) if self.mine(i * s.seeds + seed) else self.from_ledger(v, seed)
+                            for seed in range(s.seeds)] for i, v in enumerate(variants)}
         gen_seeds = range(s.seeds) if self.args.full else range(1)
         generation = {v.name: [self.generation(v, seed) for seed in gen_seeds] for v in variants} \
             if s.generation else {}
@@ -220,3 +233,11 @@ def setting_of(args) -> Setting:
     return replace(setting, **changes)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        shard, shards = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/2") from None
+    if not 0 <= shard < shards:
+        raise ConfigError(f"--shard {text!r}: i must be in [0, n)")
+    return shard, shards

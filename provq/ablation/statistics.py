@@ -68,3 +68,52 @@ def verdict_line(column: str, names: tuple[str, str], difference: PairedDifferen
     interval = f"[{difference.low:+.3g}, {difference.high:+.3g}]"
     return (f"- {column}: {a} - {b} = {difference.mean:+.4g}, 95% interval {interval} over "
             f"{difference.seeds} paired seeds: {said}.")
+
+
+def paired_sd(a: list[float], b: list[float]) -> float | None:
+    """The standard deviation of the seed-by-seed differences a - b (None under two pairs)."""
+    differences = [x - y for x, y in zip(a, b, strict=False) if x is not None and y is not None]
+    return statistics.stdev(differences) if len(differences) > 1 else None
+
+
+def two_sided_p(differences: list[float]) -> float:
+    """The paired t-test's two-sided p-value of mean(differences) == 0."""
+    n, sd = len(differences), statistics.stdev(differences)
+    if sd == 0:
+        return 0.0 if statistics.fmean(differences) != 0 else 1.0
+    t = statistics.fmean(differences) / (sd / math.sqrt(n))
+    return float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def tost_p(differences: list[float], margin: float) -> float:
+    """Two one-sided tests of equivalence within (-margin, +margin): the larger of the two p-values
+    (small when the mean difference is shown to lie inside the margin)."""
+    n, sd, mean = len(differences), statistics.stdev(differences), statistics.fmean(differences)
+    if sd == 0:
+        return 0.0 if abs(mean) < margin else 1.0
+    se = sd / math.sqrt(n)
+    lower = stats.t.sf((mean + margin) / se, n - 1)  # H0: mean <= -margin
+    upper = stats.t.cdf((mean - margin) / se, n - 1)  # H0: mean >= +margin
+    return float(max(lower, upper))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order as given)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def seeds_for_equivalence(sd: float, margin: float, alpha: float = 0.05, power: float = 0.8,
+                          most: int = 200) -> int | None:
+    """Seeds n for two one-sided tests at ``margin`` to conclude equivalence with probability ``power``
+    when the true paired difference is 0 and its standard deviation is ``sd``:
+    n >= ((t_{1-alpha, n-1} + t_{1-(1-power)/2, n-1}) sd / margin)^2 (None beyond ``most``)."""
+    for n in range(3, most + 1):
+        needed = ((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(1 - (1 - power) / 2, n - 1)) * sd / margin) ** 2
+        if n >= needed:
+            return n
+    return None

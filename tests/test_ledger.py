@@ -1,0 +1,125 @@
+"""The study's ledger, its statistics and its report (issue 30)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+
+import pytest
+from scipy import stats
+
+from provq.ablation import plan as plan_module
+from provq.ablation import runner
+from provq.ablation.ledger import Ledger
+from provq.ablation.statistics import holm, seeds_for_equivalence, tost_p, two_sided_p
+from provq.ablation.variants import VARIANTS
+from provq.common.errors import FormatError
+
+KEY = {"variant": "vq+kmeans+l2", "seed": 0, "steps": 400, "codebook_size": 1024, "resolution": 32,
+       "dataset": "emoji", "config": "emoji32"}
+
+
+def test_a_run_is_found_by_its_key_and_its_plan(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", plan="pilot-1")
+    assert ledger.find(KEY) is None
+    row = ledger.append(KEY, {"psnr": 20.5}, 61.0)
+    assert ledger.find(KEY)["metrics"] == {"psnr": 20.5} and row["wall_s"] == 61.0
+    assert {"commit", "cpu", "torch", "threads"} <= set(row)
+    assert Ledger(ledger.path, plan="study-1").find(KEY) is None  # another version: not the same run
+    assert ledger.find({**KEY, "seed": 1}) is None
+    ledger.append(KEY, {"psnr": 99.0}, 1.0)  # the same run again (a second writer): not added twice
+    assert len(ledger.rows()) == 1
+
+
+def test_a_torn_line_is_named(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(json.dumps({"plan": "p", **KEY}) + "\n{\"plan\": \"p\", \"vari")
+    with pytest.raises(FormatError, match=r"ledger.jsonl:2 is not a JSON line"):
+        Ledger(path, "p").rows()
+
+
+def _append_many(path, start):
+    ledger = Ledger(path, plan="p")
+    for seed in range(start, start + 20):
+        ledger.append({**KEY, "seed": seed}, {"psnr": float(seed)}, 1.0)
+
+
+def test_two_writers_append_whole_lines(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    procs = [multiprocessing.get_context("fork").Process(target=_append_many, args=(path, s)) for s in (0, 10)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    rows = Ledger(path, "p").rows()  # every line parses
+    assert sorted(r["seed"] for r in rows) == list(range(30))  # seeds 10-19 written once, by either
+
+
+def test_runs_in_the_ledger_are_not_run_again_and_shards_split_the_rest(tmp_path, monkeypatch):
+    ledger = tmp_path / "ledger.jsonl"
+    ran = []
+
+    def fake_run(self, variant, seed):
+        ran.append((self.args.shard, variant.name, seed))
+        return {"psnr": 20.0 + seed}
+
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate", fake_run)
+    variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"]]
+    setting = runner.Setting(seeds=3, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
+                             variants=tuple(v.name for v in variants), generation=False)
+
+    def args(shard):
+        return argparse.Namespace(ledger=str(ledger), plan="pilot-1", shard=shard, dataset="emoji", resolution=32,
+                                  config="configs/emoji32.yaml", quick=False, full=False, subprocess=False,
+                                  study=False)
+
+    # jobs: variant i, seed s -> 3 i + s; shard 0 of 2 takes jobs 0, 2, 4, and job 2 is in the ledger
+    Ledger(ledger, "pilot-1").append({**KEY, "seed": 2}, {"psnr": 5.0}, 1.0)
+    first, _ = runner.Ablation(args("0/2"), setting, tmp_path / "out").all_runs(variants)
+    assert [r[1:] for r in ran] == [("vq+kmeans+l2", 0), ("cosine+kmeans+l2", 1)]
+    assert first["vq+kmeans+l2"] == [{"psnr": 20.0}, None, {"psnr": 5.0}]  # job 1 is shard 1's, not done yet
+    second, _ = runner.Ablation(args("1/2"), setting, tmp_path / "out").all_runs(variants)
+    assert [r[1:] for r in ran[2:]] == [("vq+kmeans+l2", 1), ("cosine+kmeans+l2", 0), ("cosine+kmeans+l2", 2)]
+    assert second["vq+kmeans+l2"] == [{"psnr": 20.0}, {"psnr": 21.0}, {"psnr": 5.0}]
+    assert len(ran) == 2 + 3 and len(Ledger(ledger, "pilot-1").rows()) == 6
+
+
+def test_the_tests_match_scipy_and_holm_matches_a_hand_calculation():
+    diffs = [0.12, -0.05, 0.08, 0.02, 0.10]
+    assert two_sided_p(diffs) == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    margin = 0.2
+    lower = stats.ttest_1samp([d + margin for d in diffs], 0.0, alternative="greater").pvalue
+    upper = stats.ttest_1samp([d - margin for d in diffs], 0.0, alternative="less").pvalue
+    assert tost_p(diffs, margin) == pytest.approx(max(lower, upper))
+    assert tost_p(diffs, 0.01) > 0.5  # a margin far inside the spread: not equivalent
+    # p = 0.01, 0.04, 0.03 -> sorted 0.01*3 = 0.03, 0.03*2 = 0.06, max(0.04*1, 0.06) = 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_seeds_for_equivalence_is_the_least_n_that_meets_the_bound():
+    sd, margin = 0.1, 0.2
+    n = seeds_for_equivalence(sd, margin)
+
+    def bound(k):
+        return ((stats.t.ppf(0.95, k - 1) + stats.t.ppf(0.9, k - 1)) * sd / margin) ** 2
+
+    assert n >= bound(n) and n - 1 < bound(n - 1)
+    assert seeds_for_equivalence(0.25, 0.2) > n and seeds_for_equivalence(10.0, 0.01) is None
+
+
+def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("versions:\n  v1:\n    purpose: a test\n    setting: {seeds: 3}\n"
+                    "    variants: [a, b]\n    comparisons: [[a, b]]\n    metrics: [psnr]\n"
+                    "margins: {psnr: 0.2}\n")
+    ledger = Ledger(tmp_path / "ledger.jsonl", "v1")
+    a, b = [20.0, 21.0, 20.5], [19.9, 20.6, 20.4]
+    for seed in range(3):
+        ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": a[seed]}, 60.0)
+        ledger.append({**KEY, "variant": "b", "seed": seed}, {"psnr": b[seed]}, 60.0)
+    text = plan_module.write_plan_report(plan, ledger.path, tmp_path / "report.md").read_text()
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    assert "Runs: 6 of 6 planned (0 remaining)" in text
+    assert f"{statistics.fmean(differences):+.4g}" in text and f"{statistics.stdev(differences):.3g}" in text
