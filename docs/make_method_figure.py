@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from provq.ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
+from provq.ablation.variants import STUDY, VARIANTS, preset_ramp
 from tokenizer.codebook_init import kmeans
 from tokenizer.quantizer import ProgressiveQuantizer, QuantizerConfig
 from tokenizer.schedule import ScheduleConfig, hardness
@@ -30,9 +30,10 @@ def schedule_panel(ax) -> None:
               "step@end+kmeans+l2": "--", "cosine+kmeans+l2": "-"}
     for name in STUDY["vq"]:
         v = VARIANTS[name]
-        config = ScheduleConfig(kind=v.schedule,  # None: the preset's, which RAMP_* give
-                                warmup=RAMP_WARMUP if v.warmup is None else v.warmup,
-                                transition=RAMP_TRANSITION if v.transition is None else v.transition)
+        fields = dict(zip(v.overrides(1024, preset_ramp("emoji32"))[::2], v.overrides(1024, preset_ramp("emoji32"))[1::2]))
+        ramp = dict(zip(("warmup", "transition"), preset_ramp("emoji32")))
+        config = ScheduleConfig(kind=v.schedule, **{k: float(fields.get(f"--tokenizer.model.quantizer.schedule.{k}", d))
+                                                    for k, d in ramp.items()})
         curve = [hardness(s, config, STEPS) for s in range(STEPS)]
         label = name.split("+")[0].replace("vq", "hard codes")
         ax.plot([s / STEPS for s in range(STEPS)], curve, styles[name], label=label, linewidth=1.6)

@@ -7,20 +7,21 @@ import pytest
 import torch
 from training_helpers import run_in_process, tiny_tokenizer_argv
 
-from provq.ablation.variants import VARIANTS
+from provq.ablation.variants import VARIANTS, preset_ramp
 from provq.commands import train_tokenizer
 from provq.training import loop
+from tokenizer.quantizer import ProgressiveQuantizer
 
 # Each differs from hard VQ in something that draws random numbers or changes when the codebook is set:
 # the ramp (k-means at its warm-up's end), SimVQ (a random basis, no k-means), the soft reading, a
 # remedy with state (EMA + restarts), another code count.
-BATCHES, TRAIN_STEP = loop.batches, train_tokenizer.train_step
+BATCHES, TRAIN_STEP, FIT = loop.batches, train_tokenizer.train_step, ProgressiveQuantizer._maybe_kmeans_init
 OTHERS = ("cosine+kmeans+l2", "cosine+l2+simvq", "cosine+soft+kmeans+l2", "vq+kmeans+l2+ema+restart")
 
 
-def start_and_batches(tmp_path, image_folder, monkeypatch, name: str, codes: int = 32) -> dict:
+def start_and_batches(tmp_path, image_folder, monkeypatch, name: str, codes: int = 32, steps: int = 6) -> dict:
     """The weights as the first optimizer step sees them and every batch's dataset indices."""
-    seen = {"indices": [], "start": None}
+    seen = {"indices": [], "start": None, "fit": None}
 
     def recording_batches(*args, **kwargs):
         for batch in BATCHES(*args, **kwargs):
@@ -31,13 +32,21 @@ def start_and_batches(tmp_path, image_folder, monkeypatch, name: str, codes: int
         if seen["start"] is None:
             model = getattr(parts.model, "module", parts.model)
             seen["start"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        seen["step"] = ctx.step
         return TRAIN_STEP(parts, batch, ctx)
+
+    def recording_fit(quantizer, z_e, fit):
+        fitted = FIT(quantizer, z_e, fit)
+        if fitted:  # the codebook as k-means left it, before any update
+            seen["fit"] = (seen["step"], quantizer.codebook.weight.detach().clone())
+        return fitted
 
     monkeypatch.setattr(loop, "batches", recording_batches)
     monkeypatch.setattr(train_tokenizer, "train_step", recording_step)
+    monkeypatch.setattr(ProgressiveQuantizer, "_maybe_kmeans_init", recording_fit)
     variant = VARIANTS[name]
-    argv = [*tiny_tokenizer_argv(image_folder, tmp_path / name, 6, train__seed=3),
-            *variant.overrides(codes)]
+    argv = [*tiny_tokenizer_argv(image_folder, tmp_path / name, steps, train__seed=3),
+            *variant.overrides(codes, preset_ramp("emoji32"))]
     run_in_process(train_tokenizer.main, argv)
     return seen
 
@@ -60,3 +69,15 @@ def test_another_code_count_keeps_the_encoder_and_decoder(tmp_path, image_folder
     shared = [k for k in small["start"] if not k.startswith("quantizer.")]
     assert all(torch.equal(small["start"][k], large["start"][k]) for k in shared)
     assert small["indices"] == large["indices"]
+
+
+def test_a_matched_switch_fits_its_codebook_where_the_ramp_does(tmp_path, image_folder, monkeypatch):
+    """The k-means confound removed: `+fit@start` fits the codebook at the ramp's start, on the same
+    encoder state as the ramp (the same codebook), while the plain switch fits it at the switch."""
+    runs = {name: start_and_batches(tmp_path, image_folder, monkeypatch, name, steps=20)
+            for name in ("cosine+kmeans+l2", "step@end+kmeans+l2+fit@start", "step@end+kmeans+l2")}
+    ramp, matched, late = (runs[n]["fit"] for n in runs)
+    warmup, transition = preset_ramp("emoji32")
+    # the ramp leaves h = 0 one step after its start; the switch is hard from its step on
+    assert ramp[0] == matched[0] == round(warmup * 20) + 1 and late[0] == round((warmup + transition) * 20)
+    assert torch.equal(ramp[1], matched[1]) and not torch.equal(ramp[1], late[1])

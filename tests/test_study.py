@@ -18,33 +18,36 @@ from provq.ablation.study import (
     high_resolution_pairs,
     study_families,
 )
-from provq.ablation.variants import RAMP_TRANSITION, RAMP_WARMUP, STUDY, VARIANTS
+from provq.ablation.variants import STUDY, VARIANTS, preset_ramp
 from provq.commands import train_tokenizer
 from provq.common.cli import make_parser, parse_config
 from provq.common.typed_config import config_to_dict
 from tokenizer.schedule import hardness
 
 
-def quantizer_of(name: str, codebook_size: int = 1024) -> dict:
-    argv = ["--config", str(REPO / "configs" / "emoji32.yaml"), "--output_dir", "o",
-            *VARIANTS[name].overrides(codebook_size)]
+def quantizer_of(name: str, codebook_size: int = 1024, preset: str = "emoji32") -> dict:
+    argv = ["--config", str(REPO / "configs" / f"{preset}.yaml"), "--output_dir", "o",
+            *VARIANTS[name].overrides(codebook_size, preset_ramp(preset))]
     config = parse_config(make_parser("t"), train_tokenizer.TrainTokenizerConfig, "tokenizer", argv)[0]
     return config_to_dict(config)["tokenizer"]["model"]["quantizer"]
 
 
-def test_switches_equalize_the_ramps_mean_hardness_and_its_time_on_hard_codes():
+@pytest.mark.parametrize("preset", ["emoji32", "imagenet256"])
+def test_switches_equalize_the_ramps_mean_hardness_and_its_time_on_hard_codes(preset):
+    """On every preset's own ramp (imagenet256's differs from emoji32's): the switch points are derived."""
     steps = 1000
+    warmup, transition = preset_ramp(preset)
     for family, (hard, start, mid, end, ramp) in STUDY.items():
         curves = {}
         for name in (hard, start, mid, end, ramp):
-            q = quantizer_of(name)
+            q = quantizer_of(name, preset=preset)
             assert q["kind"] == family
             curves[name] = [hardness(s, _schedule(q), steps) for s in range(steps)]
         assert sum(curves[hard]) == steps
-        assert curves[start].index(1.0) == round(RAMP_WARMUP * steps)  # the earlier studies' switch
+        assert curves[start].index(1.0) == round(warmup * steps)  # the earlier studies' switch
         assert sum(curves[mid]) == pytest.approx(sum(curves[ramp]), abs=1)  # the same mean hardness
         assert curves[end].count(1.0) == curves[ramp].count(1.0)  # the same time on hard codes
-        assert curves[ramp].count(1.0) == round((1 - RAMP_WARMUP - RAMP_TRANSITION) * steps)
+        assert curves[ramp].count(1.0) == round((1 - warmup - transition) * steps)
 
 
 def _schedule(quantizer: dict):

@@ -18,7 +18,9 @@ from .families import LFQ_EXACT_ENTROPY_VALUES
 from .quantizer import ProgressiveQuantizer, QuantizerConfig, QuantizerOutput
 from .remedies import REMEDY_FIELDS
 
-ADDED_QUANTIZER_FIELDS = {**REMEDY_FIELDS, "codebook_ema_decay": 0.99}  # field: its value that means "off"
+# field: its value that means "off" (the soft readings' temperatures came with them, the remedies' fields too)
+ADDED_QUANTIZER_FIELDS = {**REMEDY_FIELDS, "codebook_ema_decay": 0.99, "soft_temperature_start": 1.0,
+                          "soft_temperature_end": 1e-3}
 
 
 @dataclass
@@ -180,9 +182,10 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         return self.decoder.conv_out.weight
 
     def forward(
-        self, images: torch.Tensor, hardness: float, generator: torch.Generator | None = None
+        self, images: torch.Tensor, hardness: float, generator: torch.Generator | None = None,
+        fit_codebook: bool | None = None,
     ) -> TokenizerOutput:
-        quantized = self.quantizer(self.encoder(images), hardness, generator)
+        quantized = self.quantizer(self.encoder(images), hardness, generator, fit_codebook)
         return TokenizerOutput(self.decoder(quantized.z_out), quantized)
 
     @torch.no_grad()
@@ -210,6 +213,8 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         for name, old_behaviour in ADDED_QUANTIZER_FIELDS.items():
             if record["quantizer"][name] == old_behaviour:
                 del record["quantizer"][name]
+        if record["quantizer"]["schedule"].get("kmeans_at") is None:  # added with the study's matched fit
+            del record["quantizer"]["schedule"]["kmeans_at"]
         digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
         for name, tensor in sorted(self.state_dict().items()):
             t = tensor.detach().cpu().contiguous()

@@ -320,11 +320,11 @@ class ProgressiveQuantizer(nn.Module):
         return mixed.view(z_e.shape)
 
     @torch.no_grad()
-    def _maybe_kmeans_init(self, z_e: torch.Tensor, hardness: float) -> bool:
+    def _maybe_kmeans_init(self, z_e: torch.Tensor, fit: bool) -> bool:
         if not (self.training and self.config.kmeans_init) or bool(self.initialized.item()):
             return False
         self.kmeans_buffer.add(z_e)
-        if hardness <= 0.0:
+        if not fit:
             return False
         cfg = self.config
         centroids = kmeans_codebook(
@@ -385,12 +385,14 @@ class ProgressiveQuantizer(nn.Module):
 
     # ---- API ------------------------------------------------------------------------------
     def forward(
-        self, z: torch.Tensor, hardness: float, generator: torch.Generator | None = None
+        self, z: torch.Tensor, hardness: float, generator: torch.Generator | None = None,
+        fit_codebook: bool | None = None,
     ) -> QuantizerOutput:
         hardness = float(hardness)
+        fit = hardness > 0.0 if fit_codebook is None else bool(fit_codebook)  # the trainer's schedule.kmeans_at
         with torch.autocast(device_type=z.device.type, enabled=False):
             z_e = self._project_in(self._to_rows(z))
-            initialized_now = self.family is None and self._maybe_kmeans_init(z_e, hardness)
+            initialized_now = self.family is None and self._maybe_kmeans_init(z_e, fit)
             if self.code_ema is not None:
                 self._restart_dead_codes(z_e.detach())
             z_q, indices = self._hard_codes(z_e)

@@ -17,17 +17,22 @@ class ScheduleConfig:
 
     `warmup` and `transition` are lengths: a value in (0, 1) is a fraction of the
     run (`total_steps`), any other value a number of steps (so 1 means one step).
+    `kmeans_at` (a length too) is when the k-means init fits the codebook: at the first
+    step after it, where a ramp that starts there first has h > 0; None: at the first
+    step with h > 0 of this schedule. Setting it lets two schedules fit their codebooks at the same
+    step from the same encoder state (a switch compared with a ramp, issue 30).
     """
 
     kind: str = "cosine"  # none | step | linear | cosine | sigmoid
     warmup: float = 0.1  # h == 0 for this long
     transition: float = 0.3  # then a ramp to h == 1 over this long (ignored by step/none)
+    kmeans_at: float | None = None  # the k-means fit's step; None: when h first leaves 0
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        for name in ("warmup", "transition"):
-            if getattr(self, name) < 0:
+        for name in ("warmup", "transition", "kmeans_at"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
 
 
@@ -38,6 +43,13 @@ def resolve_steps(length: float, total_steps: int | None, name: str = "length") 
             raise ValueError(f"schedule {name}={length} is a fraction of the run: pass total_steps")
         return int(round(length * total_steps))
     return int(round(length))
+
+
+def kmeans_due(step: int, config: ScheduleConfig, total_steps: int | None = None) -> bool:
+    """Whether the k-means init may fit the codebook at `step` (it fits once, at the first such step)."""
+    if config.kmeans_at is None:
+        return hardness(step, config, total_steps) > 0.0
+    return step > resolve_steps(config.kmeans_at, total_steps, "kmeans_at")
 
 
 def _ramp(kind: str, t: float) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from provq.ablation.ledger import Ledger
-from provq.ablation.variants import DEFAULT, QUICK, Variant, select
+from provq.ablation.variants import DEFAULT, QUICK, Variant, preset_ramp, select
 from provq.common.errors import ConfigError
 from provq.common.files import write_json_atomic
 from provq.common.signals import pause
@@ -131,7 +131,7 @@ class Ablation:
                      "--tokenizer.train.eval_every", str(s.eval_every),
                      "--tokenizer.train.image_every", str(s.tokenizer_steps),
                      "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
-                     *variant.overrides(s.codebook_size))
+                     *variant.overrides(s.codebook_size, preset_ramp(self.args.config)))
         tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")

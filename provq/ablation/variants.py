@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from tokenizer.schedule import ScheduleConfig
+
 Q = "--tokenizer.model.quantizer."
-# The preset's ramp (emoji32, imagenet256 differ; the study's switches are placed on emoji32's):
-# h = 0 for the first 10% of the run, then a cosine ramp to 1 over the next 30%.
-RAMP_WARMUP, RAMP_TRANSITION = 0.1, 0.3
+# Switches are placed on the preset's own ramp (preset_ramp: emoji32's is 10% continuous, then a 30%
+# ramp): at its start, its middle (its mean hardness) or its end (its time on hard codes).
+SWITCH_POINTS = ("start", "mid", "end")
 # Dead-code restart's threshold on a code's EMA use per training call (vector-quantize-pytorch's unit). The
 # emoji32 preset's calls hold 32 x 64 = 2,048 rows over 1,024 codes, 2 per code when used evenly: 0.5 is a
 # quarter of that, which a code never used falls under about 70 steps after its codebook is set (its count
@@ -30,6 +32,8 @@ class Variant:
     warmup: float | None = None  # None: the preset's (emoji32: 10% continuous, then a 30% ramp)
     transition: float | None = None
     family: str = "vq"  # the quantizer kind: vq | fsq | lfq
+    at: str | None = None  # a switch placed on the preset's ramp: start | mid | end
+    fit: str | None = None  # "start": the k-means fit at the ramp's start (the ramp's own fit), not at the switch
     ema: bool = False  # the remedies (vq only): EMA codebook, dead-code restart, rotation trick, SimVQ
     restart: bool = False
     rotation: bool = False
@@ -45,14 +49,20 @@ class Variant:
         """A ProVQ variant proper: a smooth ramp of the hardness."""
         return self.schedule not in ("none", "step")
 
-    def overrides(self, codebook_size: int) -> list[str]:
-        """The command-line fields of this variant at about ``codebook_size`` codes."""
+    def overrides(self, codebook_size: int, ramp: tuple[float, float] | None = None) -> list[str]:
+        """The command-line fields of this variant at about ``codebook_size`` codes; ``ramp`` is the
+        preset's (warmup, transition) (``preset_ramp``; None: ScheduleConfig's defaults), on which
+        `at` and `fit` are placed."""
+        warmup, transition = ramp or (ScheduleConfig.warmup, ScheduleConfig.transition)
         fields = [f"{Q}kind", self.family, *family_fields(self.family, codebook_size),
                   f"{Q}schedule.kind", self.schedule, f"{Q}kmeans_init", str(self.kmeans).lower(),
                   f"{Q}l2_normalize", str(self.l2).lower(), f"{Q}mechanism", self.mechanism]
-        for name in ("warmup", "transition"):
-            if getattr(self, name) is not None:
-                fields += [f"{Q}schedule.{name}", str(getattr(self, name))]
+        placed = {"start": warmup, "mid": warmup + transition / 2, "end": warmup + transition}
+        schedule = {"warmup": placed[self.at] if self.at else self.warmup, "transition": self.transition,
+                    "kmeans_at": placed[self.fit] if self.fit else None}
+        for name, value in schedule.items():
+            if value is not None:
+                fields += [f"{Q}schedule.{name}", f"{value:g}"]
         return fields + self.remedy_fields()
 
     def remedy_fields(self) -> list[str]:
@@ -78,16 +88,26 @@ def family_fields(family: str, codebook_size: int) -> list[str]:
     return [*chosen, f"{Q}codebook_size", "null", f"{Q}codebook_dim", "null"]
 
 
+def preset_ramp(config: str) -> tuple[float, float]:
+    """The preset's ramp (warmup, transition), both fractions of the run or both steps."""
+    from provq.common.errors import ConfigError
+    from provq.common.presets import preset_section
+
+    schedule = preset_section(config, "tokenizer.model.quantizer.schedule", ScheduleConfig)
+    fractions = [0 < x < 1 for x in (schedule.warmup, schedule.transition) if x]
+    if len(set(fractions)) > 1:
+        raise ConfigError(f"{config}: schedule warmup {schedule.warmup} and transition {schedule.transition} mix a "
+                          "fraction of the run with steps; the study places its switches on a ramp given in one unit")
+    return schedule.warmup, schedule.transition
+
+
 def _switches_and_ramp(family: str, suffix: str, kmeans: bool, l2: bool) -> list[Variant]:
-    """The study's curriculum variants of one family: a switch to hard codes at the ramp's start
+    """The study's curriculum variants of one family: a switch to hard codes at the preset ramp's start
     (`step`), midpoint (`step@mid`: the ramp's mean hardness) and end (`step@end`: the ramp's time on
-    hard codes), and the cosine ramp, all with the ramp placed as RAMP_WARMUP / RAMP_TRANSITION."""
-    at = {"step": RAMP_WARMUP, "step@mid": RAMP_WARMUP + RAMP_TRANSITION / 2,
-          "step@end": RAMP_WARMUP + RAMP_TRANSITION}
-    found = [Variant(f"{name}{suffix}", "step", kmeans, l2, warmup=warmup, family=family)
-             for name, warmup in at.items()]
-    return found + [Variant(f"cosine{suffix}", "cosine", kmeans, l2, warmup=RAMP_WARMUP,
-                            transition=RAMP_TRANSITION, family=family)]
+    hard codes), and the preset's cosine ramp."""
+    found = [Variant(f"{name}{suffix}", "step", kmeans, l2, at=at, family=family)
+             for name, at in (("step", "start"), ("step@mid", "mid"), ("step@end", "end"))]
+    return found + [Variant(f"cosine{suffix}", "cosine", kmeans, l2, family=family)]
 
 
 def _remedies() -> list[Variant]:
@@ -119,8 +139,12 @@ def _all() -> dict[str, Variant]:
         Variant("cosine+l2+long", "cosine", False, True, warmup=0.1, transition=0.6),
         Variant("cosine+kmeans+l2+stochastic", "cosine", True, True, mechanism="stochastic"),
         Variant("linear+kmeans+stochastic", "linear", True, False, mechanism="stochastic"),
-        Variant("step@mid+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION / 2),
-        Variant("step@end+kmeans+l2", "step", True, True, warmup=RAMP_WARMUP + RAMP_TRANSITION),
+        Variant("step@mid+kmeans+l2", "step", True, True, at="mid"),
+        Variant("step@end+kmeans+l2", "step", True, True, at="end"),
+        # the switch with the k-means fit matched to the ramp's (issue 30): the codebook is fitted at the
+        # ramp's start, on the same encoder state as cosine+kmeans+l2's, then the switch comes later
+        Variant("step@mid+kmeans+l2+fit@start", "step", True, True, at="mid", fit="start"),
+        Variant("step@end+kmeans+l2+fit@start", "step", True, True, at="end", fit="start"),
         *_remedies(),
         # hardness as a temperature (issue 35): the decoder gets codebook mixtures annealed to hard
         # codes; each differs from cosine+kmeans+l2 in the mechanism only
@@ -130,8 +154,7 @@ def _all() -> dict[str, Variant]:
     for family in ("fsq", "lfq"):  # the lookup-free families: no codebook, so no k-means and no l2
         found += [Variant(family, "none", False, family=family),
                   *_switches_and_ramp(family, f"+{family}", kmeans=False, l2=False),
-                  Variant(f"cosine+{family}+stochastic", "cosine", False, mechanism="stochastic",
-                          warmup=RAMP_WARMUP, transition=RAMP_TRANSITION, family=family)]
+                  Variant(f"cosine+{family}+stochastic", "cosine", False, mechanism="stochastic", family=family)]
     return {v.name: v for v in found}
 
 
@@ -174,7 +197,7 @@ def variant(name: str) -> Variant:
         raise ConfigError(f"unknown variant {name!r}; the variants are {sorted(VARIANTS)}, and step@F<suffix> "
                           "for a fraction 0 < F < 1 of the run and a step<suffix> variant")
     fraction = float(switch.group(1))
-    return replace(base, name=f"step@{fraction:g}{switch.group(2) or ''}", warmup=fraction)
+    return replace(base, name=f"step@{fraction:g}{switch.group(2) or ''}", warmup=fraction, at=None)
 
 
 def select(names: str | tuple[str, ...]) -> list[Variant]:

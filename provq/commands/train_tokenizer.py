@@ -31,7 +31,7 @@ from tokenizer import ProVQTokenizer, TokenizerConfig, losses
 from tokenizer.codebook_stats import participation_ratio
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import LossConfig
-from tokenizer.schedule import hardness
+from tokenizer.schedule import hardness, kmeans_due
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -162,9 +162,11 @@ def train_step(parts: TokenizerParts, batch: dict, ctx: training.StepContext) ->
     train_config, loss_config, accelerator = parts.config.train, parts.config.loss, ctx.accelerator
     parts.skips.update(batch)
     images, step = batch["image"], ctx.step
-    h = hardness(step, parts.config.model.quantizer.schedule, train_config.max_steps)
+    schedule = parts.config.model.quantizer.schedule
+    h = hardness(step, schedule, train_config.max_steps)
     # Per micro-batch, so the micro-batches of one accumulated step get different masks.
-    out = parts.model(images, hardness=h, generator=ctx.generator())
+    out = parts.model(images, hardness=h, generator=ctx.generator(),
+                      fit_codebook=kmeans_due(step, schedule, train_config.max_steps))
     recon = out.reconstruction
     rec = losses.reconstruction_loss(recon, images, loss_config.reconstruction)
     pixel_loss = loss_config.reconstruction_weight * rec  # what the adaptive GAN weight balances against
