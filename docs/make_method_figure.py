@@ -30,8 +30,9 @@ def schedule_panel(ax) -> None:
               "step@end+kmeans+l2": "--", "cosine+kmeans+l2": "-"}
     for name in STUDY["vq"]:
         v = VARIANTS[name]
-        fields = dict(zip(v.overrides(1024, preset_ramp("emoji32"))[::2], v.overrides(1024, preset_ramp("emoji32"))[1::2]))
-        ramp = dict(zip(("warmup", "transition"), preset_ramp("emoji32")))
+        argv = v.overrides(1024, preset_ramp("emoji32"))  # the switch points placed on emoji32's ramp
+        fields = dict(zip(argv[::2], argv[1::2], strict=True))
+        ramp = dict(zip(("warmup", "transition"), preset_ramp("emoji32"), strict=True))
         config = ScheduleConfig(kind=v.schedule, **{k: float(fields.get(f"--tokenizer.model.quantizer.schedule.{k}", d))
                                                     for k, d in ramp.items()})
         curve = [hardness(s, config, STEPS) for s in range(STEPS)]
