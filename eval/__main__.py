@@ -248,8 +248,15 @@ def check_inputs(args) -> None:
         expect_kind(args.card, "prior", "--card")
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+def evaluate(argv=None) -> dict:
+    """The command's result (the JSON it prints) for its arguments, printing and writing nothing but
+    the statistics file of ``stats --out`` and a card's metrics (``--card``); ``provq.rfid`` and
+    ``provq.gfid`` call it."""
+    return run(build_parser().parse_args(argv))[0]
+
+
+def run(args) -> tuple[dict, bool]:
+    """The result, and whether this is the first process (the one that prints and writes)."""
     check_inputs(args)
     if args.command == "stats":
         # For stats, --out names the statistics file; its JSON goes to --json_out.
@@ -267,7 +274,13 @@ def main(argv=None) -> dict:
                   device=str(procs.device), seconds=round(time.perf_counter() - start, 3))
     if procs.is_main and getattr(args, "card", None):
         update_card(args, result)
-    if procs.is_main:
+    return result, procs.is_main
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    result, first = run(args)
+    if first:
         text = json.dumps(result, indent=2)
         print(text)
         if args.out:

@@ -126,13 +126,13 @@ class ARPrior(PretrainedMixin, nn.Module):
             summary=[f"- A class-conditional Llama ({config.num_layers} layers, {config.num_heads} heads, "
                      f"width {config.hidden_size}, {config.position_embedding}) over raster-ordered codes; {classes}.",
                      f"- Bound to the tokenizer with fingerprint `{config.tokenizer_fingerprint}`: "
-                     "`sample.py` refuses any other.",
+                     "`provq-sample` and `provq.load_prior` refuse any other.",
                      "- Classifier-free guidance, temperature, top-k/top-p and a KV cache at sampling time."],
             tags=["autoregressive", "image-generation", "class-conditional", "provq"],
-            load=("from generator import ARPrior\nfrom sample import generate\nfrom tokenizer import ProVQTokenizer\n"
-                  "prior = ARPrior.from_pretrained(\"<this folder or repo id>\")\n"
-                  "tok = ProVQTokenizer.from_pretrained(\"<its tokenizer>\")\n"
-                  "images = generate(tok, prior, labels=torch.tensor([0, 1]), cfg_scale=2.0, seed=0)"))
+            load=("import provq\n"
+                  "tok = provq.load_tokenizer(\"<its tokenizer>\")\n"
+                  "prior = provq.load_prior(\"<this folder or repo id>\", tokenizer=tok)\n"
+                  "images = provq.generate(tok, prior, labels=[0, 1], seed=0)  # CFG scale 2 by default"))
 
     @classmethod
     def upgrade_config(cls, data: dict, version: int) -> dict:

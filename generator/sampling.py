@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import transformers
@@ -24,17 +24,24 @@ def new_cache(prior: ARPrior):
     return DynamicCache()
 
 
+# The one default of classifier-free guidance (LlamaGen samples its class-conditional priors with
+# CFG): what every command, the app and the library use when no scale is given. A prior trained on
+# unlabelled data has no classes to guide towards and samples with 1.
+DEFAULT_CFG_SCALE = 2.0
+
+
 @dataclass
 class SamplingConfig:
     """How codes are drawn: classifier-free guidance, temperature, top-k and top-p (LlamaGen's knobs)."""
 
-    cfg_scale: float = 1.0  # 1 = plain conditional sampling; 0 = unconditional
+    cfg_scale: float | None = None  # None: DEFAULT_CFG_SCALE with classes, 1 without; 1 = plain conditional
+    # sampling; 0 = unconditional
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self) -> None:
-        if self.cfg_scale < 0:
+        if self.cfg_scale is not None and self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
@@ -42,6 +49,13 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def for_prior(config: SamplingConfig, num_classes: int) -> SamplingConfig:
+    """``config`` with its scale decided for a prior of ``num_classes`` classes (None: the default)."""
+    if config.cfg_scale is not None:
+        return config
+    return replace(config, cfg_scale=DEFAULT_CFG_SCALE if num_classes else 1.0)
 
 
 def _check_labels(prior: ARPrior, labels: torch.Tensor, config: SamplingConfig) -> None:
@@ -98,12 +112,13 @@ def sample(prior: ARPrior, labels: Sequence[int] | torch.Tensor, *, seed: int = 
            **settings) -> torch.LongTensor:
     """Sample code grids (B, h, w) for class labels (B,); the same seed gives the same codes.
 
-    ``settings`` are SamplingConfig's fields (cfg_scale, temperature, top_k, top_p). With
+    ``settings`` are SamplingConfig's fields (cfg_scale, temperature, top_k, top_p; cfg_scale unset
+    or None is DEFAULT_CFG_SCALE for a class-conditional prior, 1 for one of unlabelled data). With
     cfg_scale != 1 the conditional and null-class rows run as one batch of 2B; with cfg_scale
     == 1 the null rows are skipped, so the result equals conditional sampling. use_cache=False
     recomputes the whole prefix every step (for checks and benchmarks).
     """
-    config = SamplingConfig(**settings)
+    config = for_prior(SamplingConfig(**settings), prior.config.num_classes)
     labels = torch.as_tensor(labels, device=prior.device).long()
     _check_labels(prior, labels, config)
     was_training = prior.training

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from training_helpers import (
     REPO,
@@ -42,7 +43,10 @@ def test_the_exported_tokenizer_card_carries_the_runs_own_evaluation(exported, i
     assert results["codebook_usage"].metric_value == last["eval/usage"]
     assert results["psnr"].metric_args["images"] == last["eval/images"] > 0
     assert results["psnr"].dataset_split == "test"
-    assert "tok = ProVQTokenizer.from_pretrained" in card.text and "| psnr |" in card.text
+    assert "| psnr |" in card.text
+    scope = {"images": torch.zeros(2, 3, 16, 16)}  # the card's own lines, run as a user pastes them
+    exec(card_snippet(card.text).replace("<this folder or repo id>", str(exported["tok"])), scope)
+    assert scope["codes"].shape == (2, 8, 8) and scope["images"].shape == (2, 3, 16, 16)
     loaded = ProVQTokenizer.from_pretrained(exported["tok"])
     assert loaded.card == read_card(exported["tok"])
 
@@ -79,6 +83,14 @@ def test_the_prior_card_gives_bits_per_code_and_round_trips(exported):
     assert results["bits_per_code"] == pytest.approx(last["val/loss"] / math.log(2))
     prior = ARPrior.from_pretrained(exported["prior"])
     assert prior.config.tokenizer_fingerprint in card.text
+    scope = {}
+    exec(card_snippet(card.text).replace("<this folder or repo id>", str(exported["prior"]))
+         .replace("<its tokenizer>", str(exported["tok"])), scope)
+    assert scope["images"].shape == (2, 3, 16, 16) and scope["images"].abs().max() <= 1
+
+
+def card_snippet(text: str) -> str:
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def test_train_prior_stores_the_datasets_class_names_with_the_prior(exported):

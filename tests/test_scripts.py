@@ -6,7 +6,9 @@ files, bindings and errors are under test here, not image quality.
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +23,16 @@ from training_helpers import (
     tiny_tokenizer_argv,
 )
 
-from generator import ARPrior, CodeDataset, FingerprintMismatchError, PriorConfig, load_manifest
+from generator import (
+    ARPrior,
+    CodeDataset,
+    FingerprintMismatchError,
+    PriorConfig,
+    load_manifest,
+    sampling,
+)
 from provq.commands import extract_codes, sample, train_prior
+from provq.common.folders import TOKENIZER_RECORD
 from tokenizer import ProVQTokenizer, QuantizerConfig, TokenizerConfig
 
 CLASSES = 4  # of the image_folder fixture
@@ -120,6 +130,25 @@ def test_train_prior_refuses_codes_of_another_tokenizer(codes, tokenizer, tmp_pa
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before writing anything
 
 
+def test_train_prior_refuses_codes_whose_tokenizer_changed_unless_told(codes, tokenizer, tmp_path):
+    """The same rule as sampling: refused, with a flag that says what it risks."""
+    changed = Path(shutil.copytree(codes, tmp_path / "codes"))
+    other = tmp_path / "other_tok"
+    tok = ProVQTokenizer.from_pretrained(tokenizer[0])
+    with torch.no_grad():
+        tok.decoder.conv_out.bias.add_(0.5)  # the same config, other weights: another fingerprint
+    tok.save_pretrained(other)
+    record = changed / TOKENIZER_RECORD
+    record.write_text(json.dumps({**json.loads(record.read_text()), "tokenizer": str(other)}))
+    with pytest.raises(FingerprintMismatchError, match="--allow_tokenizer_mismatch") as error:
+        run_in_process(train_prior.main, tiny_prior_argv(changed, tmp_path / "run", 2))
+    assert tok.fingerprint() in str(error.value) and tokenizer[1] in str(error.value)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before writing anything
+    out = run_in_process(train_prior.main, [*tiny_prior_argv(changed, tmp_path / "run", 2, train__image_every=1),
+                                            "--allow_tokenizer_mismatch"])
+    assert (out / "model.safetensors").is_file() and not list((tmp_path / "run" / "images").glob("samples_*.png"))
+
+
 # ---- sample.py ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def samples(tokenizer, prior, tmp_path_factory):
@@ -193,7 +222,7 @@ def test_train_prior_validation_is_the_loss_and_accuracy_on_the_test_codes(codes
         expected = prior(grids, labels)
     assert rows[0]["val/loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
     assert rows[0]["val/accuracy"] == pytest.approx(expected.accuracy.item(), abs=1e-6)
-    assert 0 < rows[0]["val/accuracy"] < 1 and rows[0]["val/loss"] > 0
+    assert 0 <= rows[0]["val/accuracy"] < 1 and rows[0]["val/loss"] > 0
 
 
 def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
@@ -216,10 +245,17 @@ def test_unlabelled_images_from_tokenizer_to_samples(tmp_path, caplog):
     assert ARPrior.from_pretrained(prior).config.num_classes == 0
     assert (tmp_path / "prior" / "images" / "samples_00000003.png").is_file()  # the grid while training
     caplog.set_level("WARNING")
-    npz = run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "samples"))  # default CFG 2
-    assert "sampling without guidance" in caplog.text
+    npz = run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "samples"))  # no scale: 1 without classes
+    assert "sampling without guidance" not in caplog.text
     with np.load(npz) as data:
         assert data["arr_0"].shape == (8, 16, 16, 3) and set(data["labels"].tolist()) == {-1}
+        unguided = data["codes"]
+    preset = tmp_path / "guided.yaml"  # a preset's scale (not a flag) falls back to 1, with a warning
+    preset.write_text("sample:\n  cfg_scale: 2.0\n")
+    npz = run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "preset", "--config", str(preset)))
+    assert "sampling without guidance" in caplog.text
+    with np.load(npz) as data:
+        assert np.array_equal(data["codes"], unguided)
     with pytest.raises(ConfigError, match="needs classes"):
         run_in_process(sample.main, sample_argv(tok, prior, tmp_path / "guided", "--cfg_scale", "2"))
     with pytest.raises(ConfigError, match="unlabelled"):
@@ -260,7 +296,11 @@ def test_sample_config_section_and_flags_override_the_defaults(tmp_path):
     assert sample.parse_args(base).sampling == sample.SamplingConfig(**sample.DEFAULTS)
     args = sample.parse_args([*base, "--config", str(preset), "--top_k", "3", "--sample.top_p", "0.9"])
     assert (args.sampling.cfg_scale, args.sampling.temperature, args.sampling.top_k, args.sampling.top_p) == (
-        2.0, 0.5, 3, 0.9)
+        None, 0.5, 3, 0.9)  # the scale unset: decided by the prior (2.0 with classes, 1 without)
+    assert sample.unguided_if_unlabelled(args, 4).cfg_scale == sampling.DEFAULT_CFG_SCALE == 2.0
+    assert sample.unguided_if_unlabelled(args, 0).cfg_scale == 1.0
+    flagged = sample.parse_args([*base, "--cfg_scale", "3"])
+    assert flagged.sampling.cfg_scale == 3.0 and sample.unguided_if_unlabelled(flagged, 4).cfg_scale == 3.0
 
 
 @pytest.mark.slow

@@ -140,8 +140,8 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
                      f"latent {config.latent_channels} channels" + (", attention" if config.attention else "") + ".",
                      "- Codes usage and perplexity below are measured on the split they name."],
             tags=["image-tokenizer", "vector-quantization", "progressive-quantization", "provq", q.kind],
-            load=("from tokenizer import ProVQTokenizer\n"
-                  "tok = ProVQTokenizer.from_pretrained(\"<this folder or repo id>\")\n"
+            load=("import provq\n"
+                  "tok = provq.load_tokenizer(\"<this folder or repo id>\")\n"
                   f"codes = tok.encode(images)  # (B, 3, {config.resolution}, {config.resolution}) in [-1, 1] -> (B, {h}, {w})\n"
                   "images = tok.decode(codes)"))
 

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--codebook_size", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="gFID for every seed, not only seed 0")
-    parser.add_argument("--cfg_scale", type=float, default=2.0)
+    parser.add_argument("--cfg_scale", type=float, default=None,
+                        help="the samples' CFG scale (default: generator.sampling.DEFAULT_CFG_SCALE)")
     parser.add_argument("--no_generation", action="store_true", help="no priors and no gFID: tokenizers only")
     parser.add_argument("--no_train_pixels", action="store_true",
                         help="no PSNR/SSIM over the training images (the test split's metrics only)")

@@ -158,7 +158,7 @@ class Ablation:
             str(s.prior_steps)), run / "prior" / "prior" / "model.safetensors")
         self.run(f"{name}: samples", commands.sample(
             tok, run / "prior" / "prior", cfg, run / "samples", s.num_samples,
-            "--cfg_scale", str(self.args.cfg_scale), "--seed", str(seed)), run / "samples" / "samples.npz")
+            *commands.cfg_flag(self.args.cfg_scale), "--seed", str(seed)), run / "samples" / "samples.npz")
         wait_for(self.ref, "the reference statistics (another shard computes them)")
         self.run(f"{name}: gFID", commands.evaluate(
             "gfid", "--samples", str(run / "samples" / "samples.npz"), "--ref", str(self.ref),

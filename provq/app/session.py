@@ -3,7 +3,6 @@ returns plain arrays and numbers, so the page, its API and the tests call the sa
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,12 +162,12 @@ class AppSession:
     def generate(self, label: int | None, settings: SamplingConfig, seed: int, count: int) -> tuple[np.ndarray, float]:
         """(a grid of ``count`` samples, the seconds they took); label -1 is the null class, the only one
         of a prior trained without classes."""
-        from provq.commands.sample import generate
+        from provq.api import generate
 
         if self.prior is None:
             raise ConfigError("no --prior given: the app was started without one")
         classes = self.prior.config.num_classes
-        if classes == 0 and settings.cfg_scale != 1.0:
+        if classes == 0 and settings.cfg_scale not in (None, 1.0):
             raise ConfigError(f"CFG scale {settings.cfg_scale:g} needs classes, but the prior was trained on "
                               "unlabelled data: use 1")
         if classes == 0:
@@ -176,5 +175,5 @@ class AppSession:
         elif label is None or not 0 <= label < classes:
             raise ConfigError(f"label {label} outside the prior's classes [0, {classes})")
         started = time.perf_counter()
-        images = generate(self.tok, self.prior, torch.full((count,), label), seed=seed, **dataclasses.asdict(settings))
+        images = generate(self.tok, self.prior, torch.full((count,), label), seed=seed, sampling=settings)
         return grid(to_hwc(to_uint8(images))), time.perf_counter() - started

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from generator.sampling import DEFAULT_CFG_SCALE
 from provq.app.inputs import MAX_IMAGES, MAX_SEED, clamped_hardness, generate_request
 from provq.app.outputs import OutputFolder
 from provq.app.session import AppSession, ShownImage
@@ -187,7 +188,7 @@ def generate_tab(gr, session: AppSession, files: OutputFolder) -> None:
             choices = names or ["none (the prior was trained on unlabelled data)"]
             label = gr.Dropdown(choices=choices, value=choices[0], label="class", elem_id="label",
                                 interactive=labelled)
-            cfg = gr.Number(value=2.0 if labelled else 1.0, label="CFG scale (>= 0; 1: no guidance)",
+            cfg = gr.Number(value=DEFAULT_CFG_SCALE if labelled else 1.0, label="CFG scale (>= 0; 1: no guidance)",
                             elem_id="cfg_scale", interactive=labelled)
             temperature = gr.Number(value=1.0, label="temperature (>= 0; 0: greedy)", elem_id="temperature")
         with gr.Row():

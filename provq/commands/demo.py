@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generator.sampling import DEFAULT_CFG_SCALE
 from provq.common.cli import CommandParser, command_name, run_command
 from provq.common.files import write_json_atomic
 from provq.common.locks import output_lock
@@ -37,7 +38,7 @@ def stages(args) -> list[tuple[str, list[str], Path]]:
          codes / "tokenizer.json"),
         ("prior", commands.train_prior(cfg, codes, prior), prior / "prior" / "model.safetensors"),
         ("samples", commands.sample(tok / "tokenizer", prior / "prior", cfg, samples, args.num_samples,
-                                    "--cfg_scale", str(args.cfg_scale)), samples / "samples.npz"),
+                                    *commands.cfg_flag(args.cfg_scale)), samples / "samples.npz"),
         # Cached per dataset and extractor (eval/stats_cache.py): computed by the first demo only,
         # then by the compiled network (1.4x the images/s on CPU after a ~25 s compile).
         ("reference stats", commands.evaluate("stats", "--dataset", "emoji", "--split", "train",
@@ -90,7 +91,7 @@ def write_report(args, timings: dict) -> Path:
         "# ProVQ demo report", "",
         f"Config: `{args.config}` (the resolved configs are in `tok/config.yaml` and "
         f"`prior/config.yaml`). Device: {'cuda' if torch.cuda.is_available() else 'cpu'}; "
-        f"samples: {args.num_samples}, CFG scale {args.cfg_scale}.", "",
+        f"samples: {args.num_samples}, CFG scale {DEFAULT_CFG_SCALE if args.cfg_scale is None else args.cfg_scale}.", "",
         "## Metrics", "",
         markdown_table([row], list(row)), "",
         f"rFID on the test split ({rfid['num_images']} images); gFID of {gfid['num_images']['samples']} "
@@ -118,7 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/emoji32.yaml")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--num_samples", type=int, default=500)
-    parser.add_argument("--cfg_scale", type=float, default=2.0)
+    parser.add_argument("--cfg_scale", type=float, default=None,
+                        help=f"default {DEFAULT_CFG_SCALE} (generator.sampling.DEFAULT_CFG_SCALE)")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     with output_lock(out):

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from generator import ARPrior
-from generator.sampling import SamplingConfig, sample
+from generator.sampling import DEFAULT_CFG_SCALE, SamplingConfig, for_prior, sample
+from provq.api import load_prior, load_tokenizer
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError
 from provq.common.files import write_atomic, writing
@@ -33,26 +33,11 @@ from provq.common.locks import output_lock
 from provq.common.signals import SafePoints, interrupted
 from provq.data.pixels import from_hwc, save_image_grid, to_float, to_hwc, to_uint8
 from provq.training import configure_threads, process_state
-from tokenizer import ProVQTokenizer
 
 logger = logging.getLogger("sample")
-# The command's defaults (CFG on, as LlamaGen samples); the preset's `sample:` section and the
-# flags override them field by field.
-DEFAULTS = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-
-
-def load_pair(tokenizer: str, prior: str, device) -> tuple[ProVQTokenizer, ARPrior]:
-    """Both models; refuses a prior trained on another tokenizer's codes."""
-    tok = ProVQTokenizer.from_pretrained(tokenizer, device=device)
-    model = ARPrior.from_pretrained(prior).to(device).eval()
-    model.check_tokenizer(tok.fingerprint())
-    return tok, model
-
-
-@torch.no_grad()
-def generate(tok: ProVQTokenizer, prior: ARPrior, labels, **sampling) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for class labels: the one call Python users need."""
-    return tok.decode(sample(prior, labels, **sampling))
+# SamplingConfig's defaults (the CFG scale's: generator.sampling.DEFAULT_CFG_SCALE with classes, 1
+# without); the preset's `sample:` section and the flags override them field by field.
+DEFAULTS = asdict(SamplingConfig())
 
 
 def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.Tensor:
@@ -77,10 +62,11 @@ def class_labels(spec: str | None, num_images: int, num_classes: int) -> torch.T
 
 
 def unguided_if_unlabelled(args, num_classes: int) -> SamplingConfig:
-    """Guidance needs classes. For a prior of unlabelled data an explicit ``--cfg_scale`` other than
-    1 is an error; a default one (the command's or the preset's) becomes 1, with a warning."""
-    if num_classes or args.sampling.cfg_scale == 1.0:
-        return args.sampling
+    """Guidance needs classes. An unset scale is the default for the prior (``for_prior``); for a
+    prior of unlabelled data an explicit ``--cfg_scale`` other than 1 is an error, and one from the
+    preset becomes 1, with a warning."""
+    if num_classes or args.sampling.cfg_scale in (None, 1.0):
+        return for_prior(args.sampling, num_classes)
     if args.cfg_scale is not None:
         raise ConfigError(f"--cfg_scale {args.cfg_scale} needs classes, but the prior was trained on "
                           "unlabelled data: drop --cfg_scale or pass --cfg_scale 1")
@@ -108,7 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="keep the batches a previous run of the same command wrote (same seeds: the same images)")
     for name, value in DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"sample.{name}, default {value}")
+        default = (f"{DEFAULT_CFG_SCALE} for a class-conditional prior, 1 for one of unlabelled data"
+                   if name == "cfg_scale" else value)
+        parser.add_argument(f"--{name}", type=float if name == "cfg_scale" else type(value), default=None,
+                            help=f"sample.{name}, default {default}")
     config, args = parse_config(parser, SampleCommandConfig, None, argv, defaults={"sample": DEFAULTS},
                                 shortcuts={name: f"sample.{name}" for name in DEFAULTS})
     args.sampling = config.sample
@@ -127,7 +116,8 @@ def main(argv=None) -> Path:
     logging.basicConfig(level=logging.INFO)
     configure_threads()
     state = process_state()
-    tok, prior = load_pair(args.tokenizer, args.prior, state.device)
+    tok = load_tokenizer(args.tokenizer, state.device)
+    prior = load_prior(args.prior, tok, state.device)
     labels = class_labels(args.labels, args.num_images, prior.config.num_classes)
     args.sampling = unguided_if_unlabelled(args, prior.config.num_classes)
     out = Path(args.output_dir)

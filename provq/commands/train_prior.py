@@ -26,6 +26,7 @@ from generator import (
     PriorConfig,
     load_manifest,
 )
+from generator.errors import FingerprintMismatchError
 from generator.sampling import sample
 from provq import training
 from provq.common.cards import CardMetric
@@ -41,7 +42,7 @@ logger = logging.getLogger("train_prior")
 @dataclass
 class PriorTrainConfig(training.TrainConfig):
     val_batches: int = 0  # test-split batches for the validation loss; 0 = all
-    grid_cfg_scale: float = 2.0  # CFG of the sample grids written during training
+    grid_cfg_scale: float | None = None  # CFG of the sample grids written during training (None: the default)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,8 +119,10 @@ def card_metrics(validation: dict, codes: Path) -> list[CardMetric]:
             CardMetric("token_accuracy", validation["val/accuracy"], "test", "codes", protocol)]
 
 
-def load_grid_tokenizer(codes: Path, fingerprint: str, device):
-    """The tokenizer that made the codes (recorded by extract_codes.py), to draw sample grids."""
+def load_grid_tokenizer(codes: Path, fingerprint: str, allow_mismatch: bool = False):
+    """The tokenizer that made the codes (recorded by extract_codes.py), to draw sample grids, on the
+    CPU. One whose weights changed since the codes were made is refused, as sampling refuses it,
+    unless ``allow_mismatch``: then the prior trains without sample grids."""
     record = Path(codes) / TOKENIZER_RECORD
     if not record.is_file():
         return None
@@ -127,18 +130,25 @@ def load_grid_tokenizer(codes: Path, fingerprint: str, device):
     try:
         from tokenizer import ProVQTokenizer
 
-        tok = ProVQTokenizer.from_pretrained(info["tokenizer"], device=device)
+        tok = ProVQTokenizer.from_pretrained(info["tokenizer"])
     except (MissingFileError, FormatError) as err:
         logger.warning("no sample grids: cannot load the tokenizer %s (%s)", info["tokenizer"], err)
         return None
-    if tok.fingerprint() != fingerprint:
-        logger.warning("no sample grids: %s has changed since the codes were extracted", info["tokenizer"])
+    if tok.fingerprint() == fingerprint:
+        return tok
+    if allow_mismatch:
+        logger.warning("no sample grids: %s has changed since the codes were extracted "
+                       "(--allow_tokenizer_mismatch)", info["tokenizer"])
         return None
-    return tok
+    raise FingerprintMismatchError(
+        f"the tokenizer the codes in {codes} name ({info['tokenizer']}) has changed since they were extracted "
+        f"(fingerprint {tok.fingerprint()}, the codes' {fingerprint}): re-extract the codes, or pass "
+        "--allow_tokenizer_mismatch to train without sample grids (no tokenizer on disk then decodes the "
+        "prior's samples)")
 
 
 @torch.no_grad()
-def write_samples(model, tok, accelerator, path: Path, cfg_scale: float, per_class: int = 4) -> None:
+def write_samples(model, tok, accelerator, path: Path, cfg_scale: float | None, per_class: int = 4) -> None:
     prior = accelerator.unwrap_model(model)
     if prior.config.num_classes:  # a row per class (the first ten)
         labels = torch.arange(min(prior.config.num_classes, 10)).repeat_interleave(per_class)
@@ -158,20 +168,19 @@ class PriorParts(training.TrainParts):
     num_grids: int  # training code grids
 
 
-def build_parts(model_config: PriorConfig, codes: Path, datasets, train_config: PriorTrainConfig,
+def build_parts(model_config: PriorConfig, grid_tokenizer, datasets, train_config: PriorTrainConfig,
                 accelerator) -> PriorParts:
     model = ARPrior(model_config)
     if train_config.compile:  # the decoder layers, in place: one compiled graph serves them all
         for layer in model.llama.model.layers:
             layer.compile()
-    fingerprint = model_config.tokenizer_fingerprint
     train_loader, val_loader = build_dataloaders(datasets, train_config)
     optimizer = training.make_optimizer(model, train_config, train_config.lr)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     ema = training.build_ema(model, train_config.ema_decay, accelerator)
-    grid_tokenizer = load_grid_tokenizer(codes, fingerprint, accelerator.device)
+    grid_tokenizer = None if grid_tokenizer is None else grid_tokenizer.to(accelerator.device)
     return PriorParts(model, optimizer, train_loader, ema, val_loader, grid_tokenizer, len(datasets[0]))
 
 
@@ -186,6 +195,9 @@ def train_step(parts: PriorParts, batch: dict, ctx: training.StepContext) -> tra
 def build_parser():
     parser = make_parser(__doc__.splitlines()[0])
     parser.add_argument("--codes", required=True, help="folder written by extract_codes.py")
+    parser.add_argument("--allow_tokenizer_mismatch", action="store_true",
+                        help="train although the tokenizer the codes name has changed since they were extracted: "
+                             "no sample grids, and no tokenizer on disk decodes what the prior generates")
     return parser
 
 
@@ -196,8 +208,9 @@ def main(argv=None) -> Path:
     model_config = bind_to_codes(config.prior.model, codes)  # data: the codes decide vocabulary and grid
     config = dataclasses.replace(config, prior=dataclasses.replace(config.prior, model=model_config))
     datasets = load_codes(codes, model_config.tokenizer_fingerprint)
+    grid_tokenizer = load_grid_tokenizer(codes, model_config.tokenizer_fingerprint, args.allow_tokenizer_mismatch)
     with training.start_run(config, train_config, output_dir, "prior", args.resume) as run:
-        parts = build_parts(model_config, codes, datasets, train_config, run.accelerator)  # model and optimizer
+        parts = build_parts(model_config, grid_tokenizer, datasets, train_config, run.accelerator)  # model and optimizer
         run.resume()
         logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
                     run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,

@@ -93,11 +93,14 @@ def _scalar(value: Any, hint: Any, name: str) -> Any:
 
 def check_ranges(config, positive=(), non_negative=(), fraction=()) -> None:
     """Each named field of ``config`` within its meaning: > 0, >= 0, or in [0, 1]; a ValueError that
-    names the first one outside (build_config turns it into a ConfigError with the field's path)."""
+    names the first one outside (build_config turns it into a ConfigError with the field's path). A
+    field set to None (unset: its default applies later) is not checked."""
     for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
                             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")):
         for name in names:
             value = getattr(config, name)
+            if value is None:
+                continue
             if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
                 raise ValueError(f"{name} must be {want}, got {value}")
 

@@ -68,6 +68,12 @@ def data_describe(*args: str) -> StageCommand:
     return StageCommand("provq.data", ("describe", *args))
 
 
+def cfg_flag(scale: float | None) -> list[str]:
+    """``--cfg_scale X`` for a chosen scale; nothing for None, which leaves sample.py's default
+    (generator.sampling.DEFAULT_CFG_SCALE)."""
+    return [] if scale is None else ["--cfg_scale", str(scale)]
+
+
 def run_unless_done(name: str, command: StageCommand, done: Path, timings: dict | None = None,
                     capture_to: Path | None = None, in_process: bool = False) -> bool:
     """Run ``command`` unless its output ``done`` exists; returns whether it ran. Output streams through.

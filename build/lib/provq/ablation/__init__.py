@@ -1,0 +1,1 @@
+"""ProVQ-versus-VQ ablation: python -m provq.ablation."""

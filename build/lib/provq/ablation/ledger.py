@@ -1,0 +1,101 @@
+"""The study's ledger: one JSON line per finished tokenizer run, appended as it finishes.
+
+A run is known by its key (plan version, variant, seed, steps, codes, resolution, dataset, preset):
+a run already in the ledger is never run again, so any machine continues a study with the same
+command, and the report is made from the ledger alone. Each line also says where it ran (commit,
+CPU model, torch version, threads) and how long it took. Two processes may append to one ledger:
+each line is written whole under an exclusive ``flock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from provq.common.errors import FormatError
+
+KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def commit() -> str | None:
+    """The repository's commit, with ``+dirty`` when tracked files differ from it; None outside a clone."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict:
+    import torch
+
+    return {"commit": commit(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+def key_of(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+class Ledger:
+    """The ledger file at ``path``; ``plan`` is the plan version each new line carries."""
+
+    def __init__(self, path: str | Path, plan: str):
+        self.path, self.plan = Path(path), plan
+
+    def rows(self) -> list[dict]:
+        """Every line; a line that is not JSON (a torn write by a killed process) is named in the error."""
+        if not self.path.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise FormatError(f"{self.path}:{number} is not a JSON line ({error.msg}); remove or fix that line") \
+                    from None
+        return rows
+
+    def find(self, key: dict) -> dict | None:
+        wanted = key_of({"plan": self.plan, **key})
+        return next((row for row in self.rows() if key_of(row) == wanted), None)
+
+    def append(self, key: dict, metrics: dict, wall_s: float) -> dict:
+        """Add the run's line (unless a concurrent writer added the same run first); the line."""
+        row = {"plan": self.plan, **key, **machine(), "wall_s": round(wall_s, 1),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if self.find(key) is None:
+                    f.write(json.dumps(row, sort_keys=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+        return row

@@ -1,0 +1,147 @@
+"""The study's report, made from its plan and its ledger alone:
+
+    python -m provq.ablation.plan [--plan docs/results/study_plan.yaml] [--ledger docs/results/ledger.jsonl]
+                                  [--out docs/results/study_ledger_report.md]
+
+For each plan version: the runs planned, present and remaining; where they ran; each variant's
+metrics over seeds; each planned comparison as a paired difference (mean, paired standard deviation,
+95% t interval). A descriptive version (a pilot) stops there and adds the seeds each comparison
+would need for two one-sided tests at the plan's margin; a version with primary comparisons gives
+verdicts, Holm-adjusted over its primary family. Runs from different CPU models are kept apart.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from provq.ablation.ledger import Ledger
+from provq.ablation.report import METRICS
+from provq.ablation.statistics import paired_difference, paired_sd, seeds_for_equivalence
+from provq.common.cli import CommandParser, command_name, run_command
+from provq.common.errors import ConfigError
+from provq.common.files import write_atomic
+from provq.common.presets import load_yaml
+from provq.pipeline.report import markdown_table
+
+HIGHER = {key: higher for key, _, higher in METRICS}
+LABEL = {key: label for key, label, _ in METRICS}
+
+
+def margin_of(margins: dict, metric: str, baseline_mean: float) -> float | None:
+    if metric in margins:
+        return float(margins[metric])
+    if f"{metric}_relative" in margins:
+        return float(margins[f"{metric}_relative"]) * abs(baseline_mean)
+    return None
+
+
+def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    found: dict[str, dict[int, dict]] = defaultdict(dict)
+    for row in rows:
+        found[row["variant"]][row["seed"]] = row
+    return found
+
+
+def version_section(name: str, version: dict, rows: list[dict], margins: dict) -> list[str]:
+    setting, variants = version.get("setting", {}), version.get("variants", [])
+    metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
+    planned = len(variants) * int(setting.get("seeds", 0))
+    lines = [f"## Plan version `{name}`", "", " ".join(str(version.get("purpose", "")).split()), ""]
+    if version.get("command"):
+        command = " ".join(version["command"].split()).replace("<the variants below>", f'"{",".join(variants)}"')
+        lines += ["Command (continues where the ledger stops; `--shard 0/2` and `--shard 1/2` share two cores, one "
+                  "thread each):", "", "```", command, "```", ""]
+    cpus = sorted({row["cpu"] for row in rows})
+    lines += [f"Runs: {len(rows)} of {planned} planned ({max(planned - len(rows), 0)} remaining). "
+              f"Setting: {', '.join(f'{k} {v}' for k, v in setting.items())}.", ""]
+    if not rows:
+        return lines + ["No run of this version is in the ledger yet.", ""]
+    groups = {cpu: [r for r in rows if r["cpu"] == cpu] for cpu in cpus}
+    if len(groups) > 1:
+        lines += [f"Runs from {len(groups)} CPU models, kept apart (no seed was checked to give the same "
+                  "metrics on both).", ""]
+    for cpu, group in groups.items():
+        commits = sorted({str(r.get("commit")) for r in group})
+        threads = sorted({r.get("threads") for r in group})
+        wall = statistics.fmean(r["wall_s"] for r in group)
+        lines += [f"### {cpu}: {len(group)} runs", "",
+                  f"torch {', '.join(sorted({r['torch'] for r in group}))}; {threads} thread(s) per run; "
+                  f"commit(s) {', '.join(commits)}; {wall / 60:.1f} min per run on average (training and "
+                  "evaluation; two runs shared the machine's two cores).", ""]
+        lines += variant_table(variants, by_variant(group), metrics) + [""]
+        lines += comparison_table(version.get("comparisons", []), by_variant(group), metrics, margins) + [""]
+    return lines
+
+
+def variant_table(variants: list[str], runs: dict, metrics: list[str]) -> list[str]:
+    table = []
+    for variant in variants:
+        seeds = runs.get(variant, {})
+        row = {"variant": variant, "seeds": len(seeds)}
+        for metric in metrics:
+            values = [r["metrics"][metric] for r in seeds.values() if r["metrics"].get(metric) is not None]
+            row[LABEL.get(metric, metric)] = (f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+                                              if len(values) > 1 else f"{values[0]:.4g}" if values else "-")
+        table.append(row)
+    columns = ["variant", "seeds", *[LABEL.get(m, m) for m in metrics]]
+    return ["Mean ± standard deviation over seeds:", "", markdown_table(table, columns)]
+
+
+def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:
+    table = []
+    for a, b in comparisons:
+        seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        for metric in metrics:
+            x = [runs[a][s]["metrics"].get(metric) for s in seeds]
+            y = [runs[b][s]["metrics"].get(metric) for s in seeds]
+            diff, sd = paired_difference(x, y), paired_sd(x, y)
+            margin = margin_of(margins, metric, statistics.fmean(v for v in y if v is not None)) if seeds else None
+            need = seeds_for_equivalence(sd, margin) if sd and margin else None
+            table.append({
+                "comparison": f"{a} - {b}", "metric": LABEL.get(metric, metric), "seeds": diff.seeds,
+                "mean difference": "-" if diff.seeds == 0 else f"{diff.mean:+.4g}",
+                "paired sd": "-" if sd is None else f"{sd:.3g}",
+                "95% interval": "-" if diff.low is None else f"[{diff.low:+.3g}, {diff.high:+.3g}]",
+                "margin": "-" if margin is None else f"{margin:.3g}",
+                "seeds for TOST": "-" if sd is None or margin is None else (str(need) if need else "> 200"),
+            })
+    columns = ["comparison", "metric", "seeds", "mean difference", "paired sd", "95% interval", "margin",
+               "seeds for TOST"]
+    return ["Paired differences (same seed: same start and batches), descriptive, uncorrected. `seeds for "
+            "TOST`: seeds for two one-sided tests at the margin (alpha 0.05) to show equivalence with 80% power "
+            "if the true difference were 0, from this paired sd.", "", markdown_table(table, columns)]
+
+
+def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
+    plan = load_yaml(plan_path)
+    if "versions" not in plan:
+        raise ConfigError(f"{plan_path}: no 'versions' (a study plan names its versions)")
+    rows = Ledger(ledger_path, plan="").rows()
+    lines = ["# The study, from its ledger", "",
+             f"Generated by `python -m provq.ablation.plan` from `{plan_path.as_posix()}` and "
+             f"`{ledger_path.as_posix()}` ({len(rows)} runs); do not edit by hand.", ""]
+    for name, version in plan["versions"].items():
+        lines += version_section(name, version, [r for r in rows if r["plan"] == name], plan.get("margins", {}))
+    others = sorted({r["plan"] for r in rows} - set(plan["versions"]))
+    if others:
+        lines += [f"Runs of no planned version (exploratory, not reported): {', '.join(others)}.", ""]
+    text = "\n".join(lines)
+    write_atomic(out, lambda tmp: tmp.write_text(text), "the study's report")
+    return out
+
+
+def main(argv=None) -> Path:
+    parser = CommandParser(prog="python -m provq.ablation.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default="docs/results/study_plan.yaml")
+    parser.add_argument("--ledger", default="docs/results/ledger.jsonl")
+    parser.add_argument("--out", default="docs/results/study_ledger_report.md")
+    args = parser.parse_args(argv)
+    out = write_plan_report(Path(args.plan), Path(args.ledger), Path(args.out))
+    print(f"[plan] report: {out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    run_command(command_name("python -m provq.ablation.plan"), main)

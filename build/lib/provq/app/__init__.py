@@ -1,0 +1,1 @@
+"""The browser app: python -m provq.app (Gradio)."""

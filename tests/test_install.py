@@ -1,0 +1,83 @@
+"""The front door: a wheel, installed (not editable) into a fresh virtual environment, works from a
+directory outside the clone: the library API samples and evaluates, every console command answers
+--help, and the install holds only tokenizer, generator, eval and provq (issue 32)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+import tomllib
+from training_helpers import REPO, save_tiny_models
+
+pytestmark = pytest.mark.slow
+
+API_EXAMPLE = """
+import sys, provq, torch
+tok = provq.load_tokenizer(sys.argv[1])
+prior = provq.load_prior(sys.argv[2], tokenizer=tok)
+images = provq.generate(tok, prior, labels=[0, 1, 2], seed=0)
+assert images.shape == (3, 3, 16, 16) and images.abs().max() <= 1, images.shape
+again = provq.generate(tok, prior, labels=[0, 1, 2], seed=0, sampling=provq.SamplingConfig())
+assert torch.equal(images, again)
+codes = tok.encode(images)
+assert codes.shape == (3, 8, 8) and int(codes.max()) < 16
+print("api ok", provq.__file__, provq.DEFAULT_CFG_SCALE)
+"""
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A venv with the wheel (no dependencies: those come from this environment's site-packages,
+    added as a plain path so this environment's editable install of provq stays out)."""
+    root = tmp_path_factory.mktemp("install")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                    "-w", str(root / "dist"), "-q"], check=True, cwd=root)
+    wheel = next((root / "dist").glob("provq-*.whl"))
+    env_dir = root / "venv"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, cwd=root)
+    return env_dir
+
+
+def run_outside(env_dir: Path, *command: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(OMP_NUM_THREADS="1", PATH=f"{env_dir / 'bin'}:{env.get('PATH', '')}")
+    return subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_wheel_holds_only_the_four_packages(installed):
+    python = installed / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    packages = {p.name for p in site.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == {"provq", "tokenizer", "generator", "eval"}
+    assert (site / "provq" / "configs" / "emoji32.yaml").is_file()  # the presets travel with the package
+
+
+def test_the_api_example_runs_outside_the_clone(installed, tmp_path):
+    models = save_tiny_models(tmp_path / "models")
+    script = tmp_path / "example.py"
+    script.write_text(API_EXAMPLE)
+    done = run_outside(installed, str(installed / "bin" / "python"), str(script), str(models["tok"]),
+                       str(models["prior"]), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "api ok" in done.stdout and str(installed) in done.stdout and str(REPO) not in done.stdout
+
+
+def test_every_console_command_answers_help_outside_the_clone(installed, tmp_path):
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert len(scripts) >= 8
+    for name in scripts:
+        done = run_outside(installed, str(installed / "bin" / name), "--help", cwd=tmp_path)
+        assert done.returncode == 0 and "usage:" in done.stdout, f"{name}: {done.stderr[-2000:]}"
