@@ -186,8 +186,8 @@ def test_the_command_line_chooses_variants_budget_and_sweep(tmp_path):
             setting.prior_steps, setting.num_samples) == (("vq+l2", "cosine+l2"), 120, 2, 256, 50, 500)
     with pytest.raises(ConfigError, match="unknown variant"):
         runner.setting_of(args("--variants", "nope"))
-    with pytest.raises(ConfigError, match="--steps must be >= 1"):
-        runner.setting_of(args("--steps", "0"))
+    with pytest.raises(ConfigError, match="argument --steps: must be >= 1, got 0"):
+        args("--steps", "0")
     points = [(s.codebook_size, s.tokenizer_steps, s.generation, s.train_pixels, s.eval_every, s.variants)
               for s in ablation_main.sweep_settings(args("--sweep", "--seeds", "3"))]
     sweep = ("vq+kmeans+l2", "step+kmeans+l2", "cosine+kmeans+l2")

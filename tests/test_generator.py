@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
 from generator import (
@@ -44,7 +45,10 @@ def test_output_shapes_and_logits_over_image_codes_only():
     codes, labels = random_codes(5, prior.config)
     out = prior(codes, labels)
     assert out.logits.shape == (5, 16, 64)
-    assert out.loss.dim() == 0 and 0.0 <= out.accuracy.item() <= 1.0
+    targets = codes.reshape(5, 16)  # next-code cross entropy and accuracy, computed here from the logits
+    assert out.loss.item() == pytest.approx(F.cross_entropy(out.logits.reshape(-1, 64), targets.reshape(-1)).item(),
+                                            rel=1e-6)
+    assert out.accuracy.item() == pytest.approx((out.logits.argmax(-1) == targets).float().mean().item())
     # (B, N) input gives the same result as (B, h, w)
     torch.testing.assert_close(prior(codes.flatten(1), labels).logits, out.logits)
 

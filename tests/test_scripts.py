@@ -324,5 +324,11 @@ def test_each_lookup_free_family_from_tokenizer_to_evaluated_samples(kind, field
     rfid = run_in_process(eval_main, ["rfid", "--tokenizer", str(tok), "--dataset", str(image_folder),
                                       "--lpips_net", "none"])
     gfid = run_in_process(eval_main, ["gfid", "--samples", str(npz), "--ref", str(image_folder)])
-    assert rfid["metrics"]["rfid"] > 0 and 0 < rfid["metrics"]["codebook_usage"] <= 1
+    # usage and perplexity, counted by hand from the test split's extracted codes (the same images)
+    test_codes = torch.stack([item["codes"] for item in CodeDataset(tmp_path / "codes", "test")]).flatten()
+    counts = torch.bincount(test_codes, minlength=codes).double()
+    p = counts[counts > 0] / counts.sum()
+    assert rfid["metrics"]["codebook_usage"] == (counts > 0).sum().item() / codes
+    assert rfid["metrics"]["codebook_perplexity"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
+    assert rfid["num_images"] == len(CodeDataset(tmp_path / "codes", "test")) and rfid["metrics"]["rfid"] > 0
     assert gfid["metrics"]["fid"] > 0 and gfid["num_images"]["samples"] == 8
