@@ -4,29 +4,15 @@ with the CPU it ran on, so figures from different machines are never mixed in on
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
-
-def cpu_description() -> dict:
-    """The CPU model and the matrix-unit flags that decide bf16 speed (Linux's /proc/cpuinfo)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "avx512f": "avx512f" in flags}
+from provq.common.machine import machine
 
 
 def write_result(result: dict, out: str | Path) -> dict:
-    result = {**result, "cpu": result.get("cpu", cpu_description())}
+    where = machine()
+    result = {**result, "cpu": result.get("cpu", where["cpu_flags"]), "torch": where["torch"],
+              "threads": where["threads"], "device": where["device"]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
