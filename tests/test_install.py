@@ -75,6 +75,21 @@ def test_the_api_example_runs_outside_the_clone(installed, tmp_path):
     assert "api ok" in done.stdout and str(installed) in done.stdout and str(REPO) not in done.stdout
 
 
+def test_the_readmes_python_example_runs_outside_the_clone(installed, image_folder, tmp_path):
+    """The README's own lines, with the demo's folders replaced by tiny models and its dataset by a folder."""
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("## Use it from Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    models = save_tiny_models(tmp_path / "models")
+    example = (example.replace("runs/demo/tok/tokenizer", str(models["tok"]))
+               .replace("runs/demo/prior/prior", str(models["prior"])).replace('"emoji"', repr(str(image_folder))))
+    script = tmp_path / "readme_example.py"
+    script.write_text(example)
+    done = run_outside(installed, str(installed / "bin" / "python"), str(script), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rfid, psnr = (float(x) for x in done.stdout.split()[-2:])
+    assert rfid > 0 and 0 < psnr < 100
+
+
 def test_every_console_command_answers_help_outside_the_clone(installed, tmp_path):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert len(scripts) >= 8

@@ -123,3 +123,22 @@ def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
     differences = [x - y for x, y in zip(a, b, strict=True)]
     assert "Runs: 6 of 6 planned (0 remaining)" in text
     assert f"{statistics.fmean(differences):+.4g}" in text and f"{statistics.stdev(differences):.3g}" in text
+
+
+def test_primary_verdicts_are_holm_adjusted_and_say_better_equivalent_or_undecided():
+    def runs(values):
+        return {seed: {"metrics": {"psnr": v}} for seed, v in enumerate(values)}
+
+    table = {"base": runs([20.0, 21.0, 22.0, 20.5, 21.5]),
+             "clearly_better": runs([21.0, 22.1, 22.9, 21.6, 22.4]),  # +1 dB, tiny spread
+             "same": runs([20.01, 21.0, 21.99, 20.5, 21.51]),  # within 0.01 of the base
+             "noisy": runs([21.5, 20.0, 23.0, 19.5, 22.0])}  # a spread far beyond the margin
+    primary = [["clearly_better", "base", "psnr"], ["same", "base", "psnr"], ["noisy", "base", "psnr"],
+               ["absent", "base", "psnr"]]
+    found = plan_module.verdicts(primary, table, {"psnr": 0.2})
+    assert [r["verdict"] for r in found] == ["clearly_better better", "equivalent within 0.2", "undecided at n = 5",
+                                             "undecided at n = 0"]
+    raw = [stats.ttest_1samp([a - b for a, b in zip(
+        [table[a][s]["metrics"]["psnr"] for s in range(5)], [table["base"][s]["metrics"]["psnr"] for s in range(5)],
+        strict=True)], 0.0).pvalue for a in ("clearly_better", "same", "noisy")] + [1.0]
+    assert [r["p_holm"] for r in found] == pytest.approx(holm(raw))

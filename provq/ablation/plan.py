@@ -18,7 +18,14 @@ from pathlib import Path
 
 from provq.ablation.ledger import Ledger
 from provq.ablation.report import METRICS, interval_plot
-from provq.ablation.statistics import paired_difference, paired_sd, seeds_for_equivalence
+from provq.ablation.statistics import (
+    holm,
+    paired_difference,
+    paired_sd,
+    seeds_for_equivalence,
+    tost_p,
+    two_sided_p,
+)
 from provq.common.cli import CommandParser, command_name, run_command
 from provq.common.errors import ConfigError
 from provq.common.files import write_atomic
@@ -71,6 +78,8 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
                   f"commit(s) {', '.join(commits)}; {wall / 60:.1f} min per run on average (training and "
                   "evaluation; two runs shared the machine's two cores).", ""]
         lines += variant_table(variants, by_variant(group), metrics) + [""]
+        if version.get("primary"):
+            lines += verdict_table(version["primary"], by_variant(group), margins) + [""]
         lines += comparison_table(version.get("comparisons", []), by_variant(group), metrics, margins) + [""]
         panels = difference_panels(version.get("comparisons", []), by_variant(group), ("psnr", "codebook_usage", "rfid"))
         if panels:
@@ -92,6 +101,46 @@ def variant_table(variants: list[str], runs: dict, metrics: list[str]) -> list[s
         table.append(row)
     columns = ["variant", "seeds", *[LABEL.get(m, m) for m in metrics], "min/run"]
     return ["Mean ± standard deviation over seeds:", "", markdown_table(table, columns)]
+
+
+def verdicts(primary: list, runs: dict, margins: dict, alpha: float = 0.05) -> list[dict]:
+    """Each primary (variant, baseline, metric): better, worse, equivalent within the margin, or undecided
+    at n. Difference tests (paired t, two-sided) and equivalence tests (TOST) are each Holm-adjusted over
+    the primary family; a comparison without two paired seeds is undecided at its n."""
+    found = []
+    for a, b, metric in primary:
+        seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        x = [runs[a][s]["metrics"][metric] for s in seeds]
+        y = [runs[b][s]["metrics"][metric] for s in seeds]
+        differences = [p - q for p, q in zip(x, y, strict=True)]
+        margin = margin_of(margins, metric, statistics.fmean(y)) if y else None
+        tested = len(differences) > 1
+        found.append({"a": a, "b": b, "metric": metric, "n": len(differences), "diff": paired_difference(x, y),
+                      "p": two_sided_p(differences) if tested else 1.0,
+                      "p_eq": tost_p(differences, margin) if tested and margin else 1.0, "margin": margin})
+    for key in ("p", "p_eq"):
+        for row, adjusted in zip(found, holm([row[key] for row in found]), strict=True):
+            row[f"{key}_holm"] = adjusted
+    for row in found:
+        if row["p_holm"] < alpha:
+            row["verdict"] = f"{row['a'] if (row['diff'].mean > 0) == HIGHER.get(row['metric'], True) else row['b']} better"
+        elif row["p_eq_holm"] < alpha:
+            row["verdict"] = f"equivalent within {row['margin']:.3g}"
+        else:
+            row["verdict"] = f"undecided at n = {row['n']}"
+    return found
+
+
+def verdict_table(primary: list, runs: dict, margins: dict) -> list[str]:
+    table = [{"comparison": f"{r['a']} - {r['b']}", "metric": LABEL.get(r["metric"], r["metric"]), "seeds": r["n"],
+              "mean difference": "-" if r["n"] == 0 else f"{r['diff'].mean:+.4g}",
+              "95% interval": "-" if r["diff"].low is None else f"[{r['diff'].low:+.3g}, {r['diff'].high:+.3g}]",
+              "Holm p (difference)": f"{r['p_holm']:.3g}", "Holm p (equivalence)": f"{r['p_eq_holm']:.3g}",
+              "verdict": r["verdict"]} for r in verdicts(primary, runs, margins)]
+    columns = ["comparison", "metric", "seeds", "mean difference", "95% interval", "Holm p (difference)",
+               "Holm p (equivalence)", "verdict"]
+    return ["Primary comparisons, decided as the plan says (Holm over the primary family, alpha 0.05):", "",
+            markdown_table(table, columns)]
 
 
 def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from provq.common.errors import FormatError, MissingFileError
+from provq.common.hashing import update_with_tensors
 
 EXTRACTOR_NAME = "inception-v3-tf-2015-12-05/pool3"
 PYTORCH_FID_URL = (
@@ -350,13 +351,10 @@ def weights_checksum(state: dict) -> str:
 
     The classifier is left out: features, and so statistics, do not depend on it.
     """
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        if name.startswith("fc.") or name.endswith("num_batches_tracked"):
-            continue
-        digest.update(name.encode())
-        digest.update(state[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    sha = hashlib.sha256()
+    update_with_tensors(sha, state, header=False, as_float32=True,
+                        skip=lambda name: name.startswith("fc.") or name.endswith("num_batches_tracked"))
+    return sha.hexdigest()
 
 
 _CACHE: dict[tuple, tuple[dict, str, str]] = {}

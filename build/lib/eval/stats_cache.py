@@ -13,8 +13,8 @@ from eval.compute import EvalSetup, StatsResult, source_stats
 from eval.fid import STATS_FORMAT, FeatureStats, load_stats, save_stats
 from eval.inception import PROTOCOL
 from provq.common.errors import FormatError
+from provq.common.hashing import digest
 from provq.data.emoji import cache_root
-from provq.data.sources import digest
 
 logger = logging.getLogger(__name__)
 DISABLE_VARIABLE = "PROVQ_NO_STATS_CACHE"

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from provq.common.cards import CardContent
 from provq.common.pretrained import PretrainedMixin
+from provq.common.typed_config import check_ranges
 
 from .errors import CodeRangeError, check_fingerprint
 from .positions import POSITION_EMBEDDINGS, GridRotaryEmbedding, add_output_dropout
@@ -40,19 +41,13 @@ class PriorConfig:
     label_names: list[str] = field(default_factory=list)  # one per class, from the codes; [] = unnamed (numbers)
 
     def __post_init__(self) -> None:
-        positive = ("codebook_size", "code_height", "code_width", "hidden_size", "num_layers",
-                    "num_heads", "intermediate_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"PriorConfig.num_classes must be >= 0, got {self.num_classes}")
+        check_ranges(self, at_least_one=("codebook_size", "code_height", "code_width", "hidden_size", "num_layers",
+                                         "num_heads", "intermediate_size"), non_negative=("num_classes",),
+                     probability=("attention_dropout", "residual_dropout", "ffn_dropout", "token_dropout",
+                                  "class_dropout"), prefix="PriorConfig.")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"PriorConfig.hidden_size ({self.hidden_size}) is not a multiple of "
                              f"num_heads ({self.num_heads})")
-        for name in ("attention_dropout", "residual_dropout", "ffn_dropout", "token_dropout", "class_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"PriorConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.label_names and len(self.label_names) != self.num_classes:
             raise ValueError(f"PriorConfig.label_names has {len(self.label_names)} names for "
                              f"{self.num_classes} classes")

@@ -9,6 +9,8 @@ import torch
 import transformers
 from transformers import DynamicCache, StaticCache
 
+from provq.common.typed_config import check_ranges
+
 from .model import ARPrior
 
 # The static cache writes each step in place; the dynamic one concatenates the whole cache
@@ -41,12 +43,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
 
     def __post_init__(self) -> None:
-        if self.cfg_scale is not None and self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        check_ranges(self, non_negative=("cfg_scale", "temperature", "top_k"))  # temperature 0: greedy; top_k 0: off
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

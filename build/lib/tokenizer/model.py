@@ -12,6 +12,7 @@ import torch.nn as nn
 from diffusers.models.autoencoders.vae import Decoder, Encoder
 
 from provq.common.cards import CardContent
+from provq.common.hashing import update_with_tensors
 from provq.common.pretrained import PretrainedMixin
 
 from .families import LFQ_EXACT_ENTROPY_VALUES
@@ -216,8 +217,5 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
         if record["quantizer"]["schedule"].get("kmeans_at") is None:  # added with the study's matched fit
             del record["quantizer"]["schedule"]["kmeans_at"]
         digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        update_with_tensors(digest, self.state_dict())
         return digest.hexdigest()

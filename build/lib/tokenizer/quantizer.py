@@ -75,16 +75,14 @@ class QuantizerConfig:
                                                                   "kmeans_buffer", "dead_code_window",
                                                                   "soft_temperature_start", "soft_temperature_end"),
                      non_negative=("beta", "entropy_weight", "diversity_weight", "kmeans_iters"))
-        if self.entropy_group_bits > MAX_LFQ_BITS:  # a group never needs more bits than a code has
-            raise ValueError(f"quantizer.entropy_group_bits must be in [1, {MAX_LFQ_BITS}], got {self.entropy_group_bits}")
-        if self.codebook_dim is not None and self.codebook_dim < 0:
-            raise ValueError(f"quantizer.codebook_dim must be >= 0 (0: the family's default), got {self.codebook_dim}")
+        # a group never needs more bits than a code has; codebook_dim 0: the family's default
+        check_ranges(self, bounds={"entropy_group_bits": (1, MAX_LFQ_BITS)}, non_negative=("codebook_dim",),
+                     prefix="quantizer.")
         if self.kind == "vq":
             self._resolve_vq()
         else:
             self._resolve_lookup_free()
-        if self.codebook_size < 1:
-            raise ValueError("quantizer.codebook_size must be >= 1")
+        check_ranges(self, at_least_one=("codebook_size",), prefix="quantizer.")
         check_remedies(self)
 
     def _resolve_vq(self) -> None:
@@ -110,8 +108,9 @@ class QuantizerConfig:
             size, dim = family.num_codes, family.dim
         else:
             self._only_for("fsq", levels=None)
-            if self.bits is None or not 1 <= self.bits <= MAX_LFQ_BITS:
-                raise ValueError(f"quantizer.bits must be in [1, {MAX_LFQ_BITS}], got {self.bits}")
+            if self.bits is None:
+                raise ValueError(f"quantizer.bits must be set for kind lfq (in [1, {MAX_LFQ_BITS}])")
+            check_ranges(self, bounds={"bits": (1, MAX_LFQ_BITS)}, prefix="quantizer.")
             size, dim = 2**self.bits, self.bits
         if self.l2_normalize:
             raise ValueError(f"quantizer.l2_normalize applies to kind vq only, not {self.kind}")

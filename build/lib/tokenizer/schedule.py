@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from provq.common.typed_config import check_ranges
+
 SCHEDULE_KINDS = ("none", "step", "linear", "cosine", "sigmoid")
 
 # Steepness of the sigmoid ramp; rescaled below so it still starts at 0 and ends at 1.
@@ -31,9 +33,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"schedule.kind must be one of {SCHEDULE_KINDS}, got {self.kind!r}")
-        for name in ("warmup", "transition", "kmeans_at"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"schedule.{name} must be >= 0, got {getattr(self, name)}")
+        check_ranges(self, non_negative=("warmup", "transition", "kmeans_at"), prefix="schedule.")
 
 
 def resolve_steps(length: float, total_steps: int | None, name: str = "length") -> int:

@@ -26,7 +26,7 @@ from provq.ablation.runner import (
     setting_of,
 )
 from provq.ablation.variants import SWEEP, select
-from provq.common.cli import CommandParser, command_name, run_command
+from provq.common.cli import CommandParser, command_name, count, run_command
 from provq.common.locks import LOCK_NAME, output_lock
 
 
@@ -125,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", default=None,
                         help="comma-separated variant names (see ablation/variants.py); with --study, the "
                              "study's variants to run (each family: its hard codes and one or more others)")
-    parser.add_argument("--steps", type=int, default=None, help="tokenizer steps per run")
-    parser.add_argument("--prior_steps", type=int, default=None, help="prior steps per generation run")
-    parser.add_argument("--num_samples", type=int, default=None, help="samples per generation run (gFID)")
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--steps", type=count, default=None, help="tokenizer steps per run")
+    parser.add_argument("--prior_steps", type=count, default=None, help="prior steps per generation run")
+    parser.add_argument("--num_samples", type=count, default=None, help="samples per generation run (gFID)")
+    parser.add_argument("--seeds", type=count, default=None)
     parser.add_argument("--codebook_size", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="gFID for every seed, not only seed 0")
     parser.add_argument("--cfg_scale", type=float, default=None,

@@ -12,25 +12,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 from provq.common.errors import FormatError
+from provq.common.machine import machine
 
 KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux's /proc/cpuinfo; the platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def commit() -> str | None:
@@ -46,13 +35,6 @@ def commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def machine() -> dict:
-    import torch
-
-    return {"commit": commit(), "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def key_of(row: dict) -> tuple:
@@ -86,7 +68,9 @@ class Ledger:
 
     def append(self, key: dict, metrics: dict, wall_s: float) -> dict:
         """Add the run's line (unless a concurrent writer added the same run first); the line."""
-        row = {"plan": self.plan, **key, **machine(), "wall_s": round(wall_s, 1),
+        where = machine()
+        row = {"plan": self.plan, **key, "commit": commit(), "cpu": where["cpu"], "torch": where["torch"],
+               "threads": where["threads"], "device": where["device"], "wall_s": round(wall_s, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:

@@ -17,8 +17,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from provq.ablation.ledger import Ledger
-from provq.ablation.report import METRICS
-from provq.ablation.statistics import paired_difference, paired_sd, seeds_for_equivalence
+from provq.ablation.report import METRICS, interval_plot
+from provq.ablation.statistics import (
+    holm,
+    paired_difference,
+    paired_sd,
+    seeds_for_equivalence,
+    tost_p,
+    two_sided_p,
+)
 from provq.common.cli import CommandParser, command_name, run_command
 from provq.common.errors import ConfigError
 from provq.common.files import write_atomic
@@ -44,7 +51,7 @@ def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
     return found
 
 
-def version_section(name: str, version: dict, rows: list[dict], margins: dict) -> list[str]:
+def version_section(name: str, version: dict, rows: list[dict], margins: dict, folder: Path) -> list[str]:
     setting, variants = version.get("setting", {}), version.get("variants", [])
     metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
     planned = len(variants) * int(setting.get("seeds", 0))
@@ -62,7 +69,7 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict) -
     if len(groups) > 1:
         lines += [f"Runs from {len(groups)} CPU models, kept apart (no seed was checked to give the same "
                   "metrics on both).", ""]
-    for cpu, group in groups.items():
+    for number, (cpu, group) in enumerate(groups.items()):
         commits = sorted({str(r.get("commit")) for r in group})
         threads = sorted({r.get("threads") for r in group})
         wall = statistics.fmean(r["wall_s"] for r in group)
@@ -71,7 +78,13 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict) -
                   f"commit(s) {', '.join(commits)}; {wall / 60:.1f} min per run on average (training and "
                   "evaluation; two runs shared the machine's two cores).", ""]
         lines += variant_table(variants, by_variant(group), metrics) + [""]
+        if version.get("primary"):
+            lines += verdict_table(version["primary"], by_variant(group), margins) + [""]
         lines += comparison_table(version.get("comparisons", []), by_variant(group), metrics, margins) + [""]
+        panels = difference_panels(version.get("comparisons", []), by_variant(group), ("psnr", "codebook_usage", "rfid"))
+        if panels:
+            figure = interval_plot(panels, folder / f"study_ledger_{name}_{number}.png", "variant - baseline")
+            lines += [f"![paired differences with 95% intervals, {cpu}]({figure.name})", ""]
     return lines
 
 
@@ -79,20 +92,64 @@ def variant_table(variants: list[str], runs: dict, metrics: list[str]) -> list[s
     table = []
     for variant in variants:
         seeds = runs.get(variant, {})
-        row = {"variant": variant, "seeds": len(seeds)}
+        walls = [r["wall_s"] / 60 for r in seeds.values()]
+        row = {"variant": variant, "seeds": len(seeds), "min/run": f"{statistics.fmean(walls):.1f}" if walls else "-"}
         for metric in metrics:
             values = [r["metrics"][metric] for r in seeds.values() if r["metrics"].get(metric) is not None]
             row[LABEL.get(metric, metric)] = (f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
                                               if len(values) > 1 else f"{values[0]:.4g}" if values else "-")
         table.append(row)
-    columns = ["variant", "seeds", *[LABEL.get(m, m) for m in metrics]]
+    columns = ["variant", "seeds", *[LABEL.get(m, m) for m in metrics], "min/run"]
     return ["Mean ± standard deviation over seeds:", "", markdown_table(table, columns)]
 
 
+def verdicts(primary: list, runs: dict, margins: dict, alpha: float = 0.05) -> list[dict]:
+    """Each primary (variant, baseline, metric): better, worse, equivalent within the margin, or undecided
+    at n. Difference tests (paired t, two-sided) and equivalence tests (TOST) are each Holm-adjusted over
+    the primary family; a comparison without two paired seeds is undecided at its n."""
+    found = []
+    for a, b, metric in primary:
+        seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        x = [runs[a][s]["metrics"][metric] for s in seeds]
+        y = [runs[b][s]["metrics"][metric] for s in seeds]
+        differences = [p - q for p, q in zip(x, y, strict=True)]
+        margin = margin_of(margins, metric, statistics.fmean(y)) if y else None
+        tested = len(differences) > 1
+        found.append({"a": a, "b": b, "metric": metric, "n": len(differences), "diff": paired_difference(x, y),
+                      "p": two_sided_p(differences) if tested else 1.0,
+                      "p_eq": tost_p(differences, margin) if tested and margin else 1.0, "margin": margin})
+    for key in ("p", "p_eq"):
+        for row, adjusted in zip(found, holm([row[key] for row in found]), strict=True):
+            row[f"{key}_holm"] = adjusted
+    for row in found:
+        if row["p_holm"] < alpha:
+            row["verdict"] = f"{row['a'] if (row['diff'].mean > 0) == HIGHER.get(row['metric'], True) else row['b']} better"
+        elif row["p_eq_holm"] < alpha:
+            row["verdict"] = f"equivalent within {row['margin']:.3g}"
+        else:
+            row["verdict"] = f"undecided at n = {row['n']}"
+    return found
+
+
+def verdict_table(primary: list, runs: dict, margins: dict) -> list[str]:
+    table = [{"comparison": f"{r['a']} - {r['b']}", "metric": LABEL.get(r["metric"], r["metric"]), "seeds": r["n"],
+              "mean difference": "-" if r["n"] == 0 else f"{r['diff'].mean:+.4g}",
+              "95% interval": "-" if r["diff"].low is None else f"[{r['diff'].low:+.3g}, {r['diff'].high:+.3g}]",
+              "Holm p (difference)": f"{r['p_holm']:.3g}", "Holm p (equivalence)": f"{r['p_eq_holm']:.3g}",
+              "verdict": r["verdict"]} for r in verdicts(primary, runs, margins)]
+    columns = ["comparison", "metric", "seeds", "mean difference", "95% interval", "Holm p (difference)",
+               "Holm p (equivalence)", "verdict"]
+    return ["Primary comparisons, decided as the plan says (Holm over the primary family, alpha 0.05):", "",
+            markdown_table(table, columns)]
+
+
 def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:
-    table = []
+    table, waiting = [], []
     for a, b in comparisons:
         seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+        if not seeds:
+            waiting.append(f"`{a} - {b}`")
+            continue
         for metric in metrics:
             x = [runs[a][s]["metrics"].get(metric) for s in seeds]
             y = [runs[b][s]["metrics"].get(metric) for s in seeds]
@@ -111,7 +168,25 @@ def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins:
                "seeds for TOST"]
     return ["Paired differences (same seed: same start and batches), descriptive, uncorrected. `seeds for "
             "TOST`: seeds for two one-sided tests at the margin (alpha 0.05) to show equivalence with 80% power "
-            "if the true difference were 0, from this paired sd.", "", markdown_table(table, columns)]
+            "if the true difference were 0, from this paired sd.", "", markdown_table(table, columns)] + (
+        ["", f"No paired seeds yet: {', '.join(waiting)}."] if waiting else [])
+
+
+def difference_panels(comparisons: list, runs: dict, metrics: tuple[str, ...]) -> dict:
+    """interval_plot's panels: per metric, each comparison with two or more paired seeds."""
+    panels = {}
+    for metric in metrics:
+        points = []
+        for a, b in comparisons:
+            seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+            if len(seeds) > 1:
+                diff = paired_difference([runs[a][s]["metrics"].get(metric) for s in seeds],
+                                         [runs[b][s]["metrics"].get(metric) for s in seeds])
+                points.append((f"{a} - {b}", diff))
+        if points:
+            panels[LABEL.get(metric, metric)] = ([p[0] for p in points], [p[1].mean for p in points],
+                                                 [p[1].low for p in points], [p[1].high for p in points])
+    return panels
 
 
 def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
@@ -123,7 +198,8 @@ def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
              f"Generated by `python -m provq.ablation.plan` from `{plan_path.as_posix()}` and "
              f"`{ledger_path.as_posix()}` ({len(rows)} runs); do not edit by hand.", ""]
     for name, version in plan["versions"].items():
-        lines += version_section(name, version, [r for r in rows if r["plan"] == name], plan.get("margins", {}))
+        lines += version_section(name, version, [r for r in rows if r["plan"] == name], plan.get("margins", {}),
+                                 out.parent)
     others = sorted({r["plan"] for r in rows} - set(plan["versions"]))
     if others:
         lines += [f"Runs of no planned version (exploratory, not reported): {', '.join(others)}.", ""]

@@ -209,14 +209,23 @@ def interval_plot(panels: dict, path: Path, what: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
-    for ax, (column, (xs, means, lows, highs)) in zip(axes[0], panels.items(), strict=True):
+    many = max(len(xs) for xs, *_ in panels.values()) > 6  # many comparisons: one row each, names on the left
+    size = (4.2 * len(panels) + 3.5, 0.32 * max(len(xs) for xs, *_ in panels.values()) + 1.2) if many else \
+        (4.6 * len(panels), 3.6)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False, sharey=many)
+    for i, (ax, (column, (xs, means, lows, highs))) in enumerate(zip(axes[0], panels.items(), strict=True)):
         positions = range(len(xs))
         errors = [[m - lo if lo is not None else 0 for m, lo in zip(means, lows, strict=True)],
                   [hi - m if hi is not None else 0 for m, hi in zip(means, highs, strict=True)]]
-        ax.errorbar(positions, means, yerr=errors, fmt="o", capsize=4)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xticks(list(positions), xs, rotation=20, fontsize=7)
+        if many:
+            ax.errorbar(means, positions, xerr=errors, fmt="o", capsize=3)
+            ax.axvline(0, color="grey", linewidth=0.8)
+            ax.set_yticks(list(positions), xs if i == 0 else [""] * len(xs), fontsize=7)
+            ax.invert_yaxis()
+        else:
+            ax.errorbar(positions, means, yerr=errors, fmt="o", capsize=4)
+            ax.axhline(0, color="grey", linewidth=0.8)
+            ax.set_xticks(list(positions), xs, rotation=20, fontsize=7)
         ax.set_title(f"{column}: {what}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -223,9 +223,6 @@ def setting_of(args) -> Setting:
                                  ("codebook_size", args.codebook_size)) if v is not None}
     if args.variants:
         changes["variants"] = tuple(v.name for v in select(args.variants))
-    for name in ("seeds", "tokenizer_steps", "prior_steps", "num_samples"):
-        if changes.get(name, 1) < 1:
-            raise ConfigError(f"--{ {'tokenizer_steps': 'steps'}.get(name, name)} must be >= 1")
     if getattr(args, "no_generation", False):
         changes["generation"] = False
     if getattr(args, "no_train_pixels", False):

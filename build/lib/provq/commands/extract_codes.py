@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from generator import TOKENIZER_RECORD, CodeShardWriter, CodesManifest
-from provq.common.cli import command_name, make_parser, parse_config, run_command
+from generator import CodeShardWriter, CodesManifest
+from provq.common.cli import command_name, count, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError, UserError
-from provq.common.files import write_json_atomic
-from provq.common.folders import expect_kind, expect_output
+from provq.common.folders import expect_kind, expect_output, write_tokenizer_record
 from provq.common.locks import output_lock
 from provq.common.signals import SafePoints, interrupted
 from provq.data import DataConfig, collate, load_split
@@ -95,12 +93,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (or hub id)")
     parser.add_argument("--splits", default="train,test", help="comma-separated: train, test or split names")
     parser.add_argument("--flip_copies", action="store_true", help="also store codes of flipped images")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--shard_size", type=int, default=10_000, help="images per shard file")
+    parser.add_argument("--batch_size", type=count, default=128)
+    parser.add_argument("--shard_size", type=count, default=10_000, help="images per shard file")
     config, args = parse_config(parser, ExtractCodesConfig, None, argv)
-    for flag in ("batch_size", "shard_size"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     expect_kind(args.tokenizer, "tokenizer", "--tokenizer", hub=True)
     expect_output(args.output_dir, "codes")
     logging.basicConfig(level=logging.INFO)
@@ -115,8 +110,7 @@ def main(argv=None) -> None:
             manifest = extract_split(tok, config, split, args, state)
             logger.info("%s: %d images -> %s codes", split, manifest.num_items, manifest.code_shape)
         if state.is_main_process:
-            record = {"tokenizer": str(args.tokenizer), "fingerprint": tok.fingerprint()}
-            write_json_atomic(Path(args.output_dir) / TOKENIZER_RECORD, record, what="the codes' tokenizer record")
+            write_tokenizer_record(args.output_dir, args.tokenizer, tok.fingerprint())
 
 
 def entry() -> None:

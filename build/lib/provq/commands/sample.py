@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from generator.sampling import DEFAULT_CFG_SCALE, SamplingConfig, for_prior, sample
 from provq.api import load_prior, load_tokenizer
-from provq.common.cli import command_name, make_parser, parse_config, run_command
+from provq.common.cli import command_name, count, make_parser, parse_config, run_command
 from provq.common.errors import ConfigError
 from provq.common.files import write_atomic, writing
 from provq.common.folders import SAMPLES_NAME, expect_kind, expect_output
@@ -87,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = make_parser(__doc__.splitlines()[0], training_run=False, config_required=False)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--prior", required=True)
-    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--num_images", type=count, default=64)
     parser.add_argument("--labels", default=None, help="comma-separated class ids (default: balanced)")
-    parser.add_argument("--batch_size", type=int, default=100)
+    parser.add_argument("--batch_size", type=count, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true",
                         help="keep the batches a previous run of the same command wrote (same seeds: the same images)")
@@ -101,10 +101,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     config, args = parse_config(parser, SampleCommandConfig, None, argv, defaults={"sample": DEFAULTS},
                                 shortcuts={name: f"sample.{name}" for name in DEFAULTS})
     args.sampling = config.sample
-    if args.num_images < 1:
-        raise ConfigError(f"--num_images must be >= 1, got {args.num_images}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     return args
 
 

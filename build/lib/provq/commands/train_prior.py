@@ -11,7 +11,6 @@ ends by exporting ``<output_dir>/prior`` (config.json + model.safetensors).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 
 from generator import (
-    TOKENIZER_RECORD,
     ARPrior,
     CodeDataset,
     PriorConfig,
@@ -32,7 +30,7 @@ from provq import training
 from provq.common.cards import CardMetric
 from provq.common.cli import command_name, make_parser, parse_config, run_command
 from provq.common.errors import FormatError, MissingFileError
-from provq.common.folders import expect_kind
+from provq.common.folders import expect_kind, read_tokenizer_record
 from provq.common.typed_config import check_ranges
 from provq.data.pixels import save_image_grid
 
@@ -123,10 +121,9 @@ def load_grid_tokenizer(codes: Path, fingerprint: str, allow_mismatch: bool = Fa
     """The tokenizer that made the codes (recorded by extract_codes.py), to draw sample grids, on the
     CPU. One whose weights changed since the codes were made is refused, as sampling refuses it,
     unless ``allow_mismatch``: then the prior trains without sample grids."""
-    record = Path(codes) / TOKENIZER_RECORD
-    if not record.is_file():
+    info = read_tokenizer_record(codes)
+    if info is None:
         return None
-    info = json.loads(record.read_text())
     try:
         from tokenizer import ProVQTokenizer
 

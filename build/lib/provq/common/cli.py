@@ -104,6 +104,17 @@ def say(line: str, error: BaseException | None = None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a refused one is argparse's one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def make_parser(description: str, training_run: bool = True, config_required: bool = True) -> argparse.ArgumentParser:
     """The one parser builder of the stage scripts: ``--config`` and ``--output_dir``, and for a
     training run ``--max_steps --seed --resume``; scripts add their own flags."""

@@ -81,10 +81,11 @@ def damaged_archive(path: Path, what: str, error: BaseException) -> FormatError:
                        f"kind of file (expected {what})")
 
 
-def read_versioned(path: str | os.PathLike, key: str, current: int) -> tuple[dict, int]:
-    """(record without its version, version); refuses a missing, non-integer or newer version."""
+def read_versioned(path: str | os.PathLike, key: str, current: int, missing: int | None = None) -> tuple[dict, int]:
+    """(record without its version, version); refuses a non-integer or newer version, and a missing one
+    unless ``missing`` names the version of files written before they carried one."""
     data = read_json(path)
-    version = data.pop(key, None)
+    version = data.pop(key, missing)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"{path} has no valid integer '{key}' (got {version!r})")
     if version > current:

@@ -26,6 +26,23 @@ CONFIG_NAME = "config.json"
 CHECKPOINT_MARKER = "checkpoint.json"
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_RECORD = "tokenizer.json"  # beside a codes folder's splits: the tokenizer that made them
+TOKENIZER_RECORD_FORMAT = 1  # its "format"; records written before it carried one are format 1
+
+
+def write_tokenizer_record(codes: str | Path, tokenizer: str, fingerprint: str) -> Path:
+    """``<codes>/tokenizer.json``: which tokenizer (folder or hub id) made the codes, and its fingerprint."""
+    from provq.common.files import write_json_atomic
+
+    record = {"format": TOKENIZER_RECORD_FORMAT, "tokenizer": str(tokenizer), "fingerprint": fingerprint}
+    return write_json_atomic(Path(codes) / TOKENIZER_RECORD, record, what="the codes' tokenizer record")
+
+
+def read_tokenizer_record(codes: str | Path) -> dict | None:
+    """The record (``tokenizer``, ``fingerprint``) of a codes folder; None when it has none."""
+    from provq.common.files import read_versioned
+
+    path = Path(codes) / TOKENIZER_RECORD
+    return read_versioned(path, "format", TOKENIZER_RECORD_FORMAT, missing=1)[0] if path.is_file() else None
 SAMPLES_NAME = "samples.npz"
 SHARD_PATTERN = "shard-*.safetensors"
 

@@ -91,18 +91,28 @@ def _scalar(value: Any, hint: Any, name: str) -> Any:
     raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}")
 
 
-def check_ranges(config, positive=(), non_negative=(), fraction=()) -> None:
-    """Each named field of ``config`` within its meaning: > 0, >= 0, or in [0, 1]; a ValueError that
+# check_ranges' kinds of range: (test, what a refused value is told)
+RANGES = {"positive": (lambda v: v > 0, "> 0"), "non_negative": (lambda v: v >= 0, ">= 0"),
+          "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "at_least_one": (lambda v: v >= 1, ">= 1"),
+          "probability": (lambda v: 0 <= v < 1, "in [0, 1)")}
+
+
+def check_ranges(config, prefix: str = "", bounds: dict[str, tuple[float, float]] | None = None,
+                 **kinds: tuple[str, ...]) -> None:
+    """Each named field of ``config`` within its meaning: > 0, >= 0, in [0, 1], >= 1 (counts), in [0, 1)
+    (probabilities, e.g. dropout) or in ``bounds[name]`` = [low, high]; a ValueError (``prefix`` + the name) that
     names the first one outside (build_config turns it into a ConfigError with the field's path). A
     field set to None (unset: its default applies later) is not checked."""
-    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-                            (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")):
+    checks = [(names, *RANGES[kind]) for kind, names in kinds.items()]
+    checks += [((name,), lambda v, lo=lo, hi=hi: lo <= v <= hi, f"in [{lo}, {hi}]")
+               for name, (lo, hi) in (bounds or {}).items()]
+    for names, ok, want in checks:
         for name in names:
             value = getattr(config, name)
             if value is None:
                 continue
             if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
-                raise ValueError(f"{name} must be {want}, got {value}")
+                raise ValueError(f"{prefix}{name} must be {want}, got {value}")
 
 
 def config_to_dict(config) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from provq.common.typed_config import check_ranges
+
 CROPS = ("center", "random")
 
 
@@ -41,7 +43,4 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.train_crop not in CROPS:
             raise ValueError(f"train_crop must be one of {CROPS}, got {self.train_crop!r}")
-        if self.resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_ranges(self, at_least_one=("resolution",), non_negative=("num_workers",))

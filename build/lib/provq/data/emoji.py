@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from provq.common.errors import MissingFileError
+from provq.common.hashing import files_digest
 
 from .images import WHITE, in_test_split, open_rgb
 
@@ -152,10 +152,7 @@ def emoji_records() -> tuple[list[dict], list[str]]:
 
 def input_fingerprint() -> str:
     """Hash of the font and Unicode files: a package upgrade builds a fresh cache."""
-    digest = hashlib.sha1(CACHE_VERSION.encode())
-    for path in (FONT_PATH, EMOJI_TEST_PATH, EMOJI_DATA_PATH):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    return files_digest((FONT_PATH, EMOJI_TEST_PATH, EMOJI_DATA_PATH), prefix=CACHE_VERSION)[:12]
 
 
 def cache_root(cache_dir: str | None) -> Path:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from provq.common.errors import UserError
+from provq.common.hashing import digest
 
 from .config import DataConfig
 from .images import image_files, in_test_split, is_image_file
@@ -38,14 +38,6 @@ class Source:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def digest(*parts) -> str:
-    sha = hashlib.sha256()
-    for part in parts:
-        sha.update(repr(part).encode())
-        sha.update(b"\0")
-    return sha.hexdigest()
 
 
 def files_fingerprint(root: Path, files: list[Path]) -> str:

@@ -38,9 +38,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adam or adamw, not {self.optimizer!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
             raise ValueError(f"mixed_precision must be no, bf16, fp16 or auto, not {self.mixed_precision!r}")
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_ranges(self, positive=("lr",), fraction=("min_lr_ratio", "beta1", "beta2", "ema_decay"),
+        check_ranges(self, at_least_one=("max_steps", "batch_size", "grad_accum_steps", "log_every", "save_every"),
+                     positive=("lr",), fraction=("min_lr_ratio", "beta1", "beta2", "ema_decay"),
                      non_negative=("warmup_steps", "weight_decay", "grad_clip", "keep_checkpoints",
                                    "image_every", "eval_every"))
