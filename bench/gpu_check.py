@@ -164,7 +164,7 @@ def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
     accelerator = training.make_accelerator(train, folder / "prior")
     bound = train_prior.bind_to_codes(model_config, codes)
     datasets = train_prior.load_codes(codes, bound.tokenizer_fingerprint)
-    parts = train_prior.build_parts(bound, codes, datasets, train, accelerator)
+    parts = train_prior.build_parts(bound, None, datasets, train, accelerator)  # synthetic codes: no sample grids
     seconds, nonfinite = timed_steps(accelerator, parts, train_prior.train_step, train, sizes)
     prior = accelerator.unwrap_model(parts.model)
     tokens_per_s = sizes.prior_batch * prior.config.num_tokens / seconds

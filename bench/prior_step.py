@@ -43,7 +43,7 @@ def measure(name: str, compiled: bool, args, folder: Path) -> dict:
     accelerator = training.make_accelerator(train, folder)
     bound = train_prior.bind_to_codes(model_config, codes)
     datasets = train_prior.load_codes(codes, bound.tokenizer_fingerprint)
-    parts = train_prior.build_parts(bound, codes, datasets, train, accelerator)
+    parts = train_prior.build_parts(bound, None, datasets, train, accelerator)  # synthetic codes: no sample grids
     batches = iter(training.reproducibility.batches(parts.train_loader, accelerator, 0))
     seconds, peaks = [], []
     started = time.perf_counter()

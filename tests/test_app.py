@@ -303,7 +303,7 @@ def test_the_api_names_its_endpoints_and_parameters_and_takes_what_its_schema_li
     assert advertised == {"type": "string", "enum": session.class_names}
     settings = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0, seed=3, images=2)
     grid, summary, line = client.predict(class_name=advertised["enum"][2], **settings, api_name="/generate")
-    expected, _ = session.generate(2, SamplingConfig(), 3, 2)
+    expected, _ = session.generate(2, SamplingConfig(cfg_scale=1.0), 3, 2)
     assert line == "" and np.array_equal(shrink(np.asarray(Image.open(grid).convert("RGB")), expected.shape[0]), expected)
     assert client.predict(class_name="dog", **settings, api_name="/generate") == (
         None, None, "python -m provq.app: error: class 'dog' is not one of the prior's 4 classes (class0, class1, class2, "

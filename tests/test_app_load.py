@@ -60,7 +60,7 @@ def expected_rounds(session, client: int) -> list[dict]:
     for r in range(ROUNDS):
         index, seed = (client + r) % count, 100 * client + r
         image = session.test_image(index).pixels
-        grid, _ = session.generate(client % len(names), SamplingConfig(), seed, 2)
+        grid, _ = session.generate(client % len(names), SamplingConfig(cfg_scale=1.0), seed, 2)
         found.append({"index": index, "seed": seed, "class_name": names[client % len(names)],
                       "original": image, "decoded": session.at_hardness(image, 0.5), "samples": grid})
     return found
@@ -97,7 +97,7 @@ def test_sixteen_clients_at_once_are_all_answered_and_memory_stays_bounded(image
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "app", "--tokenizer", str(tok), "--prior", str(prior),
+        server = subprocess.Popen([sys.executable, "-m", "provq.app", "--tokenizer", str(tok), "--prior", str(prior),
                                    "--dataset", str(image_folder), "--port", str(port)],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
