@@ -4,6 +4,7 @@ directory outside the clone: the library API samples and evaluates, every consol
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -36,7 +37,9 @@ def installed(tmp_path_factory) -> Path:
     """A venv with the wheel (no dependencies: those come from this environment's site-packages,
     added as a plain path so this environment's editable install of provq stays out)."""
     root = tmp_path_factory.mktemp("install")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+    # setuptools at hand: no isolated build environment to download (pip makes one otherwise)
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", *isolation,
                     "-w", str(root / "dist"), "-q"], check=True, cwd=root)
     wheel = next((root / "dist").glob("provq-*.whl"))
     env_dir = root / "venv"
