@@ -113,7 +113,7 @@ def _yes_no(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="python -m provq.ablation", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/emoji32.yaml")
+    parser.add_argument("--config", default="emoji32", help="a preset name or YAML file (default emoji32)")
     parser.add_argument("--dataset", default="emoji", help="emoji, a hub dataset name or a folder")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--output_dir", default=None,

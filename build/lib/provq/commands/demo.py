@@ -116,7 +116,7 @@ def write_report(args, timings: dict) -> Path:
 
 def main(argv=None) -> None:
     parser = CommandParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/emoji32.yaml")
+    parser.add_argument("--config", default="emoji32", help="a preset name or YAML file (default emoji32)")
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--num_samples", type=int, default=500)
     parser.add_argument("--cfg_scale", type=float, default=None,
