@@ -220,8 +220,11 @@ def interval_plot(panels: dict, path: Path, what: str) -> Path:
         if many:
             ax.errorbar(means, positions, xerr=errors, fmt="o", capsize=3)
             ax.axvline(0, color="grey", linewidth=0.8)
-            ax.set_yticks(list(positions), xs if i == 0 else [""] * len(xs), fontsize=7)
-            ax.invert_yaxis()
+            if i == 0:  # the axes share y: the names once, on the left
+                ax.set_yticks(list(positions), xs, fontsize=7)
+                ax.invert_yaxis()
+            else:
+                ax.tick_params(labelleft=False)
         else:
             ax.errorbar(positions, means, yerr=errors, fmt="o", capsize=4)
             ax.axhline(0, color="grey", linewidth=0.8)
