@@ -1,1 +1,0 @@
-"""ProVQ-versus-VQ ablation: python -m provq.ablation."""

@@ -1,1 +1,0 @@
-"""The browser app: python -m provq.app (Gradio)."""
