@@ -44,6 +44,12 @@ def margin_of(margins: dict, metric: str, baseline_mean: float) -> float | None:
     return None
 
 
+def paired(runs: dict, a: str, b: str, metric: str) -> tuple[list, list]:
+    """``metric`` of variants ``a`` and ``b`` over the seeds both ran, in seed order."""
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    return ([runs[a][s]["metrics"].get(metric) for s in seeds], [runs[b][s]["metrics"].get(metric) for s in seeds])
+
+
 def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
     found: dict[str, dict[int, dict]] = defaultdict(dict)
     for row in rows:
@@ -109,9 +115,7 @@ def verdicts(primary: list, runs: dict, margins: dict, alpha: float = 0.05) -> l
     the primary family; a comparison without two paired seeds is undecided at its n."""
     found = []
     for a, b, metric in primary:
-        seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
-        x = [runs[a][s]["metrics"][metric] for s in seeds]
-        y = [runs[b][s]["metrics"][metric] for s in seeds]
+        x, y = paired(runs, a, b, metric)
         differences = [p - q for p, q in zip(x, y, strict=True)]
         margin = margin_of(margins, metric, statistics.fmean(y)) if y else None
         tested = len(differences) > 1
@@ -146,15 +150,13 @@ def verdict_table(primary: list, runs: dict, margins: dict) -> list[str]:
 def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:
     table, waiting = [], []
     for a, b in comparisons:
-        seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
-        if not seeds:
+        if not paired(runs, a, b, metrics[0])[0]:
             waiting.append(f"`{a} - {b}`")
             continue
         for metric in metrics:
-            x = [runs[a][s]["metrics"].get(metric) for s in seeds]
-            y = [runs[b][s]["metrics"].get(metric) for s in seeds]
+            x, y = paired(runs, a, b, metric)
             diff, sd = paired_difference(x, y), paired_sd(x, y)
-            margin = margin_of(margins, metric, statistics.fmean(v for v in y if v is not None)) if seeds else None
+            margin = margin_of(margins, metric, statistics.fmean(v for v in y if v is not None))
             need = seeds_for_equivalence(sd, margin) if sd and margin else None
             table.append({
                 "comparison": f"{a} - {b}", "metric": LABEL.get(metric, metric), "seeds": diff.seeds,
@@ -178,11 +180,9 @@ def difference_panels(comparisons: list, runs: dict, metrics: tuple[str, ...]) -
     for metric in metrics:
         points = []
         for a, b in comparisons:
-            seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
-            if len(seeds) > 1:
-                diff = paired_difference([runs[a][s]["metrics"].get(metric) for s in seeds],
-                                         [runs[b][s]["metrics"].get(metric) for s in seeds])
-                points.append((f"{a} - {b}", diff))
+            x, y = paired(runs, a, b, metric)
+            if len(x) > 1:
+                points.append((f"{a} - {b}", paired_difference(x, y)))
         if points:
             panels[LABEL.get(metric, metric)] = ([p[0] for p in points], [p[1].mean for p in points],
                                                  [p[1].low for p in points], [p[1].high for p in points])

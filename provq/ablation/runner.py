@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from provq.ablation.ledger import Ledger
@@ -58,6 +59,11 @@ class Ablation:
         self.stages: list[str] = []
         # The study's ledger (--ledger): a run already there is not run again; a finished one is added.
         self.ledger = Ledger(args.ledger, args.plan) if getattr(args, "ledger", None) else None
+
+    @cached_property
+    def ramp(self) -> tuple[float, float]:
+        """The preset's ramp, on which the variants place their switches (read once)."""
+        return preset_ramp(self.args.config)
 
     def folder(self, variant: Variant, seed: int) -> Path:
         return self.out / variant.name / f"seed{seed}"
@@ -112,15 +118,14 @@ class Ablation:
         and added to it."""
         if self.ledger is None:
             return self.train_and_evaluate(variant, seed)
-        key = self.ledger_key(variant, seed)
-        found = self.ledger.find(key)
+        found = self.from_ledger(variant, seed)
         if found is not None:
             print(f"[ablation] {variant.name} seed {seed}: in the ledger {self.ledger.path}, not run again", flush=True)
-            return found["metrics"]
+            return found
         metrics = self.train_and_evaluate(variant, seed)
         name = str(self.folder(variant, seed).relative_to(self.out))
         wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("tokenizer", "rFID", "train pixels"))
-        self.ledger.append(key, metrics, wall)
+        self.ledger.append(self.ledger_key(variant, seed), metrics, wall)
         return metrics
 
     def train_and_evaluate(self, variant: Variant, seed: int) -> dict:
@@ -131,7 +136,7 @@ class Ablation:
                      "--tokenizer.train.eval_every", str(s.eval_every),
                      "--tokenizer.train.image_every", str(s.tokenizer_steps),
                      "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
-                     *variant.overrides(s.codebook_size, preset_ramp(self.args.config)))
+                     *variant.overrides(s.codebook_size, self.ramp))
         tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")

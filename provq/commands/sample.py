@@ -78,7 +78,7 @@ def unguided_if_unlabelled(args, num_classes: int) -> SamplingConfig:
 class SampleCommandConfig:
     """What sample.py reads: the preset's ``sample:`` section (over DEFAULTS), and its flags."""
 
-    sample: SamplingConfig = field(default_factory=lambda: SamplingConfig(**DEFAULTS))
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

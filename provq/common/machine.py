@@ -30,6 +30,7 @@ def machine() -> dict:
     """The CPU, torch's version and thread count, and the accelerator (``cpu`` when there is none)."""
     import torch
 
-    return {"cpu": cpu_description()["model"], "cpu_flags": cpu_description(), "torch": torch.__version__,
+    cpu = cpu_description()
+    return {"cpu": cpu["model"], "cpu_flags": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
