@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from app_helpers import free_port, missing, shrink, tiny_models
 from PIL import Image
 from training_helpers import REPO
@@ -93,7 +94,12 @@ def test_sixteen_clients_at_once_are_all_answered_and_memory_stays_bounded(image
 
     tok, prior = tiny_models(tmp_path)
     session = AppSession.load(str(tok), str(prior), str(image_folder))
-    expected = [expected_rounds(session, client) for client in range(CLIENTS)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's thread count (OMP_NUM_THREADS=1): the same float sums, the same samples
+    try:
+        expected = [expected_rounds(session, client) for client in range(CLIENTS)]
+    finally:
+        torch.set_num_threads(threads)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "server.log", "w") as log:
