@@ -75,15 +75,31 @@ def test_runs_in_the_ledger_are_not_run_again_and_shards_split_the_rest(tmp_path
                                   config="configs/emoji32.yaml", quick=False, full=False, subprocess=False,
                                   study=False)
 
-    # jobs: variant i, seed s -> 3 i + s; shard 0 of 2 takes jobs 0, 2, 4, and job 2 is in the ledger
+    # jobs, seed-major: seed s, variant i -> 2 s + i; shard 0 of 2 takes jobs 0, 2, 4 (vq's seeds 0, 1, 2),
+    # and vq's seed 2 is in the ledger
     Ledger(ledger, "pilot-1").append({**KEY, "seed": 2}, {"psnr": 5.0}, 1.0)
     first, _ = runner.Ablation(args("0/2"), setting, tmp_path / "out").all_runs(variants)
-    assert [r[1:] for r in ran] == [("vq+kmeans+l2", 0), ("cosine+kmeans+l2", 1)]
-    assert first["vq+kmeans+l2"] == [{"psnr": 20.0}, None, {"psnr": 5.0}]  # job 1 is shard 1's, not done yet
+    assert [r[1:] for r in ran] == [("vq+kmeans+l2", 0), ("vq+kmeans+l2", 1)]
+    assert first["vq+kmeans+l2"] == [{"psnr": 20.0}, {"psnr": 21.0}, {"psnr": 5.0}]
+    assert first["cosine+kmeans+l2"] == [None, None, None]  # shard 1's, not done yet
     second, _ = runner.Ablation(args("1/2"), setting, tmp_path / "out").all_runs(variants)
-    assert [r[1:] for r in ran[2:]] == [("vq+kmeans+l2", 1), ("cosine+kmeans+l2", 0), ("cosine+kmeans+l2", 2)]
+    assert [r[1:] for r in ran[2:]] == [("cosine+kmeans+l2", 0), ("cosine+kmeans+l2", 1), ("cosine+kmeans+l2", 2)]
     assert second["vq+kmeans+l2"] == [{"psnr": 20.0}, {"psnr": 21.0}, {"psnr": 5.0}]
     assert len(ran) == 2 + 3 and len(Ledger(ledger, "pilot-1").rows()) == 6
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_study_holds_whole_paired_blocks(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate",
+                        lambda self, variant, seed: ran.append((variant.name, seed)) or {"psnr": 1.0})
+    variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"], VARIANTS["step@mid+kmeans+l2+fit@start"]]
+    setting = runner.Setting(seeds=2, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
+                             variants=tuple(v.name for v in variants), generation=False)
+    args = argparse.Namespace(ledger=str(tmp_path / "ledger.jsonl"), plan="p", shard="0/1", dataset="emoji",
+                              resolution=32, config="configs/emoji32.yaml", quick=False, full=False,
+                              subprocess=False, study=False)
+    runner.Ablation(args, setting, tmp_path / "out").all_runs(variants)
+    assert ran == [(v.name, 0) for v in variants] + [(v.name, 1) for v in variants]
 
 
 def test_the_tests_match_scipy_and_holm_matches_a_hand_calculation():

@@ -174,7 +174,11 @@ class Ablation:
         s = self.setting
         if s.generation:
             self.reference()
-        results = {v.name: [self.tokenizer(v, seed) if self.mine(i * s.seeds + seed) else self.from_ledger(v, seed)
+        # Seed-major: every variant's seed s before any seed s + 1, so that a study stopped anywhere holds
+        # whole blocks of paired seeds (job s * len(variants) + i: the shards take every n-th).
+        done = {(seed, i): self.tokenizer(v, seed) if self.mine(seed * len(variants) + i) else None
+                for seed in range(s.seeds) for i, v in enumerate(variants)}
+        results = {v.name: [done[seed, i] if self.mine(seed * len(variants) + i) else self.from_ledger(v, seed)
                             for seed in range(s.seeds)] for i, v in enumerate(variants)}
         gen_seeds = range(s.seeds) if self.args.full else range(1)
         generation = {v.name: [self.generation(v, seed) for seed in gen_seeds] for v in variants} \
