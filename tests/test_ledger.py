@@ -13,7 +13,7 @@ from scipy import stats
 from provq.ablation import plan as plan_module
 from provq.ablation import runner
 from provq.ablation.ledger import Ledger
-from provq.ablation.statistics import holm, seeds_for_equivalence, tost_p, two_sided_p
+from provq.ablation.statistics import holm, pooled_sd, seeds_for_equivalence, tost_p, two_sided_p
 from provq.ablation.variants import VARIANTS
 from provq.common.errors import FormatError
 
@@ -139,6 +139,8 @@ def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
     differences = [x - y for x, y in zip(a, b, strict=True)]
     assert "Runs: 6 of 6 planned (0 remaining)" in text
     assert f"{statistics.fmean(differences):+.4g}" in text and f"{statistics.stdev(differences):.3g}" in text
+    # one comparison: the pooled sd is its own paired sd, and its seed count the per-comparison one
+    assert "| PSNR (dB) | 1 | 2 | " + f"{statistics.stdev(differences):.3g}" + " | 0.2 |" in text
 
 
 def test_primary_verdicts_are_holm_adjusted_and_say_better_equivalent_or_undecided():
@@ -158,3 +160,11 @@ def test_primary_verdicts_are_holm_adjusted_and_say_better_equivalent_or_undecid
         [table[a][s]["metrics"]["psnr"] for s in range(5)], [table["base"][s]["metrics"]["psnr"] for s in range(5)],
         strict=True)], 0.0).pvalue for a in ("clearly_better", "same", "noisy")] + [1.0]
     assert [r["p_holm"] for r in found] == pytest.approx(holm(raw))
+
+
+def test_pooled_sd_matches_a_hand_calculation_and_ignores_single_values():
+    # variances 1 (1, 2, 3: df 2) and 4.5 (0, 3: df 1): pooled (2 * 1 + 1 * 4.5) / 3 = 13/6
+    sd, df = pooled_sd([[1.0, 2.0, 3.0], [0.0, 3.0], [7.0], [None, 5.0]])
+    assert df == 3 and sd == pytest.approx((13 / 6) ** 0.5)
+    assert pooled_sd([[1.0]]) == (None, 0)
+

@@ -76,6 +76,17 @@ def paired_sd(a: list[float], b: list[float]) -> float | None:
     return statistics.stdev(differences) if len(differences) > 1 else None
 
 
+def pooled_sd(samples: list[list[float]]) -> tuple[float | None, int]:
+    """The pooled standard deviation of several samples (each with its own mean) and its degrees of
+    freedom: sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)); samples under two values add nothing."""
+    kept = [[v for v in sample if v is not None] for sample in samples]
+    kept = [sample for sample in kept if len(sample) > 1]
+    df = sum(len(sample) - 1 for sample in kept)
+    if not df:
+        return None, 0
+    return math.sqrt(sum((len(sample) - 1) * statistics.variance(sample) for sample in kept) / df), df
+
+
 def two_sided_p(differences: list[float]) -> float:
     """The paired t-test's two-sided p-value of mean(differences) == 0."""
     n, sd = len(differences), statistics.stdev(differences)
