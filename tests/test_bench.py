@@ -24,3 +24,19 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path):
     assert result["sampling"]["codes_in_range"] and result["sampling"]["images"] == 2
     assert result["inception"]["finite"] and result["inception"]["images_per_s"] > 0
     assert result["any_nonfinite_loss"] is False
+
+
+@pytest.mark.slow
+def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(tmp_path):
+    out = tmp_path / "study_unit.json"
+    done = subprocess.run([sys.executable, "-m", "bench.study_unit", "--arms", "eager", "--steps", "2",
+                           "--work", str(tmp_path / "work"), "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    eager = result["results"]["eager"]
+    assert set(eager["stages_s"]) == {"tokenizer", "rFID"} and eager["wall_s"] > sum(eager["stages_s"].values()) / 2
+    assert eager["runs_per_hour"] == pytest.approx(2 * 3600 / eager["wall_s"], rel=0.01)
+    assert 0 < eager["metrics"]["codebook_usage"] <= 1 and eager["metrics"]["psnr"] > 5
+    assert result["cpu"]["model"] and result["torch"]  # where it ran, for every figure
+

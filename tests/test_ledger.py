@@ -28,6 +28,7 @@ def test_a_run_is_found_by_its_key_and_its_plan(tmp_path):
     assert ledger.find(KEY)["metrics"] == {"psnr": 20.5} and row["wall_s"] == 61.0
     assert {"commit", "cpu", "torch", "threads"} <= set(row)
     assert Ledger(ledger.path, plan="study-1").find(KEY) is None  # another version: not the same run
+    assert ledger.find({**KEY, "compile": True}) is None  # compiled (--compile): another trajectory, another run
     assert ledger.find({**KEY, "seed": 1}) is None
     ledger.append(KEY, {"psnr": 99.0}, 1.0)  # the same run again (a second writer): not added twice
     assert len(ledger.rows()) == 1

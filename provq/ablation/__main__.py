@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", default="0/1",
                         help="run share i of n (i/n): with --study, of each phase (the shards wait for each other); "
                              "with --ledger, of the tokenizer runs (the others are read from the ledger)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the tokenizers' encoder and decoder and rFID's Inception network (inductor, "
+                             "needs g++; cached on disk): faster after a slow first compile "
+                             "(bench/results/study_unit.json); a run compiled is another run in a ledger")
     parser.add_argument("--subprocess", action="store_true",
                         help="run each stage as its own process (slower start, isolated memory)")
     return parser

@@ -19,7 +19,9 @@ from pathlib import Path
 from provq.common.errors import FormatError
 from provq.common.machine import machine
 
-KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config")
+# "compile": true for runs with compiled blocks (--compile), whose numbers differ from eager ones in the
+# last bits and so, over a training, in their trajectory; absent (None) for eager runs.
+KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config", "compile")
 
 
 def commit() -> str | None:

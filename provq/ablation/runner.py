@@ -60,6 +60,11 @@ class Ablation:
         # The study's ledger (--ledger): a run already there is not run again; a finished one is added.
         self.ledger = Ledger(args.ledger, args.plan) if getattr(args, "ledger", None) else None
 
+    @property
+    def compiled(self) -> bool:
+        """--compile: the tokenizer's encoder and decoder and the Inception network compiled (inductor)."""
+        return bool(getattr(self.args, "compile", False))
+
     @cached_property
     def ramp(self) -> tuple[float, float]:
         """The preset's ramp, on which the variants place their switches (read once)."""
@@ -99,7 +104,7 @@ class Ablation:
         s = self.setting
         return {"variant": variant.name, "seed": seed, "steps": s.tokenizer_steps, "codebook_size": s.codebook_size,
                 "resolution": self.args.resolution, "dataset": self.args.dataset,
-                "config": Path(self.args.config).stem}
+                "config": Path(self.args.config).stem, **({"compile": True} if self.compiled else {})}
 
     def mine(self, job: int) -> bool:
         """Whether this process runs tokenizer job ``job`` (--shard i/n with --ledger: every n-th)."""
@@ -136,13 +141,15 @@ class Ablation:
                      "--tokenizer.train.eval_every", str(s.eval_every),
                      "--tokenizer.train.image_every", str(s.tokenizer_steps),
                      "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
-                     *variant.overrides(s.codebook_size, self.ramp))
+                     *variant.overrides(s.codebook_size, self.ramp),
+                     *(("--tokenizer.train.compile", "true") if self.compiled else ()))
         tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
         self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
                  tok / "model.safetensors")
         evaluate = ("--tokenizer", str(tok), "--dataset", self.args.dataset, "--lpips_net", "none")
         self.run(f"{name}: rFID", commands.evaluate("rfid", *evaluate, "--split", "test", "--out",
-                                                    str(run / "rfid.json")), run / "rfid.json")
+                                                    str(run / "rfid.json"), *(("--compile",) if self.compiled else ())),
+                 run / "rfid.json")
         metrics = {**json.loads((run / "rfid.json").read_text())["metrics"], **last_geometry(run / "tok")}
         if not s.train_pixels:
             return metrics
