@@ -169,3 +169,33 @@ def test_pooled_sd_matches_a_hand_calculation_and_ignores_single_values():
     assert df == 3 and sd == pytest.approx((13 / 6) ** 0.5)
     assert pooled_sd([[1.0]]) == (None, 0)
 
+
+def test_generation_runs_are_ledger_lines_of_their_own_shared_out_like_the_tokenizers(tmp_path, monkeypatch):
+    ledger, made, references = tmp_path / "ledger.jsonl", [], []
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate", lambda self, v, seed: {"psnr": 20.0 + seed})
+    monkeypatch.setattr(runner.Ablation, "generation",
+                        lambda self, v, seed: made.append((self.args.shard, v.name, seed)) or {"fid": 50.0 + seed})
+    monkeypatch.setattr(runner.Ablation, "reference", lambda self: references.append(self.args.shard))
+    variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"]]
+    setting = runner.Setting(seeds=2, tokenizer_steps=400, prior_steps=300, num_samples=100, eval_every=50,
+                             variants=tuple(v.name for v in variants), generation=True)
+
+    def run(shard):
+        return runner.Ablation(argparse.Namespace(
+            ledger=str(ledger), plan="gen", shard=shard, dataset="emoji", resolution=32,
+            config="configs/emoji32.yaml", quick=False, full=True, subprocess=False, study=False),
+            setting, tmp_path / "out").all_runs(variants)
+
+    run("0/2")
+    _, generation = run("1/2")
+    assert references == ["0/2"]  # one shard computes gFID's reference statistics, the other waits for them
+    assert sorted(m[1:] for m in made) == sorted((v.name, s) for v in variants for s in (0, 1))
+    assert generation["cosine+kmeans+l2"] == [{"fid": 50.0}, {"fid": 51.0}]
+    rows = Ledger(ledger, "gen").rows()
+    gen_rows = [r for r in rows if r.get("prior_steps") == 300 and r.get("num_samples") == 100]
+    assert len(rows) == 8 and len(gen_rows) == 4  # 4 tokenizer lines, 4 generation lines
+    run("0/1")  # all in the ledger: nothing is made again
+    assert len(made) == 4
+    runs = plan_module.by_variant(rows)  # the report joins a seed's two lines
+    assert runs["vq+kmeans+l2"][1]["metrics"] == {"psnr": 21.0, "fid": 51.0}
+

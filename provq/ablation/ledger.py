@@ -1,4 +1,4 @@
-"""The study's ledger: one JSON line per finished tokenizer run, appended as it finishes.
+"""The study's ledger: one JSON line per finished tokenizer run (and generation run), appended as it finishes.
 
 A run is known by its key (plan version, variant, seed, steps, codes, resolution, dataset, preset):
 a run already in the ledger is never run again, so any machine continues a study with the same
@@ -21,7 +21,10 @@ from provq.common.machine import machine
 
 # "compile": true for runs with compiled blocks (--compile), whose numbers differ from eager ones in the
 # last bits and so, over a training, in their trajectory; absent (None) for eager runs.
-KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config", "compile")
+# A generation line (a prior trained on the tokenizer's codes, its samples' gFID) adds "prior_steps" and
+# "num_samples" to its tokenizer's key; a tokenizer line has neither.
+KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config", "compile",
+       "prior_steps", "num_samples")
 
 
 def commit() -> str | None:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from provq.ablation.ledger import Ledger
-from provq.ablation.report import METRICS, interval_plot
+from provq.ablation.report import GENERATION_METRICS, METRICS, interval_plot
 from provq.ablation.statistics import (
     holm,
     paired_difference,
@@ -33,8 +33,8 @@ from provq.common.files import write_atomic
 from provq.common.presets import load_yaml
 from provq.pipeline.report import markdown_table
 
-HIGHER = {key: higher for key, _, higher in METRICS}
-LABEL = {key: label for key, label, _ in METRICS}
+HIGHER = {key: higher for key, _, higher in METRICS + GENERATION_METRICS}
+LABEL = {key: label for key, label, _ in METRICS + GENERATION_METRICS}
 
 
 def margin_of(margins: dict, metric: str, baseline_mean: float) -> float | None:
@@ -52,9 +52,13 @@ def paired(runs: dict, a: str, b: str, metric: str) -> tuple[list, list]:
 
 
 def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """variant -> seed -> its run: a tokenizer line and its generation line (prior, gFID) as one, their
+    metrics joined and their seconds added."""
     found: dict[str, dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        found[row["variant"]][row["seed"]] = row
+        had = found[row["variant"]].get(row["seed"])
+        found[row["variant"]][row["seed"]] = row if had is None else {
+            **had, "metrics": {**had["metrics"], **row["metrics"]}, "wall_s": had["wall_s"] + row["wall_s"]}
     return found
 
 

@@ -113,10 +113,32 @@ class Ablation:
         shard, shards = parse_shard(self.args.shard)
         return job % shards == shard
 
-    def from_ledger(self, variant: Variant, seed: int) -> dict | None:
+    def generation_key(self, variant: Variant, seed: int) -> dict:
+        """A generation run's key: its tokenizer's, and the prior's steps and the samples' count."""
+        return {**self.ledger_key(variant, seed), "prior_steps": self.setting.prior_steps,
+                "num_samples": self.setting.num_samples}
+
+    def from_ledger(self, variant: Variant, seed: int, generation: bool = False) -> dict | None:
         """Another shard's run: its metrics when the ledger holds it already, else None (not reported)."""
-        found = self.ledger.find(self.ledger_key(variant, seed))
+        found = self.ledger.find((self.generation_key if generation else self.ledger_key)(variant, seed))
         return None if found is None else found["metrics"]
+
+    def generated(self, variant: Variant, seed: int) -> dict:
+        """One variant x seed's prior and samples (gFID, bits per code): from the ledger when it holds
+        them, else made and added to it (the tokenizer trained first where this folder lacks it: its
+        ledger line may come from another machine)."""
+        if self.ledger is None:
+            return self.generation(variant, seed)
+        found = self.from_ledger(variant, seed, generation=True)
+        if found is not None:
+            print(f"[ablation] {variant.name} seed {seed}: generation in the ledger {self.ledger.path}", flush=True)
+            return found
+        self.train_and_evaluate(variant, seed)  # its finished stages are skipped
+        metrics = self.generation(variant, seed)
+        name = str(self.folder(variant, seed).relative_to(self.out))
+        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("codes", "prior", "samples", "gFID"))
+        self.ledger.append(self.generation_key(variant, seed), metrics, wall)
+        return metrics
 
     def tokenizer(self, variant: Variant, seed: int) -> dict:
         """One variant x seed's metrics: from the ledger when it holds the run, else trained, evaluated
@@ -179,7 +201,7 @@ class Ablation:
 
     def all_runs(self, variants: list[Variant]) -> tuple[dict, dict]:
         s = self.setting
-        if s.generation:
+        if s.generation and self.mine(0):  # the other shards wait for it (generation: wait_for)
             self.reference()
         # Seed-major: every variant's seed s before any seed s + 1, so that a study stopped anywhere holds
         # whole blocks of paired seeds (job s * len(variants) + i: the shards take every n-th).
@@ -187,9 +209,14 @@ class Ablation:
                 for seed in range(s.seeds) for i, v in enumerate(variants)}
         results = {v.name: [done[seed, i] if self.mine(seed * len(variants) + i) else self.from_ledger(v, seed)
                             for seed in range(s.seeds)] for i, v in enumerate(variants)}
-        gen_seeds = range(s.seeds) if self.args.full else range(1)
-        generation = {v.name: [self.generation(v, seed) for seed in gen_seeds] for v in variants} \
-            if s.generation else {}
+        generation = {}
+        if s.generation:  # seed 0, or every seed with --full; shared out and kept in the ledger the same way
+            gen_seeds = range(s.seeds) if self.args.full else range(1)
+            made = {(seed, i): self.generated(v, seed) if self.mine(seed * len(variants) + i) else None
+                    for seed in gen_seeds for i, v in enumerate(variants)}
+            generation = {v.name: [made[seed, i] if self.mine(seed * len(variants) + i)
+                                   else self.from_ledger(v, seed, generation=True) for seed in gen_seeds]
+                          for i, v in enumerate(variants)}
         return results, generation
 
 
