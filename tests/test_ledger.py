@@ -101,6 +101,11 @@ def test_runs_go_seed_by_seed_so_a_stopped_study_holds_whole_paired_blocks(tmp_p
                               subprocess=False, study=False)
     runner.Ablation(args, setting, tmp_path / "out").all_runs(variants)
     assert ran == [(v.name, 0) for v in variants] + [(v.name, 1) for v in variants]
+    ran.clear()
+    args.first_seed = 100  # a study's fresh seeds: 100 and 101, in the same order
+    results, _ = runner.Ablation(args, setting, tmp_path / "out").all_runs(variants)
+    assert ran == [(v.name, 100) for v in variants] + [(v.name, 101) for v in variants]
+    assert len(results["vq+kmeans+l2"]) == 2
 
 
 def test_the_tests_match_scipy_and_holm_matches_a_hand_calculation():

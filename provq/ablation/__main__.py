@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior_steps", type=count, default=None, help="prior steps per generation run")
     parser.add_argument("--num_samples", type=count, default=None, help="samples per generation run (gFID)")
     parser.add_argument("--seeds", type=count, default=None)
+    parser.add_argument("--first_seed", type=int, default=0,
+                        help="the seeds are first_seed .. first_seed + seeds - 1 (a study's, apart from its pilot's)")
     parser.add_argument("--codebook_size", type=int, default=None)
     parser.add_argument("--full", action="store_true", help="gFID for every seed, not only seed 0")
     parser.add_argument("--cfg_scale", type=float, default=None,

@@ -51,6 +51,9 @@ class Ledger:
 
     def __init__(self, path: str | Path, plan: str):
         self.path, self.plan = Path(path), plan
+        # The code the runs ran: read when the process starts, not when a run ends (the working tree may
+        # move on while a long run trains on the code it loaded).
+        self.commit = commit()
 
     def rows(self) -> list[dict]:
         """Every line; a line that is not JSON (a torn write by a killed process) is named in the error."""
@@ -74,7 +77,7 @@ class Ledger:
     def append(self, key: dict, metrics: dict, wall_s: float) -> dict:
         """Add the run's line (unless a concurrent writer added the same run first); the line."""
         where = machine()
-        row = {"plan": self.plan, **key, "commit": commit(), "cpu": where["cpu"], "torch": where["torch"],
+        row = {"plan": self.plan, **key, "commit": self.commit, "cpu": where["cpu"], "torch": where["torch"],
                "threads": where["threads"], "device": where["device"], "wall_s": round(wall_s, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,8 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
     seed counts a pilot implies at its Holm-adjusted alpha."""
     setting, variants = version.get("setting", {}), version.get("variants", [])
     metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
-    planned = len(variants) * int(setting.get("seeds", 0))
+    # runs_per_seed: 2 where each variant x seed is a tokenizer line and a generation line
+    planned = len(variants) * int(setting.get("seeds", 0)) * int(version.get("runs_per_seed", 1))
     lines = [f"## Plan version `{name}`", "", " ".join(str(version.get("purpose", "")).split()), ""]
     if version.get("command"):
         command = " ".join(version["command"].split()).replace("<the variants below>", f'"{",".join(variants)}"')
@@ -93,7 +94,7 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
                   "evaluation; two runs shared the machine's two cores).", ""]
         lines += variant_table(variants, by_variant(group), metrics) + [""]
         if version.get("primary"):
-            lines += verdict_table(version["primary"], by_variant(group), margins) + [""]
+            lines += verdict_table(version["primary"], by_variant(group), margins, complete=len(group) >= planned) + [""]
         lines += comparison_table(version.get("comparisons", []), by_variant(group), metrics, margins) + [""]
         if not version.get("primary"):
             lines += pooled_table(version.get("comparisons", []), by_variant(group), metrics, margins, family) + [""]
@@ -145,7 +146,9 @@ def verdicts(primary: list, runs: dict, margins: dict, alpha: float = 0.05) -> l
     return found
 
 
-def verdict_table(primary: list, runs: dict, margins: dict) -> list[str]:
+def verdict_table(primary: list, runs: dict, margins: dict, complete: bool = True) -> list[str]:
+    """The primary comparisons' verdicts; before the version's planned n (``complete`` false) they are
+    labelled interim: the plan fixes n and makes no sequential looks, so only the final table decides."""
     table = [{"comparison": f"{r['a']} - {r['b']}", "metric": LABEL.get(r["metric"], r["metric"]), "seeds": r["n"],
               "mean difference": "-" if r["n"] == 0 else f"{r['diff'].mean:+.4g}",
               "95% interval": "-" if r["diff"].low is None else f"[{r['diff'].low:+.3g}, {r['diff'].high:+.3g}]",
@@ -153,8 +156,13 @@ def verdict_table(primary: list, runs: dict, margins: dict) -> list[str]:
               "verdict": r["verdict"]} for r in verdicts(primary, runs, margins)]
     columns = ["comparison", "metric", "seeds", "mean difference", "95% interval", "Holm p (difference)",
                "Holm p (equivalence)", "verdict"]
-    return ["Primary comparisons, decided as the plan says (Holm over the primary family, alpha 0.05):", "",
-            markdown_table(table, columns)]
+    if not complete:
+        for row in table:
+            row["verdict"] = f"interim ({row['verdict']})"
+    head = ("Primary comparisons, decided as the plan says (Holm over the primary family, alpha 0.05):" if complete
+            else "Primary comparisons, INTERIM: the planned runs are not all in, and the plan decides at its fixed n "
+                 "only; these rows are a progress view, not verdicts (Holm over the primary family, alpha 0.05):")
+    return [head, "", markdown_table(table, columns)]
 
 
 def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:

@@ -201,22 +201,26 @@ class Ablation:
 
     def all_runs(self, variants: list[Variant]) -> tuple[dict, dict]:
         s = self.setting
+        first = int(getattr(self.args, "first_seed", 0) or 0)  # a study's fresh seeds, apart from its pilot's
+        seeds = range(first, first + s.seeds)
+
+        def mine(seed: int, i: int) -> bool:
+            # Seed-major: every variant's seed s before any seed s + 1, so that a study stopped anywhere
+            # holds whole blocks of paired seeds (the shards take every n-th job).
+            return self.mine((seed - first) * len(variants) + i)
+
         if s.generation and self.mine(0):  # the other shards wait for it (generation: wait_for)
             self.reference()
-        # Seed-major: every variant's seed s before any seed s + 1, so that a study stopped anywhere holds
-        # whole blocks of paired seeds (job s * len(variants) + i: the shards take every n-th).
-        done = {(seed, i): self.tokenizer(v, seed) if self.mine(seed * len(variants) + i) else None
-                for seed in range(s.seeds) for i, v in enumerate(variants)}
-        results = {v.name: [done[seed, i] if self.mine(seed * len(variants) + i) else self.from_ledger(v, seed)
-                            for seed in range(s.seeds)] for i, v in enumerate(variants)}
+        done = {(seed, i): self.tokenizer(v, seed) for seed in seeds for i, v in enumerate(variants) if mine(seed, i)}
+        results = {v.name: [done[seed, i] if mine(seed, i) else self.from_ledger(v, seed) for seed in seeds]
+                   for i, v in enumerate(variants)}
         generation = {}
-        if s.generation:  # seed 0, or every seed with --full; shared out and kept in the ledger the same way
-            gen_seeds = range(s.seeds) if self.args.full else range(1)
-            made = {(seed, i): self.generated(v, seed) if self.mine(seed * len(variants) + i) else None
-                    for seed in gen_seeds for i, v in enumerate(variants)}
-            generation = {v.name: [made[seed, i] if self.mine(seed * len(variants) + i)
-                                   else self.from_ledger(v, seed, generation=True) for seed in gen_seeds]
-                          for i, v in enumerate(variants)}
+        if s.generation:  # the first seed, or every seed with --full; shared out and kept in the ledger alike
+            gen_seeds = seeds if self.args.full else seeds[:1]
+            made = {(seed, i): self.generated(v, seed) for seed in gen_seeds for i, v in enumerate(variants)
+                    if mine(seed, i)}
+            generation = {v.name: [made[seed, i] if mine(seed, i) else self.from_ledger(v, seed, generation=True)
+                                   for seed in gen_seeds] for i, v in enumerate(variants)}
         return results, generation
 
 
