@@ -145,6 +145,7 @@ def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
     differences = [x - y for x, y in zip(a, b, strict=True)]
     assert "Runs: 6 of 6 planned (0 remaining)" in text
     assert f"{statistics.fmean(differences):+.4g}" in text and f"{statistics.stdev(differences):.3g}" in text
+    assert "INTERIM" not in text
     # one comparison: the pooled sd is its own paired sd, and its seed count the per-comparison one
     assert "| PSNR (dB) | 1 | 2 | " + f"{statistics.stdev(differences):.3g}" + " | 0.2 |" in text
 
@@ -203,4 +204,21 @@ def test_generation_runs_are_ledger_lines_of_their_own_shared_out_like_the_token
     assert len(made) == 4
     runs = plan_module.by_variant(rows)  # the report joins a seed's two lines
     assert runs["vq+kmeans+l2"][1]["metrics"] == {"psnr": 21.0, "fid": 51.0}
+
+
+def test_a_version_short_of_its_planned_runs_labels_its_verdicts_interim(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("versions:\n  s1:\n    purpose: a test\n    setting: {seeds: 4}\n    variants: [a, b]\n"
+                    "    primary: [[a, b, psnr]]\n    comparisons: [[a, b]]\n    metrics: [psnr]\n"
+                    "margins: {psnr: 0.2}\n")
+    ledger = Ledger(tmp_path / "ledger.jsonl", "s1")
+    for seed in range(3):  # 6 of 8 runs
+        ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": 21.0 + seed}, 60.0)
+        ledger.append({**KEY, "variant": "b", "seed": seed}, {"psnr": 20.0 + seed}, 60.0)
+    text = plan_module.write_plan_report(plan, ledger.path, tmp_path / "report.md").read_text()
+    assert "Runs: 6 of 8 planned (2 remaining)" in text and "INTERIM" in text and "interim (a better)" in text
+    ledger.append({**KEY, "variant": "a", "seed": 3}, {"psnr": 24.0}, 60.0)
+    ledger.append({**KEY, "variant": "b", "seed": 3}, {"psnr": 23.0}, 60.0)
+    text = plan_module.write_plan_report(plan, ledger.path, tmp_path / "report.md").read_text()
+    assert "INTERIM" not in text and "| a better |" in text
 
