@@ -15,7 +15,7 @@ from provq.ablation import runner
 from provq.ablation.ledger import Ledger
 from provq.ablation.statistics import holm, pooled_sd, seeds_for_equivalence, tost_p, two_sided_p
 from provq.ablation.variants import VARIANTS
-from provq.common.errors import FormatError
+from provq.common.errors import ConfigError, FormatError
 
 KEY = {"variant": "vq+kmeans+l2", "seed": 0, "steps": 400, "codebook_size": 1024, "resolution": 32,
        "dataset": "emoji", "config": "emoji32"}
@@ -221,4 +221,68 @@ def test_a_version_short_of_its_planned_runs_labels_its_verdicts_interim(tmp_pat
     ledger.append({**KEY, "variant": "b", "seed": 3}, {"psnr": 23.0}, 60.0)
     text = plan_module.write_plan_report(plan, ledger.path, tmp_path / "report.md").read_text()
     assert "INTERIM" not in text and "| a better |" in text
+
+
+def _rows(cpu, seeds, a_psnr=21.0):
+    base = {"plan": "s1", **KEY, "steps": 1000, "cpu": cpu, "wall_s": 60.0, "threads": 1, "torch": "t",
+            "commit": "c"}
+    return [{**base, "variant": v, "seed": seed, "metrics": {"psnr": (a_psnr if v == "a" else 20.0) + seed,
+                                                               "rfid": 80.0 - seed, "codebook_usage": 0.9}}
+            for seed in seeds for v in ("a", "b")]
+
+
+def test_two_cpus_pool_only_when_a_check_run_matches_its_original():
+    rows = _rows("AMD EPYC", range(3)) + _rows("Intel Xeon", [3])
+    groups, said = plan_module.pooled_groups(rows)
+    assert {k: len(v) for k, v in groups.items()} == {"AMD EPYC": 6, "Intel Xeon": 2} and said == []
+    matching = {**rows[0], "cpu": "Intel Xeon", "recheck": "Intel Xeon"}  # a seed 0, again on the Xeon
+    groups, said = plan_module.pooled_groups(rows + [matching])
+    assert {k: len(v) for k, v in groups.items()} == {"AMD EPYC + Intel Xeon": 8}  # the check line is no run
+    assert "pooled" in said[0] and "AMD EPYC / Intel Xeon" in said[0]
+    off = {**matching, "metrics": {**matching["metrics"], "rfid": 80.01}}  # 1.25e-4 relative: not the same
+    groups, said = plan_module.pooled_groups(rows + [off])
+    assert len(groups) == 2 and "kept apart" in said[0]
+
+
+def test_recheck_trains_a_ledger_run_again_in_its_own_folder_and_adds_a_check_line(tmp_path, monkeypatch):
+    ledger, folders = tmp_path / "ledger.jsonl", []
+
+    def fake_run(self, variant, seed):
+        folders.append(self.folder(variant, seed))
+        return {"psnr": 21.0, "rfid": 80.0, "codebook_usage": 0.9}
+
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate", fake_run)
+    setting = runner.Setting(seeds=1, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
+                             variants=("vq+kmeans+l2",), generation=False)
+    args = argparse.Namespace(ledger=str(ledger), plan="pilot-1", shard="0/1", dataset="emoji", resolution=32,
+                              config="configs/emoji32.yaml", quick=False, full=False, subprocess=False, study=False)
+    ablation = runner.Ablation(args, setting, tmp_path / "out")
+    with pytest.raises(ConfigError, match="no vq\\+kmeans\\+l2 seed 0"):
+        ablation.recheck(VARIANTS["vq+kmeans+l2"], 0)
+    Ledger(ledger, "pilot-1").append(KEY, {"psnr": 21.0, "rfid": 80.0, "codebook_usage": 0.9}, 1.0)
+    original, metrics = ablation.recheck(VARIANTS["vq+kmeans+l2"], 0)
+    assert folders == [tmp_path / "out" / "recheck" / "vq+kmeans+l2" / "seed0"]  # never the study's own folder
+    assert ablation.folder(VARIANTS["vq+kmeans+l2"], 0) == tmp_path / "out" / "vq+kmeans+l2" / "seed0"
+    rows = Ledger(ledger, "pilot-1").rows()
+    assert len(rows) == 2 and rows[1]["recheck"] == rows[1]["cpu"] and original["metrics"] == metrics
+    ablation.recheck(VARIANTS["vq+kmeans+l2"], 0)  # checked already on this CPU: not trained again
+    assert len(folders) == 1 and len(Ledger(ledger, "pilot-1").rows()) == 2
+    groups, said = plan_module.pooled_groups(rows)
+    assert len(groups) == 1 and len(next(iter(groups.values()))) == 1 and "the same" in said[0]
+
+
+
+def test_the_recheck_command_prints_the_ledgers_metrics_beside_this_machines(tmp_path, monkeypatch, capsys):
+    from provq.ablation import __main__ as ablation_main
+
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate",
+                        lambda self, v, seed: {"psnr": 21.5, "rfid": 79.0, "codebook_usage": 0.9})
+    ledger = tmp_path / "ledger.jsonl"
+    Ledger(ledger, "pilot-1").append({**KEY, "seed": 5}, {"psnr": 21.0, "rfid": 80.0, "codebook_usage": 0.9}, 1.0)
+    ablation_main.main(["--ledger", str(ledger), "--plan", "pilot-1", "--recheck", "--no_generation", "--seeds", "1",
+                        "--first_seed", "5", "--steps", "400", "--codebook_size", "1024", "--variants", "vq+kmeans+l2",
+                        "--output_dir", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "[recheck] vq+kmeans+l2 seed 5 rfid: ledger" in printed and "80.0, here 79.0" in printed
+    assert [r.get("recheck") is not None for r in Ledger(ledger, "pilot-1").rows()] == [False, True]
 

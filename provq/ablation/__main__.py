@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from provq.ablation.plan import CHECKED
 from provq.ablation.report import strongest, write_report, write_sweep_report
 from provq.ablation.runner import (
     SWEEP_LARGE,
@@ -27,6 +28,7 @@ from provq.ablation.runner import (
 )
 from provq.ablation.variants import SWEEP, select
 from provq.common.cli import CommandParser, command_name, count, run_command
+from provq.common.errors import ConfigError
 from provq.common.locks import LOCK_NAME, output_lock
 
 
@@ -35,11 +37,24 @@ def run_ablation(args, started: float) -> Path:
     out = output_folder(args)
     ablation = Ablation(args, setting, out)
     variants = select(setting.variants)
+    if args.recheck:
+        return recheck(args, ablation, variants)
     results, generation = ablation.all_runs(variants)
     return write_report(out, variants, results, generation,
                         {"setting": asdict(setting), "dataset": args.dataset, "config": args.config,
                          "gfid_reference": f"{ablation.ref_split} split", **ablation.time_summary(started),
                          "full": args.full})
+
+
+def recheck(args, ablation: Ablation, variants: list) -> Path:
+    """--recheck: the first variant's first seed trained again here, its metrics beside the ledger's."""
+    if ablation.ledger is None:
+        raise ConfigError("--recheck checks a run of a study's ledger: give --ledger and --plan too")
+    original, metrics = ablation.recheck(variants[0], args.first_seed)
+    for key in CHECKED:
+        print(f"[recheck] {variants[0].name} seed {args.first_seed} {key}: ledger ({original['cpu']}) "
+              f"{original['metrics'].get(key)!r}, here {metrics.get(key)!r}", flush=True)
+    return ablation.ledger.path
 
 
 def sweep_settings(args) -> list[Setting]:
@@ -155,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", default="0/1",
                         help="run share i of n (i/n): with --study, of each phase (the shards wait for each other); "
                              "with --ledger, of the tokenizer runs (the others are read from the ledger)")
+    parser.add_argument("--recheck", action="store_true",
+                        help="with --ledger: train the first variant's first seed again here and add it as a check "
+                             "line; the plan's report pools this CPU's runs with the original's when they match")
     parser.add_argument("--compile", action="store_true",
                         help="compile the tokenizers' encoder and decoder and rFID's Inception network (inductor, "
                              "needs g++; cached on disk): faster after a slow first compile "

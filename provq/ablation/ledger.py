@@ -23,8 +23,10 @@ from provq.common.machine import machine
 # last bits and so, over a training, in their trajectory; absent (None) for eager runs.
 # A generation line (a prior trained on the tokenizer's codes, its samples' gFID) adds "prior_steps" and
 # "num_samples" to its tokenizer's key; a tokenizer line has neither.
+# A check line (--recheck: a run the ledger holds, trained again on another machine) adds "recheck": the
+# CPU model it ran on; the report pools two CPUs' runs when a check matches its original.
 KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config", "compile",
-       "prior_steps", "num_samples")
+       "prior_steps", "num_samples", "recheck")
 
 
 def commit() -> str | None:

@@ -7,7 +7,8 @@ For each plan version: the runs planned, present and remaining; where they ran; 
 metrics over seeds; each planned comparison as a paired difference (mean, paired standard deviation,
 95% t interval). A descriptive version (a pilot) stops there and adds the seeds each comparison
 would need for two one-sided tests at the plan's margin; a version with primary comparisons gives
-verdicts, Holm-adjusted over its primary family. Runs from different CPU models are kept apart.
+verdicts, Holm-adjusted over its primary family. Runs from different CPU models are kept apart unless a
+check run (python -m provq.ablation ... --recheck) matched across them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from provq.ablation.ledger import Ledger
+from provq.ablation.ledger import Ledger, key_of
 from provq.ablation.report import GENERATION_METRICS, METRICS, interval_plot
 from provq.ablation.statistics import (
     holm,
@@ -33,6 +34,9 @@ from provq.common.files import write_atomic
 from provq.common.presets import load_yaml
 from provq.pipeline.report import markdown_table
 
+# A check run (--recheck) pools two CPU models' runs when these metrics agree within the tolerance.
+CHECKED = ("psnr", "rfid", "codebook_usage")
+CHECK_TOLERANCE = 1e-4
 HIGHER = {key: higher for key, _, higher in METRICS + GENERATION_METRICS}
 LABEL = {key: label for key, label, _ in METRICS + GENERATION_METRICS}
 
@@ -75,15 +79,16 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
         command = " ".join(version["command"].split()).replace("<the variants below>", f'"{",".join(variants)}"')
         lines += ["Command (continues where the ledger stops; `--shard 0/2` and `--shard 1/2` share two cores, one "
                   "thread each):", "", "```", command, "```", ""]
-    cpus = sorted({row["cpu"] for row in rows})
+    groups, said = pooled_groups(rows)
+    rows = [r for r in rows if not r.get("recheck")]
     lines += [f"Runs: {len(rows)} of {planned} planned ({max(planned - len(rows), 0)} remaining). "
               f"Setting: {', '.join(f'{k} {v}' for k, v in setting.items())}.", ""]
     if not rows:
         return lines + ["No run of this version is in the ledger yet.", ""]
-    groups = {cpu: [r for r in rows if r["cpu"] == cpu] for cpu in cpus}
+    lines += [f"- {line}" for line in said] + ([""] if said else [])
     if len(groups) > 1:
-        lines += [f"Runs from {len(groups)} CPU models, kept apart (no seed was checked to give the same "
-                  "metrics on both).", ""]
+        lines += [f"Runs from {len(groups)} groups of CPU models, kept apart (no check run matched across them: "
+                  "`--recheck` adds one).", ""]
     for number, (cpu, group) in enumerate(groups.items()):
         commits = sorted({str(r.get("commit")) for r in group})
         threads = sorted({r.get("threads") for r in group})
@@ -103,6 +108,44 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
             figure = interval_plot(panels, folder / f"study_ledger_{name}_{number}.png", "variant - baseline")
             lines += [f"![paired differences with 95% intervals, {cpu}]({figure.name})", ""]
     return lines
+
+
+def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
+    """The runs (check lines left out) grouped by CPU model, two models pooled when a check line
+    (--recheck: a run trained again on another machine) matches its original on CHECKED within
+    CHECK_TOLERANCE (relative); and a sentence per check saying what it found."""
+    checks = [r for r in rows if r.get("recheck")]
+    runs = [r for r in rows if not r.get("recheck")]
+    parent = {r["cpu"]: r["cpu"] for r in runs + checks}
+
+    def root(cpu: str) -> str:
+        while parent[cpu] != cpu:
+            cpu = parent[cpu]
+        return cpu
+
+    said = []
+    for check in checks:
+        original = next((r for r in runs if key_of({**r, "recheck": check["recheck"]}) == key_of(check)), None)
+        name = f"{check['variant']} seed {check['seed']}"
+        if original is None:
+            said.append(f"check of {name} on {check['cpu']}: its original is not in the ledger")
+            continue
+        pairs = [(original["metrics"].get(k), check["metrics"].get(k)) for k in CHECKED]
+        same = all(a is not None and b is not None and abs(a - b) <= CHECK_TOLERANCE * max(1.0, abs(a))
+                   for a, b in pairs)
+        shown = ", ".join(f"{LABEL[k]} {a:.6g} / {b:.6g}" for k, (a, b) in zip(CHECKED, pairs, strict=True)
+                          if a is not None and b is not None)
+        if same:
+            parent[root(check["cpu"])] = root(original["cpu"])
+        said.append(f"check of {name}, {original['cpu']} / {check['cpu']}: {shown}: "
+                    + ("the same within 1e-4 relative, pooled" if same else "not the same, kept apart"))
+    groups: dict[str, list[dict]] = defaultdict(list)
+    members = defaultdict(set)
+    for cpu in parent:
+        members[root(cpu)].add(cpu)
+    for row in runs:
+        groups[" + ".join(sorted(members[root(row["cpu"])]))].append(row)
+    return dict(sorted(groups.items())), said
 
 
 def variant_table(variants: list[str], runs: dict, metrics: list[str]) -> list[str]:

@@ -59,6 +59,7 @@ class Ablation:
         self.stages: list[str] = []
         # The study's ledger (--ledger): a run already there is not run again; a finished one is added.
         self.ledger = Ledger(args.ledger, args.plan) if getattr(args, "ledger", None) else None
+        self.rechecking = False  # --recheck: a ledger run trained again under <out>/recheck
 
     @property
     def compiled(self) -> bool:
@@ -71,7 +72,32 @@ class Ablation:
         return preset_ramp(self.args.config)
 
     def folder(self, variant: Variant, seed: int) -> Path:
-        return self.out / variant.name / f"seed{seed}"
+        return self.out / ("recheck" if self.rechecking else "") / variant.name / f"seed{seed}"
+
+    def recheck(self, variant: Variant, seed: int) -> tuple[dict, dict]:
+        """--recheck: train and evaluate again, here, a run the ledger holds (from this or another CPU), in
+        a folder of its own (<out>/recheck), and add it as a check line (its key and ``recheck``: this
+        CPU's model). The plan's report pools two CPUs' runs when a check matches (plan.pooled_groups).
+        (the ledger's line, the check's metrics)."""
+        from provq.common.machine import machine
+
+        original = self.ledger.find(self.ledger_key(variant, seed))
+        if original is None:
+            raise ConfigError(f"--recheck: the ledger {self.ledger.path} has no {variant.name} seed {seed} of plan "
+                              f"{self.ledger.plan!r} to check; run the study's command first")
+        key = {**self.ledger_key(variant, seed), "recheck": machine()["cpu"]}
+        found = self.ledger.find(key)
+        if found is not None:
+            return original, found["metrics"]
+        self.rechecking = True
+        try:
+            metrics = self.train_and_evaluate(variant, seed)
+        finally:
+            self.rechecking = False
+        name = f"recheck/{variant.name}/seed{seed}"
+        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("tokenizer", "rFID", "train pixels"))
+        self.ledger.append(key, metrics, wall)
+        return original, metrics
 
     def run(self, name, command, done) -> None:
         self.stages.append(name)
