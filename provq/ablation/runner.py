@@ -78,7 +78,7 @@ class Ablation:
         """--recheck: train and evaluate again, here, a run the ledger holds (from this or another CPU), in
         a folder of its own (<out>/recheck), and add it as a check line (its key and ``recheck``: this
         CPU's model). The plan's report pools two CPUs' runs when a check matches (plan.pooled_groups).
-        (the ledger's line, the check's metrics)."""
+        Returns the ledger's line and the check's metrics."""
         from provq.common.machine import machine
 
         original = self.ledger.find(self.ledger_key(variant, seed))
