@@ -131,12 +131,17 @@ def test_seeds_for_equivalence_is_the_least_n_that_meets_the_bound():
     assert seeds_for_equivalence(0.25, 0.2) > n and seeds_for_equivalence(10.0, 0.01) is None
 
 
-def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
+def _plan_and_ledger(tmp_path, version: str, seeds: int, primary: str | None = None):
+    """A plan of one version comparing variants a and b on PSNR, and its (empty) ledger."""
     plan = tmp_path / "plan.yaml"
-    plan.write_text("versions:\n  v1:\n    purpose: a test\n    setting: {seeds: 3}\n"
-                    "    variants: [a, b]\n    comparisons: [[a, b]]\n    metrics: [psnr]\n"
-                    "margins: {psnr: 0.2}\n")
-    ledger = Ledger(tmp_path / "ledger.jsonl", "v1")
+    plan.write_text(f"versions:\n  {version}:\n    purpose: a test\n    setting: {{seeds: {seeds}}}\n"
+                    "    variants: [a, b]\n" + (f"    primary: {primary}\n" if primary else "")
+                    + "    comparisons: [[a, b]]\n    metrics: [psnr]\nmargins: {psnr: 0.2}\n")
+    return plan, Ledger(tmp_path / "ledger.jsonl", version)
+
+
+def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
+    plan, ledger = _plan_and_ledger(tmp_path, "v1", seeds=3)
     a, b = [20.0, 21.0, 20.5], [19.9, 20.6, 20.4]
     for seed in range(3):
         ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": a[seed]}, 60.0)
@@ -207,11 +212,7 @@ def test_generation_runs_are_ledger_lines_of_their_own_shared_out_like_the_token
 
 
 def test_a_version_short_of_its_planned_runs_labels_its_verdicts_interim(tmp_path):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text("versions:\n  s1:\n    purpose: a test\n    setting: {seeds: 4}\n    variants: [a, b]\n"
-                    "    primary: [[a, b, psnr]]\n    comparisons: [[a, b]]\n    metrics: [psnr]\n"
-                    "margins: {psnr: 0.2}\n")
-    ledger = Ledger(tmp_path / "ledger.jsonl", "s1")
+    plan, ledger = _plan_and_ledger(tmp_path, "s1", seeds=4, primary="[[a, b, psnr]]")
     for seed in range(3):  # 6 of 8 runs
         ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": 21.0 + seed}, 60.0)
         ledger.append({**KEY, "variant": "b", "seed": seed}, {"psnr": 20.0 + seed}, 60.0)

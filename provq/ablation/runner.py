@@ -17,6 +17,10 @@ from provq.common.signals import pause
 from provq.pipeline import commands
 from provq.pipeline.report import read_jsonl
 
+# The stages whose seconds make a ledger line's wall time: a tokenizer run's, a generation run's.
+TOKENIZER_STAGES = ("tokenizer", "rFID", "train pixels")
+GENERATION_STAGES = ("codes", "prior", "samples", "gFID")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -91,12 +95,10 @@ class Ablation:
             return original, found["metrics"]
         self.rechecking = True
         try:
-            metrics = self.train_and_evaluate(variant, seed)
+            metrics, run = self.train_and_evaluate(variant, seed), self.folder(variant, seed)
         finally:
             self.rechecking = False
-        name = f"recheck/{variant.name}/seed{seed}"
-        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("tokenizer", "rFID", "train pixels"))
-        self.ledger.append(key, metrics, wall)
+        self.ledger.append(key, metrics, self.seconds(run, TOKENIZER_STAGES))
         return original, metrics
 
     def run(self, name, command, done) -> None:
@@ -110,6 +112,11 @@ class Ablation:
             write_json_atomic(self.timings_path, self.timings)
         elif name not in self.timings and self.timings_path.exists():
             self.timings.update(json.loads(self.timings_path.read_text()))
+
+    def seconds(self, run: Path, stages: tuple[str, ...]) -> float:
+        """The recorded seconds of a run folder's stages (a ledger line's wall time)."""
+        name = str(run.relative_to(self.out))
+        return sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in stages)
 
     def time_summary(self, started: float) -> dict:
         stages = list(dict.fromkeys(self.stages))  # a stage's result may be read more than once
@@ -161,9 +168,8 @@ class Ablation:
             return found
         self.train_and_evaluate(variant, seed)  # its finished stages are skipped
         metrics = self.generation(variant, seed)
-        name = str(self.folder(variant, seed).relative_to(self.out))
-        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("codes", "prior", "samples", "gFID"))
-        self.ledger.append(self.generation_key(variant, seed), metrics, wall)
+        self.ledger.append(self.generation_key(variant, seed), metrics,
+                           self.seconds(self.folder(variant, seed), GENERATION_STAGES))
         return metrics
 
     def tokenizer(self, variant: Variant, seed: int) -> dict:
@@ -176,9 +182,8 @@ class Ablation:
             print(f"[ablation] {variant.name} seed {seed}: in the ledger {self.ledger.path}, not run again", flush=True)
             return found
         metrics = self.train_and_evaluate(variant, seed)
-        name = str(self.folder(variant, seed).relative_to(self.out))
-        wall = sum(self.timings.get(f"{name}: {stage}", 0.0) for stage in ("tokenizer", "rFID", "train pixels"))
-        self.ledger.append(self.ledger_key(variant, seed), metrics, wall)
+        self.ledger.append(self.ledger_key(variant, seed), metrics,
+                           self.seconds(self.folder(variant, seed), TOKENIZER_STAGES))
         return metrics
 
     def train_and_evaluate(self, variant: Variant, seed: int) -> dict:
