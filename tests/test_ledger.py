@@ -287,3 +287,38 @@ def test_the_recheck_command_prints_the_ledgers_metrics_beside_this_machines(tmp
     assert "[recheck] vq+kmeans+l2 seed 5 rfid: ledger" in printed and "80.0, here 79.0" in printed
     assert [r.get("recheck") is not None for r in Ledger(ledger, "pilot-1").rows()] == [False, True]
 
+
+
+def test_a_changed_preset_is_refused_before_training_and_names_both_recipes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from training_helpers import REPO
+
+    from provq.common.errors import UserError
+
+    ran = []
+    monkeypatch.setattr(runner.Ablation, "train_and_evaluate",
+                        lambda self, variant, seed: ran.append((variant.name, seed)) or {"psnr": 1.0})
+    variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"], VARIANTS["step@mid+kmeans+l2+fit@start"]]
+    setting = runner.Setting(seeds=2, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
+                             variants=tuple(v.name for v in variants), generation=False)
+    preset = tmp_path / "presets" / "emoji32.yaml"  # the study's preset, by the same name
+    preset.parent.mkdir()
+    preset.write_text(f"base: {REPO / 'configs' / 'emoji32.yaml'}\n")
+    args = argparse.Namespace(ledger=str(tmp_path / "ledger.jsonl"), plan="p", shard="0/1", dataset="emoji",
+                              resolution=32, config=str(preset), quick=False, full=False, subprocess=False,
+                              study=False)
+    runner.Ablation(args, setting, tmp_path / "out").all_runs(variants)
+    rows = Ledger(args.ledger, "p").rows()
+    assert len(rows) == 6 and len({r["recipe"] for r in rows}) == 1  # every variant and seed: one recipe
+    # another cadence of evaluations (set on the command line) is the same experiment: seed 2 runs
+    runner.Ablation(args, replace(setting, seeds=3, eval_every=100), tmp_path / "out").all_runs(variants)
+    assert len(ran) == 9 and {r["recipe"] for r in Ledger(args.ledger, "p").rows()} == {rows[0]["recipe"]}
+    # the preset's learning rate changed: another experiment, refused before its first run trains
+    preset.write_text(f"base: {REPO / 'configs' / 'emoji32.yaml'}\ntokenizer:\n  train: {{lr: 1.0e-3}}\n")
+    with pytest.raises(UserError, match=f"run with recipe {rows[0]['recipe']} .* give recipe [0-9a-f]{{12}}: the preset"):
+        runner.Ablation(args, replace(setting, seeds=4), tmp_path / "out").all_runs(variants)
+    assert len(ran) == 9
+    # lines written before ledgers carried a recipe do not count
+    Ledger(tmp_path / "old.jsonl", "p").append(KEY, {"psnr": 1.0}, 1.0)
+    Ledger(tmp_path / "old.jsonl", "p").check_recipe("0123456789ab")

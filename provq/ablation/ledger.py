@@ -10,13 +10,14 @@ each line is written whole under an exclusive ``flock``.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
-from provq.common.errors import FormatError
+from provq.common.errors import FormatError, UserError
 from provq.common.machine import machine
 
 # "compile": true for runs with compiled blocks (--compile), whose numbers differ from eager ones in the
@@ -48,6 +49,30 @@ def key_of(row: dict) -> tuple:
     return tuple(row.get(k) for k in KEY)
 
 
+# The command-line shortcuts of a training run and the fields they set.
+SHORTCUTS = {"seed": "tokenizer.train.seed", "max_steps": "tokenizer.train.max_steps"}
+
+
+def recipe(config: dict, argv: list[str]) -> str:
+    """A study's recipe: a short hash of a resolved config (``config_to_dict`` of the training script's
+    config) without the fields its command line ``argv`` sets (the seed and steps, the key's fields, the
+    cadence of evaluations and checkpoints). The runner resolves it without any variant's fields
+    (``Ablation.recipe``), so every run of a study on one preset gets the same recipe, and the recipe
+    changes only when the preset or a default of the code does: the batch, the learning rate, the
+    model, the loss, the ramp. Such a change makes another experiment, which a plan version must not
+    mix in (``Ledger.check_recipe``)."""
+    given = {SHORTCUTS.get(a[2:], a[2:]) for a in argv if a.startswith("--")}
+
+    def flat(mapping: dict, prefix: str = "") -> dict:
+        out = {}
+        for name, value in mapping.items():
+            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+        return out
+
+    kept = {name: value for name, value in flat(config).items() if name not in given}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class Ledger:
     """The ledger file at ``path``; ``plan`` is the plan version each new line carries."""
 
@@ -76,10 +101,23 @@ class Ledger:
         wanted = key_of({"plan": self.plan, **key})
         return next((row for row in self.rows() if key_of(row) == wanted), None)
 
-    def append(self, key: dict, metrics: dict, wall_s: float) -> dict:
+    def check_recipe(self, found: str) -> None:
+        """Refuse to add a run whose recipe differs from the ones this plan version's lines carry (a
+        preset or a default changed since): it would mix two experiments in one comparison. Lines
+        without a recipe (written before ledgers carried one) do not count."""
+        other = next((row for row in self.rows() if row.get("plan") == self.plan
+                      and row.get("recipe") not in (None, found)), None)
+        if other is not None:
+            raise UserError(
+                f"plan {self.plan!r} in {self.path} was run with recipe {other['recipe']} ({other['variant']} seed "
+                f"{other['seed']}, commit {other.get('commit')}); this code and preset give recipe {found}: the "
+                "preset or a default changed, which makes a new plan version (docs/results/study_plan.yaml)")
+
+    def append(self, key: dict, metrics: dict, wall_s: float, recipe: str | None = None) -> dict:
         """Add the run's line (unless a concurrent writer added the same run first); the line."""
         where = machine()
-        row = {"plan": self.plan, **key, "commit": self.commit, "cpu": where["cpu"], "torch": where["torch"],
+        row = {"plan": self.plan, **key, **({"recipe": recipe} if recipe else {}),
+               "commit": self.commit, "cpu": where["cpu"], "torch": where["torch"],
                "threads": where["threads"], "device": where["device"], "wall_s": round(wall_s, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from provq.ablation.ledger import Ledger
+from provq.ablation.ledger import Ledger, recipe
 from provq.ablation.variants import DEFAULT, QUICK, Variant, preset_ramp, select
 from provq.common.errors import ConfigError
 from provq.common.files import write_json_atomic
@@ -95,10 +95,12 @@ class Ablation:
             return original, found["metrics"]
         self.rechecking = True
         try:
+            found_recipe = self.recipe(seed)
+            self.ledger.check_recipe(found_recipe)
             metrics, run = self.train_and_evaluate(variant, seed), self.folder(variant, seed)
         finally:
             self.rechecking = False
-        self.ledger.append(key, metrics, self.seconds(run, TOKENIZER_STAGES))
+        self.ledger.append(key, metrics, self.seconds(run, TOKENIZER_STAGES), found_recipe)
         return original, metrics
 
     def run(self, name, command, done) -> None:
@@ -181,23 +183,47 @@ class Ablation:
         if found is not None:
             print(f"[ablation] {variant.name} seed {seed}: in the ledger {self.ledger.path}, not run again", flush=True)
             return found
+        found_recipe = self.recipe(seed)
+        self.ledger.check_recipe(found_recipe)  # before hours of training, not after
         metrics = self.train_and_evaluate(variant, seed)
         self.ledger.append(self.ledger_key(variant, seed), metrics,
-                           self.seconds(self.folder(variant, seed), TOKENIZER_STAGES))
+                           self.seconds(self.folder(variant, seed), TOKENIZER_STAGES), found_recipe)
         return metrics
+
+    def overrides(self, variant: Variant, seed: int) -> list[str]:
+        """The tokenizer run's command-line fields (after --config and --output_dir)."""
+        return [*self.common_overrides(seed), *variant.overrides(self.setting.codebook_size, self.ramp),
+                *(("--tokenizer.train.compile", "true") if self.compiled else ())]
+
+    def common_overrides(self, seed: int) -> list[str]:
+        """What every variant's command line sets: data, seed, steps, cadence."""
+        s = self.setting
+        return [*self.data(), "--tokenizer.model.resolution", str(self.args.resolution),
+                "--seed", str(seed), "--max_steps", str(s.tokenizer_steps),
+                "--tokenizer.train.eval_every", str(s.eval_every),
+                "--tokenizer.train.image_every", str(s.tokenizer_steps),
+                "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4))]
+
+    def recipe(self, seed: int) -> str:
+        """The runs' recipe (ledger.recipe): the config the training script resolves from the preset
+        (with its ramp, from which the variants place their switches) and the code's defaults, without
+        the fields every variant's command line sets, nor the variant's own. The same for every variant
+        and seed of a study on one preset."""
+        from provq.commands.train_tokenizer import TrainTokenizerConfig, build_parser
+        from provq.common.cli import parse_config
+        from provq.common.typed_config import config_to_dict
+
+        argv = self.common_overrides(seed)
+        config, _ = parse_config(build_parser(), TrainTokenizerConfig, "tokenizer",
+                                 ["--config", self.args.config, "--output_dir", str(self.out / "recipe"), *argv])
+        return recipe(config_to_dict(config), argv)
 
     def train_and_evaluate(self, variant: Variant, seed: int) -> dict:
         """Train one variant x seed and evaluate it: test rFID/PSNR/SSIM, train PSNR/SSIM."""
-        run, s = self.folder(variant, seed), self.setting
-        overrides = (*self.data(), "--tokenizer.model.resolution", str(self.args.resolution),
-                     "--seed", str(seed), "--max_steps", str(s.tokenizer_steps),
-                     "--tokenizer.train.eval_every", str(s.eval_every),
-                     "--tokenizer.train.image_every", str(s.tokenizer_steps),
-                     "--tokenizer.train.save_every", str(max(s.eval_every, s.tokenizer_steps // 4)),
-                     *variant.overrides(s.codebook_size, self.ramp),
-                     *(("--tokenizer.train.compile", "true") if self.compiled else ()))
+        run = self.folder(variant, seed)
         tok, name = run / "tok" / "tokenizer", str(run.relative_to(self.out))
-        self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok", *overrides),
+        self.run(f"{name}: tokenizer", commands.train_tokenizer(self.args.config, run / "tok",
+                                                                *self.overrides(variant, seed)),
                  tok / "model.safetensors")
         evaluate = ("--tokenizer", str(tok), "--dataset", self.args.dataset, "--lpips_net", "none")
         self.run(f"{name}: rFID", commands.evaluate("rfid", *evaluate, "--split", "test", "--out",
