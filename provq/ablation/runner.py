@@ -230,7 +230,7 @@ class Ablation:
                                                     str(run / "rfid.json"), *(("--compile",) if self.compiled else ())),
                  run / "rfid.json")
         metrics = {**json.loads((run / "rfid.json").read_text())["metrics"], **last_geometry(run / "tok")}
-        if not s.train_pixels:
+        if not self.setting.train_pixels:
             return metrics
         self.run(f"{name}: train pixels", commands.evaluate(
             "rfid", *evaluate, "--split", "train", "--pixel_only", "--out", str(run / "train_pixels.json")),
