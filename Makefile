@@ -45,12 +45,17 @@ $(APP_STAMP): $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tensorboard,app]'
 	@touch $(APP_STAMP)
 
+# Tests: one pytest-xdist worker per core, one torch thread each (a test is too small for two threads
+# to pay); the slow tests start first (tests/conftest.py) and an idle worker takes over queued ones.
+TEST_WORKERS ?= $(shell nproc)
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: setup-app
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The edit loop: every room, without the end-to-end and subprocess tests (marked slow).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,10 +29,10 @@ ARMS = {"eager": (), "compiled": ("--compile",)}
 KEPT = ("psnr", "rfid", "ssim", "codebook_usage", "codebook_perplexity")
 
 
-def ablation(folder: Path, steps: int, variant: str, extra: tuple[str, ...]) -> subprocess.Popen:
+def ablation(folder: Path, args, extra: tuple[str, ...]) -> subprocess.Popen:
     command = [sys.executable, "-m", "provq.ablation", "--no_generation", "--no_train_pixels", "--seeds", "1",
-               "--steps", str(steps), "--codebook_size", "1024", "--variants", variant, "--output_dir", str(folder),
-               *extra]
+               "--steps", str(args.steps), "--codebook_size", "1024", "--variants", args.variant,
+               "--dataset", args.dataset, "--resolution", str(args.resolution), "--output_dir", str(folder), *extra]
     log = (folder.parent / f"{folder.name}.log").open("w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--variant", default="cosine+kmeans+l2")
+    parser.add_argument("--dataset", default="emoji", help="the study's (emoji); tests pass a tiny folder")
+    parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)} (default: both)")
     parser.add_argument("--work", default="runs/bench_study_unit", help="scratch folder (emptied first)")
     parser.add_argument("--out", default="bench/results/study_unit.json")
@@ -64,11 +66,11 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True)
     for arm, extra in chosen.items():  # one at a time: the warm-ups share the caches they fill
         folder = work / f"warm_{arm}"
-        finished(ablation(folder, 2, args.variant, extra), folder)
+        finished(ablation(folder, argparse.Namespace(**{**vars(args), "steps": 2}), extra), folder)
     load_before = os.getloadavg()
     started, processes = time.time(), {}
     for arm, extra in chosen.items():
-        processes[arm] = ablation(work / arm, args.steps, args.variant, extra)
+        processes[arm] = ablation(work / arm, args, extra)
     walls = {}
     for arm, process in processes.items():
         finished(process, work / arm)
@@ -79,7 +81,7 @@ def main(argv=None) -> dict:
         found["runs_per_hour"] = round(at_once * 3600 / found["wall_s"], 2)
     result = {
         "benchmark": "study_unit",
-        "unit": f"{args.variant}, emoji 32 px, 1,024 codes, {args.steps} steps, one thread, then rFID on the test "
+        "unit": f"{args.variant}, {args.dataset} {args.resolution} px, 1,024 codes, {args.steps} steps, one thread, then rFID on the test "
                 "split (python -m provq.ablation --no_generation --no_train_pixels)",
         "arms": {arm: " ".join(extra) or "(default)" for arm, extra in chosen.items()},
         "concurrent_runs": len(chosen), "cpu_count": os.cpu_count(),

@@ -11,6 +11,13 @@ from training_helpers import make_image_folder
 os.environ["PROVQ_STATS_CACHE"] = tempfile.mkdtemp(prefix="provq-stats-cache-")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (stable: each group keeps its order): under pytest-xdist (`make test`) the
+    long ones start at once and the short ones fill the workers' gaps, instead of one long test
+    starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory):
     """96 PNGs of 16 px in 4 class folders (about 88 train, 8 test after the hash split)."""

@@ -27,9 +27,10 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(tmp_path):
+def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(tmp_path, image_folder):
     out = tmp_path / "study_unit.json"
     done = subprocess.run([sys.executable, "-m", "bench.study_unit", "--arms", "eager", "--steps", "2",
+                           "--dataset", str(image_folder), "--resolution", "16",
                            "--work", str(tmp_path / "work"), "--out", str(out)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -40,3 +41,25 @@ def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(
     assert 0 < eager["metrics"]["codebook_usage"] <= 1 and eager["metrics"]["psnr"] > 5
     assert result["cpu"]["model"] and result["torch"]  # where it ran, for every figure
 
+
+
+def test_time_to_quality_pairs_each_arm_with_base_by_seed_and_compares_seconds():
+    from bench.time_to_quality import summary
+
+    def run(tok_s, rfid_s, rfid, psnr, usage):
+        return {"seconds": {"tokenizer": tok_s, "rFID": rfid_s},
+                "metrics": {"rfid": rfid, "psnr": psnr, "codebook_usage": usage}}
+
+    runs = {"base": {1: run(300, 60, 100.0, 22.0, 0.9), 2: run(300, 60, 110.0, 22.4, 0.8)},
+            "batch16": {1: run(150, 60, 104.0, 21.8, 0.9), 2: run(150, 60, 112.0, 22.0, 0.9),
+                        3: run(150, 60, 999.0, 0.0, 0.0)}}  # seed 3 has no base: not paired
+    found = summary(runs)
+    assert found["base"]["wall_s_mean"] == 360.0 and "minus_base" not in found["base"]
+    arm = found["batch16"]
+    assert arm["wall_ratio_to_base"] == round(420 / 720, 3)  # seeds 1 and 2 only
+    rfid = arm["minus_base"]["rfid"]
+    assert rfid["n"] == 2 and rfid["mean"] == pytest.approx(3.0)  # (4 + 2) / 2
+    # t(0.975, 1 df) = 12.706; sd of (4, 2) = sqrt(2); half width = 12.706 * sqrt(2) / sqrt(2)
+    assert rfid["ci95"] == pytest.approx([3.0 - 12.7062, 3.0 + 12.7062], abs=1e-3)
+    assert arm["minus_base"]["psnr"]["mean"] == pytest.approx(-0.3)
+    assert arm["minus_base"]["codebook_usage"]["mean"] == pytest.approx(0.05)
