@@ -144,11 +144,11 @@ def test_the_report_is_made_from_the_plan_and_the_ledger(tmp_path):
     plan, ledger = _plan_and_ledger(tmp_path, "v1", seeds=3)
     a, b = [20.0, 21.0, 20.5], [19.9, 20.6, 20.4]
     for seed in range(3):
-        ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": a[seed]}, 60.0)
-        ledger.append({**KEY, "variant": "b", "seed": seed}, {"psnr": b[seed]}, 60.0)
+        ledger.append({**KEY, "variant": "a", "seed": seed}, {"psnr": a[seed]}, 60.0, recipe="0123456789ab")
+        ledger.append({**KEY, "variant": "b", "seed": seed}, {"psnr": b[seed]}, 60.0, recipe="0123456789ab")
     text = plan_module.write_plan_report(plan, ledger.path, tmp_path / "report.md").read_text()
     differences = [x - y for x, y in zip(a, b, strict=True)]
-    assert "Runs: 6 of 6 planned (0 remaining)" in text
+    assert "Runs: 6 of 6 planned (0 remaining)" in text and "recipe 0123456789ab (ledger.recipe)" in text
     assert f"{statistics.fmean(differences):+.4g}" in text and f"{statistics.stdev(differences):.3g}" in text
     assert "INTERIM" not in text
     # one comparison: the pooled sd is its own paired sd, and its seed count the per-comparison one

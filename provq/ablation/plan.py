@@ -91,11 +91,14 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
                   "`--recheck` adds one).", ""]
     for number, (cpu, group) in enumerate(groups.items()):
         commits = sorted({str(r.get("commit")) for r in group})
+        recipes = sorted({r["recipe"] for r in group if r.get("recipe")})
         threads = sorted({r.get("threads") for r in group})
         wall = statistics.fmean(r["wall_s"] for r in group)
         lines += [f"### {cpu}: {len(group)} runs", "",
                   f"torch {', '.join(sorted({r['torch'] for r in group}))}; {threads} thread(s) per run; "
-                  f"commit(s) {', '.join(commits)}; {wall / 60:.1f} min per run on average (training and "
+                  f"commit(s) {', '.join(commits)}; "
+                  + (f"recipe {', '.join(recipes)} (ledger.recipe); " if recipes else "")
+                  + f"{wall / 60:.1f} min per run on average (training and "
                   "evaluation; two runs shared the machine's two cores).", ""]
         lines += variant_table(variants, by_variant(group), metrics) + [""]
         if version.get("primary"):
