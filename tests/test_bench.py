@@ -63,3 +63,13 @@ def test_time_to_quality_pairs_each_arm_with_base_by_seed_and_compares_seconds()
     assert rfid["ci95"] == pytest.approx([3.0 - 12.7062, 3.0 + 12.7062], abs=1e-3)
     assert arm["minus_base"]["psnr"]["mean"] == pytest.approx(-0.3)
     assert arm["minus_base"]["codebook_usage"]["mean"] == pytest.approx(0.05)
+
+
+def test_the_test_suite_bench_reads_pytests_last_line():
+    from bench.test_suite import summary_line
+
+    found = summary_line("....\n476 passed, 80 warnings in 416.94s (0:06:56)\n")
+    assert found["pytest_s"] == 416.94 and found["passed"] == 476
+    found = summary_line("x\n2 failed, 424 passed, 49 deselected in 84.89s (0:01:24)")
+    assert (found["failed"], found["passed"], found["deselected"], found["pytest_s"]) == (2, 424, 49, 84.89)
+    assert summary_line("")["pytest_s"] is None

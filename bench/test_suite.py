@@ -1,0 +1,72 @@
+"""The test suite's wall time, before and after a change, on this machine: `make test-fast`'s and
+`make test`'s pytest, each as a commit ran it.
+
+    python -m bench.test_suite --before REV [--out bench/results/test_suite.json]
+
+``before`` is REV checked out in a scratch git worktree and run with the commands its Makefile had
+then (one pytest process, OMP_NUM_THREADS = the cores); ``after`` is this working tree with the
+Makefile's commands now (one pytest-xdist worker per core, one thread each, slow tests first). The
+four runs go one after another (before and after of the fast subset, then of the whole suite), on
+the same machine with nothing else running, and share its caches (the emoji dataset, inductor's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.results_io import write_result
+
+REPO = Path(__file__).resolve().parents[1]
+SERIAL = "OMP_NUM_THREADS={cores} {python} -m pytest -q -p no:cacheprovider"  # `make test` before xdist
+XDIST = "OMP_NUM_THREADS=1 {python} -m pytest -q -p no:cacheprovider -n {cores} --dist worksteal"  # the Makefile's
+SUBSETS = {"fast": '-m "not slow" tests', "full": "tests"}
+
+
+def summary_line(output: str) -> dict:
+    """pytest's last line, e.g. ``476 passed, 80 warnings in 416.94s``: the counts and its seconds."""
+    line = output.strip().splitlines()[-1] if output.strip() else ""
+    found = re.search(r"in ([\d.]+)s", line)
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", line)}
+    return {"line": line, "pytest_s": float(found.group(1)) if found else None, **counts}
+
+
+def run(command: str, cwd: Path) -> dict:
+    started = time.time()
+    done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True)
+    return {"command": command, "rc": done.returncode, "wall_s": round(time.time() - started, 1),
+            **summary_line(done.stdout)}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the commit to compare with (run in a scratch worktree)")
+    parser.add_argument("--out", default="bench/results/test_suite.json")
+    args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    fill = {"cores": cores, "python": sys.executable}
+    with tempfile.TemporaryDirectory(prefix="provq-before-") as scratch:
+        before = Path(scratch) / "tree"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(before), args.before],
+                       check=True)
+        try:
+            results = {}
+            for subset, selection in SUBSETS.items():
+                results[f"before_{subset}"] = run(f"{SERIAL.format(**fill)} {selection}", before)
+                results[f"after_{subset}"] = run(f"{XDIST.format(**fill)} {selection}", REPO)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
+    speedup = {subset: round(results[f"before_{subset}"]["pytest_s"] / results[f"after_{subset}"]["pytest_s"], 2)
+               for subset in SUBSETS if results[f"after_{subset}"]["pytest_s"]}
+    return write_result({"benchmark": "test_suite", "before": args.before, "cores": cores, "results": results,
+                         "speedup": speedup}, args.out)
+
+
+if __name__ == "__main__":
+    main()
