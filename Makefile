@@ -47,7 +47,8 @@ $(APP_STAMP): $(STAMP)
 
 # Tests: one pytest-xdist worker per core, one torch thread each (a test is too small for two threads
 # to pay); the slow tests start first (tests/conftest.py) and an idle worker takes over queued ones.
-TEST_WORKERS ?= $(shell nproc)
+# At most 4 workers: each holds its own torch and test fixtures (up to ~4 GiB at the suite's peak).
+TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test: setup-app
