@@ -1,7 +1,7 @@
 """The test suite's wall time, before and after a change, on this machine: `make test-fast`'s and
 `make test`'s pytest, each as a commit ran it.
 
-    python -m bench.test_suite --before REV [--out bench/results/test_suite.json]
+    python -m bench.test_suite --before REV [--paths tests] [--out bench/results/test_suite.json]
 
 ``before`` is REV checked out in a scratch git worktree and run with the commands its Makefile had
 then (one pytest process, OMP_NUM_THREADS = the cores); ``after`` is this working tree with the
@@ -26,7 +26,7 @@ from bench.results_io import write_result
 REPO = Path(__file__).resolve().parents[1]
 SERIAL = "OMP_NUM_THREADS={cores} {python} -m pytest -q -p no:cacheprovider"  # `make test` before xdist
 XDIST = "OMP_NUM_THREADS=1 {python} -m pytest -q -p no:cacheprovider -n {cores} --dist worksteal"  # the Makefile's
-SUBSETS = {"fast": '-m "not slow" tests', "full": "tests"}
+SUBSETS = {"fast": '-m "not slow"', "full": ""}  # make test-fast's selection, make test's
 
 
 def summary_line(output: str) -> dict:
@@ -47,6 +47,7 @@ def run(command: str, cwd: Path) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the commit to compare with (run in a scratch worktree)")
+    parser.add_argument("--paths", default="tests", help="what pytest collects (default: the suite)")
     parser.add_argument("--out", default="bench/results/test_suite.json")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
@@ -58,13 +59,14 @@ def main(argv=None) -> dict:
         try:
             results = {}
             for subset, selection in SUBSETS.items():
-                results[f"before_{subset}"] = run(f"{SERIAL.format(**fill)} {selection}", before)
-                results[f"after_{subset}"] = run(f"{XDIST.format(**fill)} {selection}", REPO)
+                results[f"before_{subset}"] = run(f"{SERIAL.format(**fill)} {selection} {args.paths}", before)
+                results[f"after_{subset}"] = run(f"{XDIST.format(**fill)} {selection} {args.paths}", REPO)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
     speedup = {subset: round(results[f"before_{subset}"]["pytest_s"] / results[f"after_{subset}"]["pytest_s"], 2)
                for subset in SUBSETS if results[f"after_{subset}"]["pytest_s"]}
-    return write_result({"benchmark": "test_suite", "before": args.before, "cores": cores, "results": results,
+    return write_result({"benchmark": "test_suite", "before": args.before, "paths": args.paths, "cores": cores,
+                         "results": results,
                          "speedup": speedup}, args.out)
 
 

@@ -73,3 +73,20 @@ def test_the_test_suite_bench_reads_pytests_last_line():
     found = summary_line("x\n2 failed, 424 passed, 49 deselected in 84.89s (0:01:24)")
     assert (found["failed"], found["passed"], found["deselected"], found["pytest_s"]) == (2, 424, 49, 84.89)
     assert summary_line("")["pytest_s"] is None
+
+
+@pytest.mark.slow
+def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path):
+    out = tmp_path / "test_suite.json"
+    done = subprocess.run([sys.executable, "-m", "bench.test_suite", "--before", "HEAD", "--paths",
+                           "tests/test_house_style.py", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"before_fast", "after_fast", "before_full", "after_full"}
+    for name, found in result["results"].items():
+        assert found["rc"] == 0 and found["passed"] > 0 and found["pytest_s"] > 0, (name, found)
+        assert ("-n " in found["command"]) == name.startswith("after")  # the old serial command, then xdist
+    assert result["speedup"]["full"] > 0 and result["cpu"]["model"]
+    listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "provq-before-" not in listed  # the scratch worktree is removed
