@@ -89,13 +89,19 @@ def test_runs_in_the_ledger_are_not_run_again_and_shards_split_the_rest(tmp_path
     assert len(ran) == 2 + 3 and len(Ledger(ledger, "pilot-1").rows()) == 6
 
 
-def test_runs_go_seed_by_seed_so_a_stopped_study_holds_whole_paired_blocks(tmp_path, monkeypatch):
+def _recorded_runs(monkeypatch):
+    """Three variants x 2 seeds whose training only records (variant, seed) in ``ran``."""
     ran = []
     monkeypatch.setattr(runner.Ablation, "train_and_evaluate",
                         lambda self, variant, seed: ran.append((variant.name, seed)) or {"psnr": 1.0})
     variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"], VARIANTS["step@mid+kmeans+l2+fit@start"]]
     setting = runner.Setting(seeds=2, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
                              variants=tuple(v.name for v in variants), generation=False)
+    return ran, variants, setting
+
+
+def test_runs_go_seed_by_seed_so_a_stopped_study_holds_whole_paired_blocks(tmp_path, monkeypatch):
+    ran, variants, setting = _recorded_runs(monkeypatch)
     args = argparse.Namespace(ledger=str(tmp_path / "ledger.jsonl"), plan="p", shard="0/1", dataset="emoji",
                               resolution=32, config="configs/emoji32.yaml", quick=False, full=False,
                               subprocess=False, study=False)
@@ -296,12 +302,7 @@ def test_a_changed_preset_is_refused_before_training_and_names_both_recipes(tmp_
 
     from provq.common.errors import UserError
 
-    ran = []
-    monkeypatch.setattr(runner.Ablation, "train_and_evaluate",
-                        lambda self, variant, seed: ran.append((variant.name, seed)) or {"psnr": 1.0})
-    variants = [VARIANTS["vq+kmeans+l2"], VARIANTS["cosine+kmeans+l2"], VARIANTS["step@mid+kmeans+l2+fit@start"]]
-    setting = runner.Setting(seeds=2, tokenizer_steps=400, prior_steps=1, num_samples=1, eval_every=50,
-                             variants=tuple(v.name for v in variants), generation=False)
+    ran, variants, setting = _recorded_runs(monkeypatch)
     preset = tmp_path / "presets" / "emoji32.yaml"  # the study's preset, by the same name
     preset.parent.mkdir()
     preset.write_text(f"base: {REPO / 'configs' / 'emoji32.yaml'}\n")
