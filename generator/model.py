@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from provq.common.cards import CardContent
 from provq.common.pretrained import PretrainedMixin
@@ -16,6 +16,9 @@ from provq.common.typed_config import check_ranges
 
 from .errors import CodeRangeError, check_fingerprint
 from .positions import POSITION_EMBEDDINGS, GridRotaryEmbedding, add_output_dropout
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 
 @dataclass
@@ -80,6 +83,9 @@ class PriorOutput:
 
 def llama_config(config: PriorConfig) -> LlamaConfig:
     """The LlamaConfig of a prior; every numeric choice is explicit so library defaults cannot drift."""
+    # transformers takes seconds to import: a model being built pays for it, not every --help
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -139,6 +145,8 @@ class ARPrior(PretrainedMixin, nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
+        from transformers import LlamaForCausalLM
+
         self.llama = LlamaForCausalLM(llama_config(config))
         self.embed_dropout = nn.Dropout(config.token_dropout)
         add_output_dropout(self.llama, config.residual_dropout, config.ffn_dropout)

@@ -6,22 +6,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import transformers
-from transformers import DynamicCache, StaticCache
 
 from provq.common.typed_config import check_ranges
 
 from .model import ARPrior
 
+
 # The static cache writes each step in place; the dynamic one concatenates the whole cache
 # every step, which for GPT-B at 256 codes made CPU sampling ~1.5x slower. Its lazy
 # constructor and in-place positions are those of transformers 5 (verified on 5.24).
-_STATIC_CACHE = int(transformers.__version__.split(".")[0]) >= 5
-
-
 def new_cache(prior: ARPrior):
     """A KV cache for one sampling run: N tokens enter the model (class + N-1 codes)."""
-    if _STATIC_CACHE:
+    # imported here: transformers takes seconds to import, which a command's --help should not pay
+    import transformers
+    from transformers import DynamicCache, StaticCache
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
         return StaticCache(config=prior.llama.config, max_cache_len=prior.config.num_tokens)
     return DynamicCache()
 

@@ -79,3 +79,19 @@ def test_no_function_takes_more_than_six_parameters():
                 if count > 6:
                     too_many.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({count})")
     assert not too_many, too_many
+
+
+def test_a_console_command_loads_neither_diffusers_nor_transformers_before_it_parses():
+    """diffusers (which loads all its models and torch._dynamo) and transformers take seconds to import:
+    a command's --help, and a typo in its flags, must not wait for them; building a model loads them."""
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = sorted({target.split(":")[0] for target in scripts.values()})
+    probe = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
+             "print(sorted(m for m in ('diffusers', 'torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['torch']"  # torch shows the probe sees an import when there is one

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from diffusers.models.autoencoders.vae import Decoder, Encoder
 
 from provq.common.cards import CardContent
 from provq.common.hashing import update_with_tensors
@@ -148,6 +147,10 @@ class ProVQTokenizer(PretrainedMixin, nn.Module):
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
+        # diffusers loads all its models (and torch._dynamo) on import, several seconds: only a model
+        # being built pays for it, not every command's --help.
+        from diffusers.models.autoencoders.vae import Decoder, Encoder
+
         self.config = config
         channels = [config.base_channels * m for m in config.channel_multipliers]
         block_args = dict(
