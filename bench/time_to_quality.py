@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python -m bench.time_to_quality [--seeds 3] [--arms base,batch16,steps200,warmup20]
 
 Each arm is the study's unit (``cosine+kmeans+l2``, emoji 32 px, 1,024 codes, one thread: the tokenizer
-run, then rFID on the test split, the same two commands as ``python -m provq.ablation``) with other
-batch / learning rate / step / warm-up settings. The arms run one after another in this process's core
+run, then rFID on the test split, run by the study's own runner, provq.ablation.runner) on a preset of
+its own: emoji32 with another batch / learning rate / warm-up, and its own step count. The arms run one after another in this process's core
 (seed-major: every arm's seed s before seed s + 1, so a stopped bench holds whole paired blocks; rerun
 the same command to continue, finished runs are kept). Seed s is the same initial weights in every arm.
 
@@ -17,16 +17,17 @@ margins of practical equivalence (docs/results/study_plan.yaml): descriptive her
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.results_io import write_result
+from provq.ablation import __main__ as ablation_main
+from provq.ablation.runner import TOKENIZER_STAGES, Ablation, setting_of
 from provq.ablation.statistics import paired_difference
-from provq.ablation.variants import preset_ramp, variant
-from provq.pipeline import commands
+from provq.ablation.variants import variant
+from provq.common.presets import preset_path
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,13 @@ class Arm:
     warmup_steps: int = 100  # the preset's lr warm-up, in steps (a quarter of a 400-step run)
     eval_every: int = 50  # the study's: the test split's PSNR, usage and geometry every 50 steps
 
-    def overrides(self) -> list[str]:
-        return ["--tokenizer.train.batch_size", str(self.batch), "--tokenizer.train.lr", str(self.lr),
-                "--max_steps", str(self.steps), "--tokenizer.train.warmup_steps", str(self.warmup_steps),
-                "--tokenizer.train.eval_every", str(self.eval_every),
-                "--tokenizer.train.save_every", str(max(self.eval_every, self.steps // 4))]
+    def preset(self, path: Path) -> Path:
+        """emoji32 with this arm's batch, learning rate and warm-up: the study's runner reads it as it
+        reads any preset (the steps and the evaluation cadence are the runner's settings)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"base: {preset_path('emoji32').resolve()}\ntokenizer:\n  train: {{batch_size: {self.batch}, "
+                        f"lr: {self.lr}, warmup_steps: {self.warmup_steps}}}\n")
+        return path
 
 
 ARMS = {
@@ -58,24 +61,19 @@ COMPARED = ("rfid", "psnr", "codebook_usage")
 
 
 def run_one(work: Path, arm: str, seed: int) -> dict:
-    """Train and evaluate one arm x seed (skipped where its files exist); its seconds and metrics."""
-    folder = work / arm / f"seed{seed}"
-    timings_path = folder / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    chosen = variant(VARIANT)
-    tok = folder / "tok"
-    overrides = ["--data.dataset", "emoji", "--data.resolution", "32", "--tokenizer.model.resolution", "32",
-                 "--seed", str(seed), "--tokenizer.train.image_every", str(ARMS[arm].steps),
-                 *chosen.overrides(1024, preset_ramp("emoji32")), *ARMS[arm].overrides()]
-    commands.run_unless_done("tokenizer", commands.train_tokenizer("emoji32", tok, *overrides),
-                             tok / "tokenizer" / "model.safetensors", timings)
-    timings_path.write_text(json.dumps(timings))
-    commands.run_unless_done("rFID", commands.evaluate(
-        "rfid", "--tokenizer", str(tok / "tokenizer"), "--dataset", "emoji", "--lpips_net", "none",
-        "--split", "test", "--out", str(folder / "rfid.json")), folder / "rfid.json", timings)
-    timings_path.write_text(json.dumps(timings))
-    metrics = json.loads((folder / "rfid.json").read_text())["metrics"]
-    return {"seconds": timings, "metrics": {key: metrics[key] for key in KEPT if key in metrics}}
+    """Train and evaluate one arm x seed with the study's runner (its stages skipped where their files
+    exist); its seconds per stage and metrics."""
+    chosen, folder = ARMS[arm], work / arm
+    args = ablation_main.build_parser().parse_args([
+        "--config", str(chosen.preset(folder / "preset.yaml")), "--dataset", "emoji", "--resolution", "32",
+        "--steps", str(chosen.steps), "--codebook_size", "1024", "--variants", VARIANT,
+        "--no_generation", "--no_train_pixels", "--output_dir", str(folder)])
+    ablation = Ablation(args, replace(setting_of(args), eval_every=chosen.eval_every), folder)
+    metrics = ablation.train_and_evaluate(variant(VARIANT), seed)
+    name = str(ablation.folder(variant(VARIANT), seed).relative_to(folder))
+    seconds = {stage: ablation.timings[f"{name}: {stage}"] for stage in TOKENIZER_STAGES
+               if f"{name}: {stage}" in ablation.timings}
+    return {"seconds": seconds, "metrics": {key: metrics[key] for key in KEPT if key in metrics}}
 
 
 def summary(runs: dict[str, dict[int, dict]]) -> dict:
