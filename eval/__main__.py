@@ -10,7 +10,7 @@ from pathlib import Path
 
 from eval import stats_cache
 from eval.compute import EvalSetup, Processes, StatsResult, reconstruction_stats, source_stats
-from eval.fid import fid_from_stats, load_stats, save_stats
+from eval.fid import FRECHET_METHODS, fid_from_stats, load_stats, save_stats
 from eval.inception import load_inception, protocol
 from eval.inputs import DatasetSource, open_images
 from eval.precision_recall import precision_recall
@@ -50,8 +50,10 @@ def _common(parser: argparse.ArgumentParser, out_help: str = "also write the JSO
     parser.add_argument("--compile", action="store_true",
                         help="compile the Inception network (2-core CPU: 1.38x the images/s after a one-time "
                              "compile of ~25 s; worth it from a few thousand images)")
-    parser.add_argument("--frechet_method", default="eigh", choices=["eigh", "sqrtm"],
-                        help="Tr sqrt(S1 S2) by symmetric eigh (default) or scipy's sqrtm (the reference code)")
+    parser.add_argument("--frechet_method", default="cholesky", choices=FRECHET_METHODS,
+                        help="Tr sqrt(S1 S2) by a pivoted Cholesky factor of the lower-rank covariance (default; "
+                             "exact and fast with fewer images than 2,048), symmetric eigh, or scipy's sqrtm "
+                             "(the reference code)")
     parser.add_argument("--out", default=None, help=out_help)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+from scipy.linalg.lapack import dpstrf
 
 from provq.common.errors import FormatError
 from provq.common.files import read_npz, write_atomic
@@ -118,25 +119,57 @@ def _trace_sqrt_product_eigh(sigma1, sigma2) -> float:
     return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigh", eps: float = 1e-6) -> float:
+def _psd_factor(matrix) -> np.ndarray:
+    """F (D x r) with F F^T = matrix, r its numerical rank: LAPACK's pivoted Cholesky (dpstrf), which
+    stops at the first pivot below D * eps * its largest diagonal (so a covariance of n < D images gives
+    r = n - 1, and round-off's tiny negative eigenvalues are left out, as eigh's clipping leaves them)."""
+    factor, pivots, rank, info = dpstrf((matrix + matrix.T) / 2, lower=1)
+    if info < 0 or not np.isfinite(factor).all():
+        raise ValueError("a covariance with NaN or infinite entries has no Frechet distance")
+    found = np.empty((matrix.shape[0], rank))
+    found[pivots - 1] = np.tril(factor)[:, :rank]  # undo the pivoting: P^T A P = L L^T
+    return found
+
+
+def _trace_sqrt_product_factor(sigma1, sigma2) -> float:
+    """Tr sqrt(S1 S2) = sum sqrt(eig(F^T S2 F)) for S1 = F F^T: the r x r matrix has S1 S2's nonzero
+    eigenvalues. Factoring the covariance of lower rank makes it O(D^2 r): with fewer images than
+    feature dimensions (392 test images, 500 samples) it is exact to round-off where eigh and sqrtm
+    add the square roots of ~D - r round-off eigenvalues (~1e-4 on 2,048 dimensions)."""
+    factors = sorted(((_psd_factor(a), b) for a, b in ((sigma1, sigma2), (sigma2, sigma1))),
+                     key=lambda pair: pair[0].shape[1])
+    factor, other = factors[0]
+    middle = factor.T @ other @ factor
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+
+
+TRACE_SQRT = {"cholesky": _trace_sqrt_product_factor, "eigh": _trace_sqrt_product_eigh}
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "cholesky", eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)).
 
-    method "sqrtm" is the reference tools' scipy.linalg.sqrtm (imaginary parts dropped, eps
-    added when singular); "eigh" (default) is the same quantity by symmetric eigendecomposition.
+    method "sqrtm" is the reference tools' scipy.linalg.sqrtm (imaginary parts dropped, eps added when
+    singular); "eigh" the same quantity by symmetric eigendecomposition; "cholesky" (default) by a
+    pivoted Cholesky factor of the lower-rank covariance (_trace_sqrt_product_factor).
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if method == "sqrtm":
         trace_sqrt = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
-    elif method == "eigh":
-        trace_sqrt = _trace_sqrt_product_eigh(sigma1, sigma2)
+    elif method in TRACE_SQRT:
+        trace_sqrt = TRACE_SQRT[method](sigma1, sigma2)
     else:
-        raise ValueError(f"method must be 'eigh' or 'sqrtm', not {method!r}")
+        raise ValueError(f"method must be one of {', '.join(FRECHET_METHODS)}, not {method!r}")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def fid_from_stats(a: FeatureStats, b: FeatureStats, method: str = "eigh") -> float:
+FRECHET_METHODS = ("cholesky", "eigh", "sqrtm")
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats, method: str = "cholesky") -> float:
     check_compatible(a, b)
     return frechet_distance(a.mean, a.cov, b.mean, b.cov, method=method)
 

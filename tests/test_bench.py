@@ -90,3 +90,17 @@ def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path):
     assert result["speedup"]["full"] > 0 and result["cpu"]["model"]
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "provq-before-" not in listed  # the scratch worktree is removed
+
+
+def test_the_frechet_bench_times_each_route_and_compares_it_with_the_exact_value(tmp_path, monkeypatch):
+    import bench.frechet as frechet
+
+    monkeypatch.setattr(frechet, "DIM", 64)
+    monkeypatch.setattr(frechet, "CASES", {"few images": (20, 30), "full rank": (200, 300)})
+    result = frechet.main(["--repeats", "1", "--out", str(tmp_path / "frechet.json")])
+    assert json.loads((tmp_path / "frechet.json").read_text())["results"] == result["results"]
+    few, full = result["results"]["few images"], result["results"]["full rank"]
+    assert few["exact"] > 0 and abs(few["cholesky"]["minus_exact"]) < 1e-9 * few["exact"]
+    assert full["exact"] is None and full["cholesky"]["minus_exact"] is None
+    assert full["cholesky"]["fid"] == pytest.approx(full["sqrtm"]["fid"], rel=1e-8)
+    assert {"seconds", "fid"} <= set(full["eigh"]) and result["cpu"]["model"]

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
+    FRECHET_METHODS,
     FeatureStats,
     InceptionScoreAccumulator,
     StatsError,
@@ -74,7 +75,7 @@ def folder_stats(folders, model):
 # --- Frechet distance and statistics -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+@pytest.mark.parametrize("method", FRECHET_METHODS)
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians(method):
     mu1, mu2 = np.array([1.0, -2.0, 0.5, 3.0]), np.array([0.0, 1.0, 0.5, -1.0])
     var1, var2 = np.array([1.0, 4.0, 0.25, 2.0]), np.array([9.0, 1.0, 0.25, 0.5])
@@ -83,7 +84,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians(method):
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+@pytest.mark.parametrize("method", FRECHET_METHODS)
 def test_frechet_distance_matches_direct_scipy_on_random_features(method):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(500, 64)), rng.normal(0.3, 1.5, size=(500, 64)) @ rng.normal(size=(64, 64)) / 8
@@ -92,7 +93,23 @@ def test_frechet_distance_matches_direct_scipy_on_random_features(method):
     assert frechet_distance(mu1, s1, mu2, s2, method=method) == pytest.approx(direct, rel=1e-8)
 
 
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_with_fewer_images_than_dimensions_the_cholesky_route_is_exact():
+    """n < D: Tr sqrt(S1 S2) is the nuclear norm of A B^T / sqrt((n1 - 1)(n2 - 1)) for the centred features
+    A and B (an oracle that never forms a D x D matrix); eigh and sqrtm add round-off square roots."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(40, 256)) * rng.uniform(0.1, 2, 256)
+    b = rng.normal(0.2, 0.9, size=(30, 256))
+    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+    trace_sqrt = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / np.sqrt(39 * 29)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    exact = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(a.mean(0), s1, b.mean(0), s2, method="eigh") == pytest.approx(exact, rel=1e-3)
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(a.mean(0), np.full_like(s1, np.nan), b.mean(0), s2)
+
+
+@pytest.mark.parametrize("method", FRECHET_METHODS)
 def test_fid_of_a_set_with_itself_is_zero_even_with_singular_covariance(method):
     features = np.random.default_rng(7).random((20, 64))  # 20 images < 64 dims: rank-deficient
     accumulator = MomentAccumulator(64)

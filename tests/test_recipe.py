@@ -119,13 +119,15 @@ def test_the_imagenet256_recipe_runs_at_its_real_shapes(tmp_path, monkeypatch):
 
     prior_dir = run_in_process(train_prior.main, [
         "--config", str(RECIPE), "--codes", str(tmp_path / "codes"), "--output_dir", str(tmp_path / "prior"),
-        "--max_steps", "2", "--prior.train.batch_size", "2", "--prior.train.log_every", "1"])
+        "--max_steps", "2", "--prior.train.batch_size", "2", "--prior.train.log_every", "1",
+        "--prior.train.grid_per_class", "1"])
     prior = ARPrior.from_pretrained(prior_dir)
     assert (prior.config.num_layers, prior.config.hidden_size, prior.config.position_embedding) == (
         12, 768, "rope_2d")
     prior_rows = [r for r in logged_steps(tmp_path / "prior" / "metrics.jsonl") if "loss/ce" in r]
     assert [r["step"] for r in prior_rows] == [1, 2] and all(math.isfinite(r["loss/ce"]) for r in prior_rows)
-    assert (tmp_path / "prior" / "images" / "samples_00000002.png").is_file()  # guided grid, 2 classes
+    with Image.open(tmp_path / "prior" / "images" / "samples_00000002.png") as grid:  # guided, 2 classes
+        assert grid.size == (2 + 256 + 2, 2 + 2 * (256 + 2))  # a row per class, one sample each
     # LlamaGen's head starts at zero: the first loss is exactly log(codebook size)
     assert prior_rows[0]["loss/ce"] == pytest.approx(math.log(16384), abs=1e-3)
 

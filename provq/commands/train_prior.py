@@ -41,10 +41,13 @@ logger = logging.getLogger("train_prior")
 class PriorTrainConfig(training.TrainConfig):
     val_batches: int = 0  # test-split batches for the validation loss; 0 = all
     grid_cfg_scale: float | None = None  # CFG of the sample grids written during training (None: the default)
+    # Samples per class (a row each, the first ten classes) in those grids: on a CPU a 256-token prior
+    # takes seconds per sample, so a smoke run can ask for fewer.
+    grid_per_class: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ranges(self, non_negative=("val_batches", "grid_cfg_scale"))
+        check_ranges(self, positive=("grid_per_class",), non_negative=("val_batches", "grid_cfg_scale"))
 
 
 @dataclass
@@ -145,7 +148,7 @@ def load_grid_tokenizer(codes: Path, fingerprint: str, allow_mismatch: bool = Fa
 
 
 @torch.no_grad()
-def write_samples(model, tok, accelerator, path: Path, cfg_scale: float | None, per_class: int = 4) -> None:
+def write_samples(model, tok, accelerator, path: Path, cfg_scale: float | None, per_class: int) -> None:
     prior = accelerator.unwrap_model(model)
     if prior.config.num_classes:  # a row per class (the first ten)
         labels = torch.arange(min(prior.config.num_classes, 10)).repeat_interleave(per_class)
@@ -222,7 +225,8 @@ def main(argv=None) -> Path:
                 run.metrics_log.log(step.number, validation)
             if parts.grid_tokenizer is not None and step.due(train_config.image_every):
                 write_samples(parts.model, parts.grid_tokenizer, run.accelerator,
-                              output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale)
+                              output_dir / "images" / f"samples_{step.number:08d}.png", train_config.grid_cfg_scale,
+                              train_config.grid_per_class)
         metrics = card_metrics(validation, codes) if validation else []
         return training.finish_run(run, parts, output_dir / "prior", metrics)
 
