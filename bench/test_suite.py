@@ -4,7 +4,8 @@
     python -m bench.test_suite --before REV [--paths tests] [--out bench/results/test_suite.json]
 
 ``before`` is REV checked out in a scratch git worktree and run with the commands its Makefile had
-then (one pytest process, OMP_NUM_THREADS = the cores); ``after`` is this working tree with the
+then (``--before_runner serial``: one pytest process, OMP_NUM_THREADS = the cores, as before 1fe6097;
+``xdist``: the Makefile's runner now); ``after`` is this working tree with the
 Makefile's commands now (one pytest-xdist worker per core, one thread each, slow tests first). The
 four runs go one after another (before and after of the fast subset, then of the whole suite), on
 the same machine with nothing else running, and share its caches (the emoji dataset, inductor's).
@@ -48,8 +49,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the commit to compare with (run in a scratch worktree)")
     parser.add_argument("--paths", default="tests", help="what pytest collects (default: the suite)")
+    parser.add_argument("--before_runner", default="serial", choices=("serial", "xdist"),
+                        help="how the before commit's Makefile ran pytest: serial (before 1fe6097) or xdist")
+    parser.add_argument("--subsets", default=",".join(SUBSETS), help=f"some of {', '.join(SUBSETS)}")
     parser.add_argument("--out", default="bench/results/test_suite.json")
     args = parser.parse_args(argv)
+    subsets = {name: SUBSETS[name] for name in args.subsets.split(",")}
+    before_runner = SERIAL if args.before_runner == "serial" else XDIST
     cores = len(os.sched_getaffinity(0))
     fill = {"cores": cores, "python": sys.executable}
     with tempfile.TemporaryDirectory(prefix="provq-before-") as scratch:
@@ -58,14 +64,14 @@ def main(argv=None) -> dict:
                        check=True)
         try:
             results = {}
-            for subset, selection in SUBSETS.items():
-                results[f"before_{subset}"] = run(f"{SERIAL.format(**fill)} {selection} {args.paths}", before)
+            for subset, selection in subsets.items():
+                results[f"before_{subset}"] = run(f"{before_runner.format(**fill)} {selection} {args.paths}", before)
                 results[f"after_{subset}"] = run(f"{XDIST.format(**fill)} {selection} {args.paths}", REPO)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
     speedup = {subset: round(results[f"before_{subset}"]["pytest_s"] / results[f"after_{subset}"]["pytest_s"], 2)
-               for subset in SUBSETS if results[f"after_{subset}"]["pytest_s"]}
-    return write_result({"benchmark": "test_suite", "before": args.before, "paths": args.paths, "cores": cores,
+               for subset in subsets if results[f"after_{subset}"]["pytest_s"]}
+    return write_result({"benchmark": "test_suite", "before": args.before, "before_runner": args.before_runner, "paths": args.paths, "cores": cores,
                          "results": results,
                          "speedup": speedup}, args.out)
 

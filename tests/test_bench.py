@@ -76,18 +76,22 @@ def test_the_test_suite_bench_reads_pytests_last_line():
 
 
 @pytest.mark.slow
-def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path):
+@pytest.mark.parametrize("runner,subset", [("serial", "fast"), ("xdist", "full")])
+def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path, runner, subset):
     out = tmp_path / "test_suite.json"
     done = subprocess.run([sys.executable, "-m", "bench.test_suite", "--before", "HEAD", "--paths",
-                           "tests/test_house_style.py", "--out", str(out)], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600)
+                           "tests/test_house_style.py", "--before_runner", runner, "--subsets", subset,
+                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"before_fast", "after_fast", "before_full", "after_full"}
+    assert set(result["results"]) == {f"before_{subset}", f"after_{subset}"}
     for name, found in result["results"].items():
         assert found["rc"] == 0 and found["passed"] > 0 and found["pytest_s"] > 0, (name, found)
-        assert ("-n " in found["command"]) == name.startswith("after")  # the old serial command, then xdist
-    assert result["speedup"]["full"] > 0 and result["cpu"]["model"]
+        # the old serial command or the Makefile's xdist one before, always xdist after
+        assert ("-n " in found["command"]) == (name.startswith("after") or runner == "xdist")
+        assert ('-m "not slow"' in found["command"]) == (subset == "fast")
+    assert result["speedup"][subset] > 0 and result["cpu"]["model"] and result["before_runner"] == runner
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
     assert "provq-before-" not in listed  # the scratch worktree is removed
 
