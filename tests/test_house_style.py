@@ -4,9 +4,12 @@ small signatures."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("provq", "tokenizer", "generator", "eval")  # what the wheel installs
@@ -84,10 +87,6 @@ def test_no_function_takes_more_than_six_parameters():
 def test_a_console_command_loads_neither_diffusers_nor_transformers_before_it_parses():
     """diffusers (which loads all its models and torch._dynamo) and transformers take seconds to import:
     a command's --help, and a typo in its flags, must not wait for them; building a model loads them."""
-    import subprocess
-    import sys
-    import tomllib
-
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     modules = sorted({target.split(":")[0] for target in scripts.values()})
     probe = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
