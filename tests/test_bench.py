@@ -108,3 +108,19 @@ def test_the_frechet_bench_times_each_route_and_compares_it_with_the_exact_value
     assert full["exact"] is None and full["cholesky"]["minus_exact"] is None
     assert full["cholesky"]["fid"] == pytest.approx(full["sqrtm"]["fid"], rel=1e-8)
     assert {"seconds", "fid"} <= set(full["eigh"]) and result["cpu"]["model"]
+
+
+@pytest.mark.slow
+def test_the_command_start_bench_times_help_here_and_at_an_old_commit(tmp_path):
+    out = tmp_path / "command_start.json"
+    done = subprocess.run([sys.executable, "-m", "bench.command_start", "--before", "HEAD", "--repeats", "1",
+                           "--commands", "provq-data", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    found = result["commands"]["provq-data"]
+    assert found["before_s"] > 0 and found["after_s"] > 0
+    assert found["speedup"] == pytest.approx(found["before_s"] / found["after_s"], rel=0.02)
+    assert result["total_s"]["after"] == found["after_s"] and result["cpu"]["model"]
+    listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
+    assert "provq-before-" not in listed
