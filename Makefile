@@ -12,7 +12,7 @@ APP_STAMP := $(VENV)/.installed-app
 export OMP_NUM_THREADS ?= $(shell nproc)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-app apt apt-app venv test test-fast demo app ablation study lint clean
+.PHONY: setup setup-app apt apt-app venv test test-fast demo app ablation study study-continue lint clean
 
 setup: apt $(STAMP)
 
@@ -73,6 +73,11 @@ ablation: setup
 
 study: setup
 	$(PY) -m provq.ablation --study --output_dir runs/study
+
+# The study of docs/results/study_plan.yaml: what its ledger lacks, version by version, two one-thread
+# shards; stop it with Ctrl-C or SIGTERM (the runs keep their checkpoints) and run it again to continue.
+study-continue: setup
+	$(PY) -m provq.ablation.plan --continue
 
 clean:
 	rm -rf $(VENV) runs

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 
 import pytest
 from scipy import stats
@@ -323,3 +328,73 @@ def test_a_changed_preset_is_refused_before_training_and_names_both_recipes(tmp_
     # lines written before ledgers carried a recipe do not count
     Ledger(tmp_path / "old.jsonl", "p").append(KEY, {"psnr": 1.0}, 1.0)
     Ledger(tmp_path / "old.jsonl", "p").check_recipe("0123456789ab")
+
+
+# A stand-in for `python -m provq.ablation`: its share of the variants (variant j goes to shard j % n),
+# one ledger line each, and the thread count it was given; with FAKE_STUDY_WAIT it waits for a signal.
+FAKE_STUDY = """
+import argparse, os, signal, sys, time
+from pathlib import Path
+from provq.ablation.ledger import Ledger
+parser = argparse.ArgumentParser()
+for name in ("--shard", "--plan", "--ledger", "--variants", "--output_dir"):
+    parser.add_argument(name)
+args = parser.parse_args()
+shard, shards = (int(x) for x in args.shard.split("/"))
+print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+if os.environ.get("FAKE_STUDY_WAIT"):
+    signal.signal(signal.SIGTERM, lambda signum, frame: (print("got", signum, flush=True), sys.exit(3)))
+    Path(args.output_dir, f"ready{shard}").touch()
+    time.sleep(60)
+for j, variant in enumerate(args.variants.split(",")):
+    if j % shards == shard:
+        Ledger(args.ledger, args.plan).append({"variant": variant, "seed": 0}, {"psnr": 20.0 + j}, 1.0)
+"""
+
+
+def _fake_plan(tmp_path, versions: dict) -> tuple:
+    script, ledger = tmp_path / "fake_study.py", tmp_path / "ledger.jsonl"
+    script.write_text(FAKE_STUDY)
+    lines = ["versions:"]
+    for name, variants in versions.items():
+        lines += [f"  {name}:", "    setting: {seeds: 1}", f"    variants: [{', '.join(variants)}]",
+                  f"    command: OMP_NUM_THREADS=1 python {script} --plan {name} --ledger {ledger} "
+                  f"--output_dir {tmp_path} --shard 0/2 --variants <the variants below>"]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("\n".join(lines) + "\n")
+    return plan, ledger
+
+
+def test_continue_runs_each_unfinished_version_in_order_as_one_thread_shards(tmp_path, monkeypatch):
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the shards get one thread each whatever the caller has
+    plan, ledger = _fake_plan(tmp_path, {"done": ["a"], "v1": ["a", "b", "c"], "v2": ["d", "e"]})
+    Ledger(ledger, "done").append({"variant": "a", "seed": 0}, {"psnr": 1.0}, 1.0)
+    assert plan_module.next_version(plan_module.load_yaml(plan), Ledger(ledger, "").rows()) == "v1"
+    logs, report = tmp_path / "logs", tmp_path / "report.md"
+    assert plan_module.continue_study(plan, ledger, report, 2, logs) == 0
+    rows = Ledger(ledger, "").rows()
+    assert sorted((r["plan"], r["variant"]) for r in rows) == [
+        ("done", "a"), ("v1", "a"), ("v1", "b"), ("v1", "c"), ("v2", "d"), ("v2", "e")]
+    assert sorted(p.name for p in logs.iterdir()) == [f"{v}_shard{i}.log" for v in ("v1", "v2") for i in (0, 1)]
+    assert all(p.read_text().splitlines()[0] == "threads 1" for p in logs.iterdir())
+    assert "Runs: 3 of 3 planned (0 remaining)" in report.read_text()
+    assert plan_module.continue_study(plan, ledger, report, 2, logs) == 0  # nothing left: nothing runs
+    assert len(Ledger(ledger, "").rows()) == 6
+
+
+def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(tmp_path):
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]})
+    report, logs = tmp_path / "report.md", tmp_path / "logs"
+    process = subprocess.Popen([sys.executable, "-m", "provq.ablation.plan", "--continue", "--plan", str(plan),
+                                "--ledger", str(ledger), "--out", str(report), "--logs", str(logs)],
+                               env={**os.environ, "FAKE_STUDY_WAIT": "1"}, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not all((tmp_path / f"ready{i}").exists() for i in (0, 1)) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 3 and "Run the same command again to continue" in out
+    for i in (0, 1):
+        assert (logs / f"v1_shard{i}.log").read_text().count("got 15") == 1
+    assert report.is_file() and not ledger.exists()  # no run finished: the ledger has no line

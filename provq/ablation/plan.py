@@ -2,6 +2,7 @@
 
     python -m provq.ablation.plan [--plan docs/results/study_plan.yaml] [--ledger docs/results/ledger.jsonl]
                                   [--out docs/results/study_ledger_report.md]
+    python -m provq.ablation.plan --continue [--shards 2]      (make study-continue: runs what remains)
 
 For each plan version: the runs planned, present and remaining; where they ran; each variant's
 metrics over seeds; each planned comparison as a paired difference (mean, paired standard deviation,
@@ -13,7 +14,12 @@ check run (python -m provq.ablation ... --recheck) matched across them.
 
 from __future__ import annotations
 
+import os
+import shlex
+import signal
 import statistics
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,12 +79,13 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
     setting, variants = version.get("setting", {}), version.get("variants", [])
     metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
     # runs_per_seed: 2 where each variant x seed is a tokenizer line and a generation line
-    planned = len(variants) * int(setting.get("seeds", 0)) * int(version.get("runs_per_seed", 1))
+    planned = planned_runs(version)
     lines = [f"## Plan version `{name}`", "", " ".join(str(version.get("purpose", "")).split()), ""]
     if version.get("command"):
-        command = " ".join(version["command"].split()).replace("<the variants below>", f'"{",".join(variants)}"')
+        command = version_command(version)
         lines += ["Command (continues where the ledger stops; `--shard 0/2` and `--shard 1/2` share two cores, one "
-                  "thread each):", "", "```", command, "```", ""]
+                  "thread each; `make study-continue` runs both shards of every unfinished version in order):", "",
+                  "```", command, "```", ""]
     groups, said = pooled_groups(rows)
     rows = [r for r in rows if not r.get("recheck")]
     lines += [f"Runs: {len(rows)} of {planned} planned ({max(planned - len(rows), 0)} remaining). "
@@ -302,12 +309,105 @@ def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
     return out
 
 
+def planned_runs(version: dict) -> int:
+    """A version's planned ledger lines: variants x seeds (x 2 where a seed is a tokenizer and a
+    generation line)."""
+    return (len(version.get("variants", [])) * int(version.get("setting", {}).get("seeds", 0))
+            * int(version.get("runs_per_seed", 1)))
+
+
+def version_command(version: dict) -> str:
+    """A version's command with its variants filled in, on one line."""
+    variants = ",".join(version.get("variants", []))
+    return " ".join(version["command"].split()).replace("<the variants below>", f'"{variants}"')
+
+
+def next_version(plan: dict, rows: list[dict]) -> str | None:
+    """The first version, in the plan's order, with a command and runs still missing from the ledger."""
+    for name, version in plan["versions"].items():
+        done = sum(1 for r in rows if r["plan"] == name and not r.get("recheck"))
+        if version.get("command") and done < planned_runs(version):
+            return name
+    return None
+
+
+def shard_commands(command: str, shards: int) -> list[list[str]]:
+    """The version's command line as ``shards`` argument lists, share i of n each: its leading
+    ``OMP_NUM_THREADS=1`` goes to the environment (continue_study sets one thread per shard), and
+    ``python`` is this interpreter."""
+    words = [w for w in shlex.split(command) if not w.startswith("OMP_NUM_THREADS=")]
+    if words[:1] != ["python"] or "--shard" not in words:
+        raise ConfigError(f"a plan command must start with 'python' and name --shard i/n: {command}")
+    at = words.index("--shard") + 1
+    return [[sys.executable, *words[1:at], f"{i}/{shards}", *words[at + 1:]] for i in range(shards)]
+
+
+def launch(argv: list[str], log: Path) -> subprocess.Popen:
+    """One shard, one torch thread, in a session of its own: a terminal's Ctrl-C reaches continue_study
+    alone, which passes it on once (a second signal would stop a shard without its checkpoint)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, logs: Path) -> int:
+    """Run the next unfinished version's command as ``shards`` one-thread processes, wait for them, write
+    the report, and go on to the next version until the plan is done or a shard stops (a signal: the
+    shards stop after a step, keeping their checkpoints; run this again to continue). Returns the exit
+    status: 0 when every version has its planned runs."""
+    from provq.common.machine import machine
+
+    plan, cpu = load_yaml(plan_path), machine()["cpu"]
+    while (name := next_version(plan, rows := Ledger(ledger_path, plan="").rows())) is not None:
+        others = sorted({r["cpu"] for r in rows if r["plan"] == name} - {cpu})
+        if others and not any(r["plan"] == name and r["cpu"] == cpu for r in rows):
+            print(f"[plan] {name}: its runs so far come from {', '.join(others)}; this CPU ({cpu}) starts a group "
+                  "the report keeps apart until a check matches: run its command once with --recheck", flush=True)
+        processes = [launch(argv, logs / f"{name}_shard{i}.log")
+                     for i, argv in enumerate(shard_commands(version_command(plan["versions"][name]), shards))]
+        print(f"[plan] {name}: {shards} shard(s), one thread each; logs {logs}/{name}_shard*.log", flush=True)
+
+        stopped = []
+
+        def forward(signum, frame, running=processes, stopped=stopped):
+            stopped.append(signum)
+            for process in running:
+                if process.poll() is None:
+                    process.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            codes = [process.wait() for process in processes]
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        write_plan_report(plan_path, ledger_path, out)
+        if any(codes) or stopped:
+            status = max(codes, key=abs) or 128 + stopped[0]
+            print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_shard*.log. "
+                  "Run the same command again to continue.", flush=True)
+            return status
+    print(f"[plan] every version of {plan_path} has its planned runs; report: {out}", flush=True)
+    return 0
+
+
 def main(argv=None) -> Path:
     parser = CommandParser(prog="python -m provq.ablation.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default="docs/results/study_plan.yaml")
     parser.add_argument("--ledger", default="docs/results/ledger.jsonl")
     parser.add_argument("--out", default="docs/results/study_ledger_report.md")
+    parser.add_argument("--continue", dest="continue_", action="store_true",
+                        help="run the next unfinished version's command (the plan's order), shard by shard, until "
+                             "the plan is done; the report is written after each version and at every stop")
+    parser.add_argument("--shards", type=int, default=2, help="with --continue: one-thread processes (default 2)")
+    parser.add_argument("--logs", default="runs/study_logs", help="with --continue: the shards' logs")
     args = parser.parse_args(argv)
+    if args.continue_:
+        status = continue_study(Path(args.plan), Path(args.ledger), Path(args.out), args.shards, Path(args.logs))
+        if status:
+            raise SystemExit(status)
+        return Path(args.out)
     out = write_plan_report(Path(args.plan), Path(args.ledger), Path(args.out))
     print(f"[plan] report: {out}", flush=True)
     return out
