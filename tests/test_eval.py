@@ -12,6 +12,7 @@ import scipy.ndimage
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.frechet import exact as exact_fid
 from eval.compute import EvalSetup, Processes, extract, source_stats
 from eval.fid import (
     FRECHET_METHODS,
@@ -99,10 +100,8 @@ def test_with_fewer_images_than_dimensions_the_cholesky_route_is_exact():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(40, 256)) * rng.uniform(0.1, 2, 256)
     b = rng.normal(0.2, 0.9, size=(30, 256))
-    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
-    trace_sqrt = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum() / np.sqrt(39 * 29)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    exact = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    exact = exact_fid(a, b)
     assert frechet_distance(a.mean(0), s1, b.mean(0), s2) == pytest.approx(exact, rel=1e-12)
     assert frechet_distance(a.mean(0), s1, b.mean(0), s2, method="eigh") == pytest.approx(exact, rel=1e-3)
     with pytest.raises(ValueError, match="NaN"):
@@ -454,9 +453,8 @@ def test_rfid_on_a_tiny_random_tokenizer(tmp_path, capsys, model):
     p = counts[counts > 0] / counts.sum()
     assert metrics["codebook_perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-9)
     features = [extract(model, images).features.double().numpy() for images in (real, fake)]
-    (mu1, s1), (mu2, s2) = ((f.mean(0), np.cov(f, rowvar=False)) for f in features)
-    direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    assert metrics["rfid"] == pytest.approx(direct, rel=1e-3)  # float32 features, other batches
+    # 5 images, 2,048 features: the exact FID from the features (no D x D root; bench.frechet.exact)
+    assert metrics["rfid"] == pytest.approx(exact_fid(*features), rel=1e-3)  # float32 features, other batches
     assert -1 <= metrics["ssim"] <= 1
     assert "lpips" not in metrics and metrics["lpips_unavailable"] == "disabled by --lpips_net none"
     assert result["tokenizer_fingerprint"] == tok.fingerprint()
