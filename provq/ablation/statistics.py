@@ -7,7 +7,13 @@ import math
 import statistics
 from dataclasses import dataclass
 
-from scipy import stats
+
+def _t():
+    """Student's t distribution: scipy.stats takes about a second to import, which the ablation's
+    --help should not pay."""
+    from scipy import stats
+
+    return stats.t
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -40,7 +46,7 @@ def paired_difference(a: list[float], b: list[float], confidence: float = 0.95) 
     mean = statistics.fmean(differences)
     if len(differences) < 2:
         return PairedDifference(mean, None, None, 1)
-    half = stats.t.ppf((1 + confidence) / 2, len(differences) - 1) * statistics.stdev(differences)
+    half = _t().ppf((1 + confidence) / 2, len(differences) - 1) * statistics.stdev(differences)
     half /= math.sqrt(len(differences))
     return PairedDifference(mean, mean - half, mean + half, len(differences))
 
@@ -93,7 +99,7 @@ def two_sided_p(differences: list[float]) -> float:
     if sd == 0:
         return 0.0 if statistics.fmean(differences) != 0 else 1.0
     t = statistics.fmean(differences) / (sd / math.sqrt(n))
-    return float(2 * stats.t.sf(abs(t), n - 1))
+    return float(2 * _t().sf(abs(t), n - 1))
 
 
 def tost_p(differences: list[float], margin: float) -> float:
@@ -103,8 +109,8 @@ def tost_p(differences: list[float], margin: float) -> float:
     if sd == 0:
         return 0.0 if abs(mean) < margin else 1.0
     se = sd / math.sqrt(n)
-    lower = stats.t.sf((mean + margin) / se, n - 1)  # H0: mean <= -margin
-    upper = stats.t.cdf((mean - margin) / se, n - 1)  # H0: mean >= +margin
+    lower = _t().sf((mean + margin) / se, n - 1)  # H0: mean <= -margin
+    upper = _t().cdf((mean - margin) / se, n - 1)  # H0: mean >= +margin
     return float(max(lower, upper))
 
 
@@ -124,7 +130,7 @@ def seeds_for_equivalence(sd: float, margin: float, alpha: float = 0.05, power: 
     when the true paired difference is 0 and its standard deviation is ``sd``:
     n >= ((t_{1-alpha, n-1} + t_{1-(1-power)/2, n-1}) sd / margin)^2 (None beyond ``most``)."""
     for n in range(3, most + 1):
-        needed = ((stats.t.ppf(1 - alpha, n - 1) + stats.t.ppf(1 - (1 - power) / 2, n - 1)) * sd / margin) ** 2
+        needed = ((_t().ppf(1 - alpha, n - 1) + _t().ppf(1 - (1 - power) / 2, n - 1)) * sd / margin) ** 2
         if n >= needed:
             return n
     return None
