@@ -352,12 +352,12 @@ for j, variant in enumerate(args.variants.split(",")):
 """
 
 
-def _fake_plan(tmp_path, versions: dict) -> tuple:
+def _fake_plan(tmp_path, versions: dict, seeds: int = 1) -> tuple:
     script, ledger = tmp_path / "fake_study.py", tmp_path / "ledger.jsonl"
     script.write_text(FAKE_STUDY)
     lines = ["versions:"]
     for name, variants in versions.items():
-        lines += [f"  {name}:", "    setting: {seeds: 1}", f"    variants: [{', '.join(variants)}]",
+        lines += [f"  {name}:", f"    setting: {{seeds: {seeds}}}", f"    variants: [{', '.join(variants)}]",
                   f"    command: OMP_NUM_THREADS=1 python {script} --plan {name} --ledger {ledger} "
                   f"--output_dir {tmp_path} --shard 0/2 --variants <the variants below>"]
     plan = tmp_path / "plan.yaml"
@@ -381,6 +381,12 @@ def test_continue_runs_each_unfinished_version_in_order_as_one_thread_shards(tmp
     assert "Runs: 3 of 3 planned (0 remaining)" in report.read_text()
     assert plan_module.continue_study(plan, ledger, report, 2, logs) == 0  # nothing left: nothing runs
     assert len(Ledger(ledger, "").rows()) == 6
+
+
+def test_continue_stops_when_a_versions_command_cannot_give_its_planned_runs(tmp_path, capsys):
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]}, seeds=2)  # the command runs seed 0 only
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
+    assert len(Ledger(ledger, "").rows()) == 2 and "disagree" in capsys.readouterr().out
 
 
 def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(tmp_path):

@@ -388,6 +388,11 @@ def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, l
             print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_shard*.log. "
                   "Run the same command again to continue.", flush=True)
             return status
+        if next_version(plan, Ledger(ledger_path, plan="").rows()) == name:  # its command cannot finish it
+            planned = planned_runs(plan["versions"][name])
+            print(f"[plan] {name}: its command finished, yet the ledger has fewer than the {planned} runs the "
+                  "plan's setting counts: the plan's variants, seeds and command disagree", flush=True)
+            return 1
     print(f"[plan] every version of {plan_path} has its planned runs; report: {out}", flush=True)
     return 0
 
