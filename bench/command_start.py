@@ -42,13 +42,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--before", required=True, help="the commit to compare with (run in a scratch worktree)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--commands", default=None, help="some of the console commands (default: all)")
+    parser.add_argument("--scratch", default=None, help="where the scratch worktree goes (default: the temp folder)")
     parser.add_argument("--out", default="bench/results/command_start.json")
     args = parser.parse_args(argv)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     if args.commands:
         scripts = {name: scripts[name] for name in args.commands.split(",")}
     results = {}
-    with tempfile.TemporaryDirectory(prefix="provq-before-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="provq-before-", dir=args.scratch) as scratch:
         before = Path(scratch) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(before), args.before],
                        check=True)

@@ -41,8 +41,10 @@ def summary_line(output: str) -> dict:
 def run(command: str, cwd: Path) -> dict:
     started = time.time()
     done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True)
+    failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in done.stdout.splitlines()
+              if line.startswith("FAILED ")]
     return {"command": command, "rc": done.returncode, "wall_s": round(time.time() - started, 1),
-            **summary_line(done.stdout)}
+            **summary_line(done.stdout), **({"failed_tests": failed} if failed else {})}
 
 
 def main(argv=None) -> dict:
@@ -52,13 +54,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--before_runner", default="serial", choices=("serial", "xdist"),
                         help="how the before commit's Makefile ran pytest: serial (before 1fe6097) or xdist")
     parser.add_argument("--subsets", default=",".join(SUBSETS), help=f"some of {', '.join(SUBSETS)}")
+    parser.add_argument("--scratch", default=None, help="where the scratch worktree goes (default: the temp folder)")
     parser.add_argument("--out", default="bench/results/test_suite.json")
     args = parser.parse_args(argv)
     subsets = {name: SUBSETS[name] for name in args.subsets.split(",")}
     before_runner = SERIAL if args.before_runner == "serial" else XDIST
     cores = len(os.sched_getaffinity(0))
     fill = {"cores": cores, "python": sys.executable}
-    with tempfile.TemporaryDirectory(prefix="provq-before-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="provq-before-", dir=args.scratch) as scratch:
         before = Path(scratch) / "tree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "-q", "--detach", str(before), args.before],
                        check=True)

@@ -81,7 +81,7 @@ def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path, runn
     out = tmp_path / "test_suite.json"
     done = subprocess.run([sys.executable, "-m", "bench.test_suite", "--before", "HEAD", "--paths",
                            "tests/test_house_style.py", "--before_runner", runner, "--subsets", subset,
-                           "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                           "--scratch", str(tmp_path), "--out", str(out)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -93,7 +93,7 @@ def test_the_test_suite_bench_runs_an_old_commit_beside_this_tree(tmp_path, runn
         assert ('-m "not slow"' in found["command"]) == (subset == "fast")
     assert result["speedup"][subset] > 0 and result["cpu"]["model"] and result["before_runner"] == runner
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
-    assert "provq-before-" not in listed  # the scratch worktree is removed
+    assert str(tmp_path) not in listed and not list(tmp_path.glob("provq-before-*"))  # its scratch worktree is gone
 
 
 def test_the_frechet_bench_times_each_route_and_compares_it_with_the_exact_value(tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_the_frechet_bench_times_each_route_and_compares_it_with_the_exact_value
 def test_the_command_start_bench_times_help_here_and_at_an_old_commit(tmp_path):
     out = tmp_path / "command_start.json"
     done = subprocess.run([sys.executable, "-m", "bench.command_start", "--before", "HEAD", "--repeats", "1",
-                           "--commands", "provq-data", "--out", str(out)], cwd=REPO, env=subprocess_env(),
+                           "--commands", "provq-data", "--scratch", str(tmp_path), "--out", str(out)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -123,4 +123,4 @@ def test_the_command_start_bench_times_help_here_and_at_an_old_commit(tmp_path):
     assert found["speedup"] == pytest.approx(found["before_s"] / found["after_s"], rel=0.02)
     assert result["total_s"]["after"] == found["after_s"] and result["cpu"]["model"]
     listed = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True).stdout
-    assert "provq-before-" not in listed
+    assert str(tmp_path) not in listed and not list(tmp_path.glob("provq-before-*"))  # its scratch worktree is gone
