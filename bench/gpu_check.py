@@ -16,7 +16,8 @@ the discriminator step, train_prior.train_step, generator.sampling.sample, eval.
 4. Inception features (the FID extractor, fp32) of 1,000 images at 256 px: images/s.
 
 Every figure carries the peak GPU memory and whether any loss was non-finite. On a CPU the sizes
-shrink (the emoji32 preset, a few steps) so that CI runs the whole script in about a minute.
+shrink (the emoji32 preset, a few steps) so that CI runs the whole script in about a minute, in bf16
+only where the CPU computes it (mixed_precision auto): emulated bf16 is ~50x slower than fp32.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from provq.commands import (
 from provq.common.presets import load_preset
 from provq.common.typed_config import build_config
 from provq.pipeline.presets import preset_models
+from provq.training.accelerator import resolve_precision
 from tokenizer import losses
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s.
@@ -115,19 +117,19 @@ def endless(loader, device):
             yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def check_tokenizer(sizes: Sizes, folder: Path) -> dict:
+def check_tokenizer(sizes: Sizes, folder: Path, precision: str) -> dict:
     mapping = load_preset(sizes.preset)
     config = build_config(train_tokenizer.TrainTokenizerConfig, {k: mapping[k] for k in ("data", "tokenizer")})
     config.tokenizer.loss.disc_start = 0
     config.tokenizer.loss.gan_weight = config.tokenizer.loss.gan_weight or 0.1  # the CPU preset has none
     config.tokenizer.loss.perceptual_weight = config.tokenizer.loss.perceptual_weight or 1.0
-    config.tokenizer.train.batch_size, config.tokenizer.train.mixed_precision = sizes.tokenizer_batch, "bf16"
+    config.tokenizer.train.batch_size, config.tokenizer.train.mixed_precision = sizes.tokenizer_batch, precision
     resolution = config.tokenizer.model.resolution
     data = SyntheticImages(sizes.tokenizer_batch * 2, resolution), SyntheticImages(2, resolution)
     accelerator = training.make_accelerator(config.tokenizer.train, folder)
     parts = train_tokenizer.build_parts(config, data, accelerator)
     seconds, nonfinite = timed_steps(accelerator, parts, train_tokenizer.train_step, config.tokenizer.train, sizes)
-    return {"resolution": resolution, "batch": sizes.tokenizer_batch, "precision": "bf16",
+    return {"resolution": resolution, "batch": sizes.tokenizer_batch, "precision": precision,
             "parameters": sum(p.numel() for p in parts.model.parameters()),
             "step": "generator (L2/L1 + LPIPS random trunk + VQ + hinge GAN) + discriminator step",
             "images_per_s": round(sizes.tokenizer_batch / seconds, 2), "seconds_per_step": round(seconds, 4),
@@ -154,12 +156,12 @@ def model_flops_per_token(prior) -> float:
     return 6 * n + 12 * c.num_layers * c.hidden_size * c.num_tokens
 
 
-def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
+def check_prior(sizes: Sizes, folder: Path, precision: str) -> tuple[dict, object]:
     mapping = load_preset(sizes.preset)
     run = build_config(train_prior.TrainPriorConfig, {"prior": mapping["prior"]})
     model_config = preset_models(sizes.preset, sizes.classes)[1]
     train = run.prior.train
-    train.batch_size, train.mixed_precision = sizes.prior_batch, "bf16"
+    train.batch_size, train.mixed_precision = sizes.prior_batch, precision
     codes = synthetic_codes(folder / "codes", model_config, sizes.prior_batch * 2)
     accelerator = training.make_accelerator(train, folder / "prior")
     bound = train_prior.bind_to_codes(model_config, codes)
@@ -169,16 +171,16 @@ def check_prior(sizes: Sizes, folder: Path) -> tuple[dict, object]:
     prior = accelerator.unwrap_model(parts.model)
     tokens_per_s = sizes.prior_batch * prior.config.num_tokens / seconds
     achieved = tokens_per_s * model_flops_per_token(prior)
-    return {"batch": sizes.prior_batch, "tokens": prior.config.num_tokens, "precision": "bf16",
+    return {"batch": sizes.prior_batch, "tokens": prior.config.num_tokens, "precision": precision,
             "parameters": prior.num_parameters(), "tokens_per_s": round(tokens_per_s, 1),
             "model_flops_per_token": model_flops_per_token(prior), "achieved_tflops": round(achieved / 1e12, 3),
             "peak_memory_gib": peak_memory_gib(accelerator.device), "nonfinite_loss": nonfinite}, prior
 
 
-def matmul_peak(device: torch.device, size: int) -> float:
-    """bf16 matmul FLOP/s of this device, measured: the utilisation's second denominator."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+def matmul_peak(device: torch.device, size: int, dtype: torch.dtype) -> float:
+    """Matmul FLOP/s of this device in the training's dtype, measured: the utilisation's second denominator."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     synchronize(device)
@@ -191,8 +193,9 @@ def matmul_peak(device: torch.device, size: int) -> float:
 
 def utilisation(prior_result: dict, device: torch.device) -> dict:
     achieved = prior_result["achieved_tflops"] * 1e12
-    measured = matmul_peak(device, 8192 if device.type == "cuda" else 2048)
-    result = {"matmul_bf16_tflops_measured": round(measured / 1e12, 3),
+    dtype = torch.bfloat16 if prior_result["precision"] == "bf16" else torch.float32
+    measured = matmul_peak(device, 8192 if device.type == "cuda" else 2048, dtype)
+    result = {"matmul_tflops_measured": round(measured / 1e12, 3), "matmul_dtype": str(dtype).removeprefix("torch."),
               "mfu_vs_measured_matmul": round(achieved / measured, 4)}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -204,17 +207,18 @@ def utilisation(prior_result: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def check_sampling(prior, sizes: Sizes) -> dict:
+def check_sampling(prior, sizes: Sizes, precision: str) -> dict:
     labels = torch.arange(sizes.samples) % prior.config.num_classes
     device = prior.device
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         sample(prior, labels[:1], cfg_scale=2.0)  # warm-up
         synchronize(device)
         start = time.perf_counter()
         codes = sample(prior, labels, cfg_scale=2.0, seed=1)
         synchronize(device)
     seconds = time.perf_counter() - start
-    return {"images": sizes.samples, "cfg_scale": 2.0, "kv_cache": True, "precision": "bf16 autocast",
+    return {"images": sizes.samples, "cfg_scale": 2.0, "kv_cache": True,
+            "precision": "bf16 autocast" if precision == "bf16" else "fp32",
             "images_per_s": round(sizes.samples / seconds, 3),
             "tokens_per_s": round(sizes.samples * prior.config.num_tokens / seconds, 1),
             "codes_in_range": bool(((codes >= 0) & (codes < prior.config.codebook_size)).all())}
@@ -248,13 +252,15 @@ def main(argv=None) -> dict:
         losses.LPIPSLoss(net, random_trunk=True) if weight > 0 else None)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        # bf16 on the GPU; on a CPU, bf16 only where it computes it (training.resolve_precision's "auto")
+        precision = "bf16" if device.type == "cuda" else resolve_precision("auto")[0]
         result = {"benchmark": "gpu_check", "device": torch.cuda.get_device_name(device)
                   if device.type == "cuda" else platform.processor() or platform.machine(),
                   "sizes": sizes.__dict__, "torch": torch.__version__, "torch_threads": threads,
-                  "tokenizer": check_tokenizer(sizes, Path(tmp) / "tok")}
-        result["prior"], prior = check_prior(sizes, Path(tmp))
+                  "tokenizer": check_tokenizer(sizes, Path(tmp) / "tok", precision)}
+        result["prior"], prior = check_prior(sizes, Path(tmp), precision)
     result["prior"].update(utilisation(result["prior"], device))
-    result["sampling"] = check_sampling(prior, sizes)
+    result["sampling"] = check_sampling(prior, sizes, precision)
     result["inception"] = check_inception(sizes, device)
     result["any_nonfinite_loss"] = result["tokenizer"]["nonfinite_loss"] or result["prior"]["nonfinite_loss"]
     result["seconds"] = round(time.perf_counter() - started, 1)

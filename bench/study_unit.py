@@ -32,7 +32,8 @@ KEPT = ("psnr", "rfid", "ssim", "codebook_usage", "codebook_perplexity")
 def ablation(folder: Path, args, extra: tuple[str, ...]) -> subprocess.Popen:
     command = [sys.executable, "-m", "provq.ablation", "--no_generation", "--no_train_pixels", "--seeds", "1",
                "--steps", str(args.steps), "--codebook_size", "1024", "--variants", args.variant,
-               "--dataset", args.dataset, "--resolution", str(args.resolution), "--output_dir", str(folder), *extra]
+               "--dataset", args.dataset, "--resolution", str(args.resolution), "--config", args.config,
+               "--output_dir", str(folder), *extra]
     log = (folder.parent / f"{folder.name}.log").open("w")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -56,6 +57,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variant", default="cosine+kmeans+l2")
     parser.add_argument("--dataset", default="emoji", help="the study's (emoji); tests pass a tiny folder")
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--config", default="emoji32", help="the study's preset (bf16: a CPU without bf16 units "
+                                                            "refuses it); tests pass an fp32 one")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {', '.join(ARMS)} (default: both)")
     parser.add_argument("--work", default="runs/bench_study_unit", help="scratch folder (emptied first)")
     parser.add_argument("--out", default="bench/results/study_unit.json")
@@ -81,6 +84,7 @@ def main(argv=None) -> dict:
         found["runs_per_hour"] = round(at_once * 3600 / found["wall_s"], 2)
     result = {
         "benchmark": "study_unit",
+        "config": args.config,
         "unit": f"{args.variant}, {args.dataset} {args.resolution} px, 1,024 codes, {args.steps} steps, one thread, then rFID on the test "
                 "split (python -m provq.ablation --no_generation --no_train_pixels)",
         "arms": {arm: " ".join(extra) or "(default)" for arm, extra in chosen.items()},

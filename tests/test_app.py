@@ -179,6 +179,7 @@ def test_a_bad_number_is_one_line_on_its_tab_and_clears_the_samples_it_replaced(
     for element, value, default, line in refused:
         generate.click()
         picture(browser, "samples")
+        until(lambda: text(browser, "#seconds"), "the generation finished")  # a click while it runs is dropped
         set_number(browser, f"#{element} input", value)
         generate.click()
         until(lambda: text(browser, "#generate_error"), f"an error line for {element} {value}")

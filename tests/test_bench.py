@@ -28,9 +28,10 @@ def test_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path):
 
 @pytest.mark.slow
 def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(tmp_path, image_folder):
-    out = tmp_path / "study_unit.json"
+    out, preset = tmp_path / "study_unit.json", tmp_path / "fp32.yaml"  # the study's bf16 refuses AVX2-only CPUs
+    preset.write_text(f"base: {REPO / 'configs' / 'emoji32.yaml'}\ntokenizer:\n  train: {{mixed_precision: 'no'}}\n")
     done = subprocess.run([sys.executable, "-m", "bench.study_unit", "--arms", "eager", "--steps", "2",
-                           "--dataset", str(image_folder), "--resolution", "16",
+                           "--dataset", str(image_folder), "--resolution", "16", "--config", str(preset),
                            "--work", str(tmp_path / "work"), "--out", str(out)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -40,6 +41,8 @@ def test_the_study_unit_bench_times_the_studys_own_run_and_writes_runs_per_hour(
     assert eager["runs_per_hour"] == pytest.approx(2 * 3600 / eager["wall_s"], rel=0.01)
     assert 0 < eager["metrics"]["codebook_usage"] <= 1 and eager["metrics"]["psnr"] > 5
     assert result["cpu"]["model"] and result["torch"]  # where it ran, for every figure
+    assert result["config"] == str(preset) and "mixed_precision: 'no'" in (tmp_path / "work" / "eager" / (
+        "cosine+kmeans+l2") / "seed0" / "tok" / "config.yaml").read_text().replace('"', "'")
 
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import torch
 from scipy import stats
 
 from provq.ablation import plan as plan_module
@@ -342,6 +343,9 @@ for name in ("--shard", "--plan", "--ledger", "--variants", "--output_dir"):
 args = parser.parse_args()
 shard, shards = (int(x) for x in args.shard.split("/"))
 print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+if os.environ.get("FAKE_STUDY_FAIL") == str(shard):
+    print("run 1/2:  50%|#####     | 1/2\\rpython -m provq.ablation: error: shard " + str(shard) + " broke", end="")
+    sys.exit(1)
 if os.environ.get("FAKE_STUDY_WAIT"):
     signal.signal(signal.SIGTERM, lambda signum, frame: (print("got", signum, flush=True), sys.exit(3)))
     Path(args.output_dir, f"ready{shard}").touch()
@@ -352,12 +356,13 @@ for j, variant in enumerate(args.variants.split(",")):
 """
 
 
-def _fake_plan(tmp_path, versions: dict, seeds: int = 1) -> tuple:
+def _fake_plan(tmp_path, versions: dict, seeds: int = 1, config: str | None = None) -> tuple:
     script, ledger = tmp_path / "fake_study.py", tmp_path / "ledger.jsonl"
     script.write_text(FAKE_STUDY)
     lines = ["versions:"]
     for name, variants in versions.items():
-        lines += [f"  {name}:", f"    setting: {{seeds: {seeds}}}", f"    variants: [{', '.join(variants)}]",
+        setting = f"seeds: {seeds}" + (f", config: {config}" if config else "")
+        lines += [f"  {name}:", f"    setting: {{{setting}}}", f"    variants: [{', '.join(variants)}]",
                   f"    command: OMP_NUM_THREADS=1 python {script} --plan {name} --ledger {ledger} "
                   f"--output_dir {tmp_path} --shard 0/2 --variants <the variants below>"]
     plan = tmp_path / "plan.yaml"
@@ -387,6 +392,30 @@ def test_continue_stops_when_a_versions_command_cannot_give_its_planned_runs(tmp
     plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]}, seeds=2)  # the command runs seed 0 only
     assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
     assert len(Ledger(ledger, "").rows()) == 2 and "disagree" in capsys.readouterr().out
+
+
+def test_a_shard_that_fails_on_its_own_has_its_error_line_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    monkeypatch.setenv("FAKE_STUDY_FAIL", "1")
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]})
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
+    out = capsys.readouterr().out
+    assert "[plan] v1 shard 1: python -m provq.ablation: error: shard 1 broke" in out and "shard 0:" not in out
+    assert [r["variant"] for r in Ledger(ledger, "").rows()] == ["a"]  # shard 0's run stays in the ledger
+
+
+def test_a_bf16_study_is_not_started_on_a_cpu_that_would_emulate_bf16(tmp_path, monkeypatch, capsys):
+    from provq.common import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AVX2 CPU", "bf16_units": False})
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]}, config="emoji32")  # emoji32 trains in bf16
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
+    out = capsys.readouterr().out
+    assert "v1: mixed_precision bf16 on a CPU without bf16 units (AVX2 CPU" in out and "recipe is fixed" in out
+    assert not ledger.exists() and not (tmp_path / "logs").exists()  # nothing was started
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMX CPU", "bf16_units": True})
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 0
 
 
 def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(tmp_path):

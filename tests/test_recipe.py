@@ -97,11 +97,13 @@ def test_the_imagenet256_recipe_runs_at_its_real_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_losses, "make_perceptual_loss",
                         lambda weight, net="vgg", random_trunk=False: tokenizer_losses.LPIPSLoss(net, True))
     shared = ["--config", str(RECIPE), "--data.dataset", str(root), "--data.num_workers", "0"]
+    # bf16 (the recipe's) where this CPU computes it; fp32 where it would be emulated ~50x slower
+    precision = {stage: [f"--{stage}.train.mixed_precision", "auto"] for stage in ("tokenizer", "prior")}
 
     tok_dir = run_in_process(train_tokenizer.main, [
         *shared, "--output_dir", str(tmp_path / "tok"), "--max_steps", "2",
         "--tokenizer.train.batch_size", "1", "--tokenizer.loss.disc_start", "0",
-        "--tokenizer.train.eval_batches", "1", "--tokenizer.train.log_every", "1"])
+        "--tokenizer.train.eval_batches", "1", "--tokenizer.train.log_every", "1", *precision["tokenizer"]])
     tok = ProVQTokenizer.from_pretrained(tok_dir)
     assert tok.code_shape == (16, 16) and tok.config.quantizer.codebook_size == 16384
     assert sum(p.numel() for p in tok.parameters()) > 60e6  # VQ-16 sized, not a toy
@@ -120,7 +122,7 @@ def test_the_imagenet256_recipe_runs_at_its_real_shapes(tmp_path, monkeypatch):
     prior_dir = run_in_process(train_prior.main, [
         "--config", str(RECIPE), "--codes", str(tmp_path / "codes"), "--output_dir", str(tmp_path / "prior"),
         "--max_steps", "2", "--prior.train.batch_size", "2", "--prior.train.log_every", "1",
-        "--prior.train.grid_per_class", "1"])
+        "--prior.train.grid_per_class", "1", *precision["prior"]])
     prior = ARPrior.from_pretrained(prior_dir)
     assert (prior.config.num_layers, prior.config.hidden_size, prior.config.position_embedding) == (
         12, 768, "rope_2d")

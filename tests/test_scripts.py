@@ -332,3 +332,20 @@ def test_each_lookup_free_family_from_tokenizer_to_evaluated_samples(kind, field
     assert rfid["metrics"]["codebook_perplexity"] == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
     assert rfid["num_images"] == len(CodeDataset(tmp_path / "codes", "test")) and rfid["metrics"]["rfid"] > 0
     assert gfid["metrics"]["fid"] > 0 and gfid["num_images"]["samples"] == 8
+
+
+def test_the_demo_trains_both_stages_at_the_precision_it_is_given():
+    import argparse
+
+    from provq.commands import demo
+
+    def trained(precision):
+        args = argparse.Namespace(output_dir="runs/demo", config="emoji32", num_samples=500, cfg_scale=None,
+                                  mixed_precision=precision)
+        found = {name: command.argv for name, command, _ in demo.stages(args)}
+        return [found[stage][found[stage].index(f"--{stage}.train.mixed_precision") + 1]
+                if f"--{stage}.train.mixed_precision" in found[stage] else None for stage in ("tokenizer", "prior")]
+
+    assert trained("auto") == ["auto", "auto"]  # bf16 where the CPU computes it, fp32 elsewhere
+    assert trained("no") == ["no", "no"]
+    assert trained("preset") == [None, None]  # the config's own (emoji32: bf16)

@@ -10,6 +10,7 @@ from training_helpers import REPO, reset_accelerate
 import provq.training.accelerator as accelerator_module
 from generator import ARPrior
 from provq.commands import train_prior, train_tokenizer
+from provq.common import machine
 from provq.common.cli import make_parser, parse_config
 from provq.common.errors import ConfigError, UserError
 from provq.common.presets import load_preset
@@ -181,9 +182,45 @@ def test_mixed_precision_auto_picks_by_a_probe_and_says_why(monkeypatch, caplog,
 
     choice, why = accel.probe_precision(seconds=0.1, size=64)
     assert choice in ("bf16", "no") and "the fp32 rate on this CPU" in why
-    monkeypatch.setattr(accel, "probe_precision", lambda: ("no", "bf16 at 0.30x the fp32 rate"))
+    monkeypatch.setattr(accel, "probe_precision", lambda seconds=0.5: ("no", "bf16 at 0.30x the fp32 rate"))
     assert accel.resolve_precision("auto") == ("no", "bf16 at 0.30x the fp32 rate")
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "X", "bf16_units": True})
     assert accel.resolve_precision("bf16") == ("bf16", None)  # an explicit choice is never probed
     caplog.set_level("WARNING")
     accelerator = make_accelerator(TrainConfig(mixed_precision="auto"), tmp_path)
     assert accelerator.mixed_precision == "no" and "mixed_precision auto: no (bf16 at 0.30x" in caplog.text
+
+
+CPUINFO = "processor\t: {n}\nmodel name\t: {model}\nflags\t\t: {flags}\n\n"
+
+
+@pytest.mark.parametrize("flags, units", [
+    ("fpu sse2 avx avx2 fma", False),  # an AVX2-only AMD EPYC: bf16 emulated
+    ("fpu sse2 avx2 avx512f avx512bw", False),  # AVX-512 without its BF16 extension
+    ("fpu sse2 avx2 avx512f avx512_bf16", True),
+    ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),
+])
+def test_cpu_description_reads_the_bf16_units_from_the_flags(tmp_path, flags, units):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(CPUINFO.format(n=n, model="Some CPU", flags=flags) for n in range(2)))
+    described = machine.cpu_description(cpuinfo)
+    assert described["model"] == "Some CPU" and described["bf16_units"] is units
+    assert described["avx512_bf16"] is ("avx512_bf16" in flags) and described["amx_bf16"] is ("amx_bf16" in flags)
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n")
+    assert machine.cpu_description(arm)["bf16_units"] is True
+    assert machine.cpu_description(tmp_path / "absent")["bf16_units"] is None  # no /proc: cannot tell
+
+
+def test_explicit_bf16_on_a_cpu_without_bf16_units_is_refused_with_the_measured_rate(monkeypatch, tmp_path):
+    from provq.training import accelerator as accel
+
+    monkeypatch.setattr(accel.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AVX2 CPU", "bf16_units": False})
+    with pytest.raises(UserError, match=r"bf16 on a CPU without bf16 units \(AVX2 CPU.*matmul ran at .*x the fp32 "
+                                        r"rate.*--tokenizer.train.mixed_precision auto"):
+        make_accelerator(TrainConfig(mixed_precision="bf16"), tmp_path)
+    assert accel.resolve_precision("no") == ("no", None)  # fp32 and auto are never refused
+    assert accel.resolve_precision("auto")[0] in ("no", "bf16")
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "unknown", "bf16_units": None})
+    assert accel.resolve_precision("bf16") == ("bf16", None)  # flags unread (no /proc): the user's choice

@@ -351,6 +351,32 @@ def launch(argv: list[str], log: Path) -> subprocess.Popen:
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def precision_refusal(version: dict) -> str | None:
+    """Why this machine cannot train a version's runs at its recipe's precision (None when it can): a
+    preset in bf16 on a CPU that would emulate it (training.accelerator.resolve_precision refuses it)."""
+    from provq.common.errors import UserError
+    from provq.common.presets import load_preset
+    from provq.training.accelerator import resolve_precision
+
+    preset = version.get("setting", {}).get("config")
+    precision = load_preset(preset)["tokenizer"]["train"].get("mixed_precision", "no") if preset else "no"
+    try:
+        resolve_precision(precision)
+    except UserError as error:
+        return str(error).split(";")[0]
+    return None
+
+
+def last_line(log: Path) -> str:
+    """A shard log's last line of text (progress bars end their lines with carriage returns)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
 def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, logs: Path) -> int:
     """Run the next unfinished version's command as ``shards`` one-thread processes, wait for them, write
     the report, and go on to the next version until the plan is done or a shard stops (a signal: the
@@ -364,6 +390,10 @@ def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, l
         if others and not any(r["plan"] == name and r["cpu"] == cpu for r in rows):
             print(f"[plan] {name}: its runs so far come from {', '.join(others)}; this CPU ({cpu}) starts a group "
                   "the report keeps apart until a check matches: run its command once with --recheck", flush=True)
+        if refusal := precision_refusal(plan["versions"][name]):
+            print(f"[plan] {name}: {refusal}; the study's recipe is fixed, so its runs continue on a machine with "
+                  "bf16 units (AMX, AVX-512 BF16) or a GPU", flush=True)
+            return 1
         processes = [launch(argv, logs / f"{name}_shard{i}.log")
                      for i, argv in enumerate(shard_commands(version_command(plan["versions"][name]), shards))]
         print(f"[plan] {name}: {shards} shard(s), one thread each; logs {logs}/{name}_shard*.log", flush=True)
@@ -385,6 +415,9 @@ def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, l
         write_plan_report(plan_path, ledger_path, out)
         if any(codes) or stopped:
             status = max(codes, key=abs) or 128 + stopped[0]
+            for i, code in enumerate(codes):
+                if code and not stopped:  # a shard that failed on its own: its error is its log's last line
+                    print(f"[plan] {name} shard {i}: {last_line(logs / f'{name}_shard{i}.log')}", flush=True)
             print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_shard*.log. "
                   "Run the same command again to continue.", flush=True)
             return status

@@ -214,7 +214,7 @@ def main(argv=None) -> Path:
         run.resume()
         logger.info("prior: %.2fM parameters, %d training code grids, %s on %s, %d process(es) x %d thread(s)",
                     run.accelerator.unwrap_model(parts.model).num_parameters() / 1e6, parts.num_grids,
-                    train_config.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
+                    run.accelerator.mixed_precision, run.accelerator.device, run.accelerator.num_processes, run.threads)
         validation = None
         for step in run.steps(parts, "prior", items="codes", postfix={"loss": "loss/ce", "acc": "train/accuracy"}):
             for batch, ctx in step.micro_batches():

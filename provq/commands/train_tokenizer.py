@@ -313,7 +313,7 @@ def main(argv=None) -> Path:
         parts = build_parts(config, datasets, run.accelerator, args.init_from)  # models and optimizers
         run.resume()
         logger.info("training on %s, %d process(es), %d torch thread(s) each, precision %s",
-                    run.accelerator.device, run.accelerator.num_processes, run.threads, train_config.mixed_precision)
+                    run.accelerator.device, run.accelerator.num_processes, run.threads, run.accelerator.mixed_precision)
         progress = {"h": "quantizer/hardness", "rec": "loss/reconstruction", "usage": "quantizer/usage"}
         evaluation = None
         for step in run.steps(parts, "tokenizer", items="images", postfix=progress):
