@@ -43,7 +43,9 @@ def run(command: str, cwd: Path) -> dict:
     done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True)
     failed = [line.split(" - ")[0].removeprefix("FAILED ") for line in done.stdout.splitlines()
               if line.startswith("FAILED ")]
-    return {"command": command, "rc": done.returncode, "wall_s": round(time.time() - started, 1),
+    python = Path(sys.executable)  # written as the clone names it, not as this machine's absolute path
+    shown = python.relative_to(REPO).as_posix() if python.is_relative_to(REPO) else "python"
+    return {"command": command.replace(sys.executable, shown), "rc": done.returncode, "wall_s": round(time.time() - started, 1),
             **summary_line(done.stdout), **({"failed_tests": failed} if failed else {})}
 
 

@@ -354,17 +354,12 @@ def launch(argv: list[str], log: Path) -> subprocess.Popen:
 def precision_refusal(version: dict) -> str | None:
     """Why this machine cannot train a version's runs at its recipe's precision (None when it can): a
     preset in bf16 on a CPU that would emulate it (training.accelerator.resolve_precision refuses it)."""
-    from provq.common.errors import UserError
     from provq.common.presets import load_preset
-    from provq.training.accelerator import resolve_precision
+    from provq.training.accelerator import emulated_bf16
 
     preset = version.get("setting", {}).get("config")
     precision = load_preset(preset)["tokenizer"]["train"].get("mixed_precision", "no") if preset else "no"
-    try:
-        resolve_precision(precision)
-    except UserError as error:
-        return str(error).split(";")[0]
-    return None
+    return emulated_bf16() if precision == "bf16" else None
 
 
 def last_line(log: Path) -> str:

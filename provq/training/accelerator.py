@@ -77,21 +77,27 @@ def probe_precision(seconds: float = 0.5, size: int = 512) -> tuple[str, str]:
     return choice, f"a {size}x{size} bf16 matmul ran at {ratio:.2f}x the fp32 rate on this CPU"
 
 
+def emulated_bf16() -> str | None:
+    """Why bf16 would be emulated here, many times slower than fp32 (0.02x on an AVX2-only AMD EPYC): a
+    CPU whose flags show no bf16 units. None on a GPU, on a CPU with bf16 units, or where flags are unread."""
+    if torch.cuda.is_available():
+        return None
+    from provq.common.machine import cpu_description
+
+    cpu = cpu_description()
+    if cpu["bf16_units"] is not False:
+        return None
+    return (f"mixed_precision bf16 on a CPU without bf16 units ({cpu['model']}: no AMX, no AVX-512 BF16): "
+            f"{probe_precision(0.2)[1]}")
+
+
 def resolve_precision(requested: str) -> tuple[str, str | None]:
     """The precision Accelerate gets, and why when ``auto`` chose it (GPUs: bf16 where supported).
-
-    An explicit bf16 on a CPU whose flags show no bf16 units is refused: torch would emulate it, many
-    times slower than fp32 (0.02x on an AVX2-only AMD EPYC), for a run the user expects to be faster."""
+    An explicit bf16 that this CPU would emulate is refused (``emulated_bf16``): the user expects it faster."""
     if requested != "auto":
-        if requested == "bf16" and not torch.cuda.is_available():
-            from provq.common.machine import cpu_description
-
-            cpu = cpu_description()
-            if cpu["bf16_units"] is False:
-                raise UserError(
-                    f"mixed_precision bf16 on a CPU without bf16 units ({cpu['model']}: no AMX, no AVX-512 BF16): "
-                    f"{probe_precision(0.2)[1]}; set it to no (fp32) or auto, e.g. "
-                    "--tokenizer.train.mixed_precision auto or --prior.train.mixed_precision auto")
+        if requested == "bf16" and (why := emulated_bf16()):
+            raise UserError(f"{why}; set it to no (fp32) or auto, e.g. --tokenizer.train.mixed_precision auto or "
+                            "--prior.train.mixed_precision auto")
         return requested, None
     if torch.cuda.is_available():
         choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
