@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +31,7 @@ from training_helpers import (
     REPO,
     assert_same_run,
     logged_steps,
+    pacing,
     run_driver,
     run_in_process,
     save_tiny_models,
@@ -42,6 +44,7 @@ from training_helpers import (
 )
 
 from provq.commands import extract_codes, sample, train_prior, train_tokenizer
+from provq.common import cli, signals
 from provq.common.cli import run_command
 from provq.common.locks import LOCK_NAME, output_lock
 from provq.training import CheckpointManager
@@ -76,11 +79,13 @@ def command_here(command: str, main, argv: list[str], capsys) -> tuple[int, str]
     return stopped.value.code, capsys.readouterr().err
 
 
-def stop_training(script: str, argv: list[str], out: Path, tmp_path: Path, signals: tuple[int, ...]) -> tuple[int, str]:
-    """The real command, paced from step 6 and sent ``signals`` once step 7 is logged."""
-    command = [sys.executable, str(run_driver(DRIVER, tmp_path)), script, "pace", "6", *argv]
-    log = tmp_path / "stopped.log"
-    code = signal_when(command, step_logged(out / "metrics.jsonl", 7), log, signals)
+def stop_training(script: str, argv: list[str], out: Path, tmp_path: Path, signals: tuple[int, ...],
+                  pace: str = "6") -> tuple[int, str]:
+    """The real command, paced from step 6 and sent ``signals`` once step 7 is logged and step 8 waits
+    for its batch."""
+    command = [sys.executable, str(run_driver(DRIVER, tmp_path)), script, "pace", pace, *argv]
+    log, logged, waiting = tmp_path / "stopped.log", step_logged(out / "metrics.jsonl", 7), pacing(tmp_path, 8)
+    code = signal_when(command, lambda: logged() and waiting(), log, signals)
     return code, log.read_text()
 
 
@@ -107,16 +112,42 @@ def test_a_signal_stops_training_after_a_step_with_a_checkpoint(name, reference,
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(reference, image_folder, tmp_path):
     out = tmp_path / "run"
     argv = tiny_tokenizer_argv(image_folder, out, STEPS, **RUN)
-    code, printed = stop_training("train_tokenizer.py", argv, out, tmp_path, (signal.SIGINT, signal.SIGINT))
+    # Both signals land while step 8 waits 5 s for its batch (0.1 s apart, however loaded the machine).
+    code, printed = stop_training("train_tokenizer.py", argv, out, tmp_path, (signal.SIGINT, signal.SIGINT),
+                                  pace="6:5")
     assert code == 130
     assert last_line(printed) == ("train_tokenizer.py: stopped at once by a second signal (SIGINT); "
                                   "resume with --resume latest")
-    # The second signal came while a step ran, or while the first one's checkpoint was written: either
-    # way the latest checkpoint is a whole one.
-    step = logged_steps(out / "metrics.jsonl")[-1]["step"]
-    assert CheckpointManager(out).resolve("latest").name in ("step_00000005", f"step_{step:08d}")
+    assert logged_steps(out / "metrics.jsonl")[-1]["step"] == 7  # at once: step 8 was not finished
+    assert CheckpointManager(out).resolve("latest").name == "step_00000005"
     run_in_process(train_tokenizer.main, argv + ["--resume", "latest"])
     assert assert_same_run(reference, out) == 0.0
+
+
+def test_a_second_signal_while_the_stop_is_reported_keeps_the_first_line(monkeypatch, capsys):
+    """CI caught it: a second Ctrl-C that came after the first stop had reached its last line (while
+    ``say`` collected garbage) raised in the except block, so the command died with a traceback and
+    exit status 1 instead of 130."""
+    collect = cli.gc.collect
+
+    def signalled_collect():  # the second Ctrl-C arrives while the stop's line is being printed
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while len(signals._Received.signals) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # Python runs the handler between bytecodes: it has run once this loop ends
+        return collect()
+
+    def stopped(argv):
+        os.kill(os.getpid(), signal.SIGINT)  # the first one: recorded, the command stops at its safe point
+        signals.pause(5, "at step 3")
+
+    monkeypatch.setattr(cli.gc, "collect", signalled_collect)
+    with pytest.raises(SystemExit) as exited:
+        run_command("train_tokenizer.py", stopped, [], resume="resume with --resume latest")
+    assert exited.value.code == 130
+    assert last_line(capsys.readouterr().err) == ("train_tokenizer.py: interrupted at step 3 by SIGINT; "
+                                                  "resume with --resume latest")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
 
 
 def rank_1(launcher: subprocess.Popen) -> int:

@@ -159,6 +159,15 @@ def signal_when(command: list[str], ready, log: Path, signals: tuple[int, ...], 
     return proc.returncode
 
 
+def pacing(driver_folder: Path, step: int):
+    """A `ready` for signal_when: the DRIVER's "pace" mode is waiting before a micro-batch of `step`
+    (or a later one), so a signal sent now lands in that wait."""
+    def ready() -> bool:
+        text = (driver_folder / "pacing").read_text() if (driver_folder / "pacing").exists() else ""
+        return text.endswith("\n") and int(text) >= step
+    return ready
+
+
 def step_logged(metrics: Path, step: int):
     """A `ready` for signal_when: `metrics` shows `step` done."""
     return lambda: (rows := logged_steps(metrics)) and rows[-1]["step"] >= step
@@ -229,15 +238,18 @@ def metric_rows(metrics: Path, ignore=("images_per_s", "codes_per_s")) -> list[d
 # calls provq.commands.train_tokenizer.main(ARGS); `train_tokenizer.py` runs it as the command line does (run_command: signals
 # handled, errors as one line).
 DRIVER = """
-import importlib, os, runpy, signal, sys, time
+import importlib, os, pathlib, runpy, signal, sys, time
 import generator.sampling as sampling, provq.training.checkpoint as checkpoint, provq.training.loop as loop
-script, mode, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode == "pace":  # from step `at` on, 1 s per micro-batch: the test's signal lands mid-run
-    batches = loop.batches
+script, mode = sys.argv[1], sys.argv[2]
+at, _, seconds = sys.argv[3].partition(":")
+at, seconds = int(at), float(seconds or 1.0)
+if mode == "pace":  # from step `at` on, 1 s (AT:SECONDS: SECONDS) per micro-batch: the test's signal lands mid-run
+    batches, mark = loop.batches, pathlib.Path(__file__).with_name("pacing")
     def paced(dataloader, accelerator, start_step, grad_accum_steps=1):
         for i, batch in enumerate(batches(dataloader, accelerator, start_step, grad_accum_steps)):
             if start_step * grad_accum_steps + i >= at * grad_accum_steps:
-                time.sleep(1.0)
+                mark.write_text(f"{start_step + i // grad_accum_steps + 1}\\n")  # the step now waiting
+                time.sleep(seconds)
             yield batch
     loop.batches = paced
 elif mode == "pace_sampling":  # from batch `at` on, 1 s per sampled batch

@@ -66,6 +66,7 @@ def run_command(command: str, main: Callable[..., T], argv: list[str] | None = N
         try:
             return main(argv)
         except BaseException as error:
+            signals.ending()  # a signal from here on (a second Ctrl-C while this line is printed) waits
             status, line = outcome(command, error, resume)
             if status is None:
                 raise

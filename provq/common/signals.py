@@ -5,7 +5,8 @@ next safe point (training: after an optimizer step; extraction: after a shard; s
 evaluation: after a batch; the drivers: between stages), finishes what it must (a checkpoint) and
 raises ``Interrupted``, which ``run_command`` prints as one line before exiting 128 + the signal
 (130 for SIGINT, 143 for SIGTERM). A second signal stops at once, wherever the command is (the
-files it writes are atomic, so what is on disk stays usable).
+files it writes are atomic, so what is on disk stays usable), unless the command is already ending
+(``ending``: its last line is being printed), where it only is recorded.
 
 Under a launcher every process passes the same safe points and the decision is all-reduced there
 (``agreed``), so no process is left waiting in a collective for one that stopped. Child commands
@@ -49,6 +50,7 @@ def interrupted(signum: int, where: str, *details: str) -> Interrupted:
 class _Received:
     owner: int | None = None  # the process whose handlers these are (not its forked workers)
     signals: list[int] = []
+    ending = False  # the command is printing its last line: further signals are only recorded
     children: list = []  # subprocess.Popen objects that get every signal forwarded
 
 
@@ -60,7 +62,7 @@ def _handle(signum: int, frame) -> None:
             with contextlib.suppress(OSError):
                 os.kill(child.pid, signum)
     _Received.signals.append(signum)
-    if len(_Received.signals) > 1:
+    if len(_Received.signals) > 1 and not _Received.ending:
         raise Interrupted(signum, f"stopped at once by a second signal ({signal_name(signum)})")
 
 
@@ -72,14 +74,20 @@ def handled() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS}
-    saved = _Received.owner, _Received.signals
-    _Received.owner, _Received.signals = os.getpid(), []
+    saved = _Received.owner, _Received.signals, _Received.ending
+    _Received.owner, _Received.signals, _Received.ending = os.getpid(), [], False
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _Received.owner, _Received.signals = saved
+        _Received.owner, _Received.signals, _Received.ending = saved
+
+
+def ending() -> None:
+    """The command is on its way out (its error or stop is being reported): a signal from now on is
+    recorded but no longer raises, so it cannot cut the last line short or leave a traceback."""
+    _Received.ending = True
 
 
 def pending() -> int:
