@@ -81,11 +81,11 @@ def command_here(command: str, main, argv: list[str], capsys) -> tuple[int, str]
 
 def stop_training(script: str, argv: list[str], out: Path, tmp_path: Path, signals: tuple[int, ...],
                   pace: str = "6") -> tuple[int, str]:
-    """The real command, paced from step 6 and sent ``signals`` once step 7 is logged and step 8 waits
-    for its batch."""
+    """The real command, paced from step 6 and sent ``signals`` once step 8 waits for its batch (so
+    step 7 is done, logged and past its checkpoint check)."""
     command = [sys.executable, str(run_driver(DRIVER, tmp_path)), script, "pace", pace, *argv]
-    log, logged, waiting = tmp_path / "stopped.log", step_logged(out / "metrics.jsonl", 7), pacing(tmp_path, 8)
-    code = signal_when(command, lambda: logged() and waiting(), log, signals)
+    log = tmp_path / "stopped.log"
+    code = signal_when(command, pacing(tmp_path, 8), log, signals)
     return code, log.read_text()
 
 
@@ -133,7 +133,7 @@ def test_a_second_signal_while_the_stop_is_reported_keeps_the_first_line(monkeyp
     def signalled_collect():  # the second Ctrl-C arrives while the stop's line is being printed
         os.kill(os.getpid(), signal.SIGINT)
         deadline = time.monotonic() + 5
-        while len(signals._Received.signals) < 2 and time.monotonic() < deadline:
+        while not signals.forced() and time.monotonic() < deadline:
             time.sleep(0.01)  # Python runs the handler between bytecodes: it has run once this loop ends
         return collect()
 

@@ -163,7 +163,8 @@ def pacing(driver_folder: Path, step: int):
     """A `ready` for signal_when: the DRIVER's "pace" mode is waiting before a micro-batch of `step`
     (or a later one), so a signal sent now lands in that wait."""
     def ready() -> bool:
-        text = (driver_folder / "pacing").read_text() if (driver_folder / "pacing").exists() else ""
+        mark = driver_folder / "pacing"
+        text = mark.read_text() if mark.exists() else ""
         return text.endswith("\n") and int(text) >= step
     return ready
 
