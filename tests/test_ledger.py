@@ -18,7 +18,7 @@ from scipy import stats
 
 from provq.ablation import plan as plan_module
 from provq.ablation import runner
-from provq.ablation.ledger import Ledger
+from provq.ablation.ledger import Ledger, trained_on
 from provq.ablation.statistics import holm, pooled_sd, seeds_for_equivalence, tost_p, two_sided_p
 from provq.ablation.variants import VARIANTS
 from provq.common.errors import ConfigError, FormatError
@@ -257,6 +257,30 @@ def test_two_cpus_pool_only_when_a_check_run_matches_its_original():
     assert len(groups) == 2 and "kept apart" in said[0]
 
 
+def test_one_cpu_model_with_and_without_bf16_units_and_a_gpu_are_three_groups():
+    rows = _rows("AMD EPYC", range(2))
+    wide = [{**r, "cpu_units": "AVX-512 BF16"} for r in rows]
+    narrow = [{**r, "cpu_units": "AVX2", "seed": r["seed"] + 2} for r in rows]
+    gpu = [{**r, "device": "NVIDIA H200", "seed": r["seed"] + 4} for r in wide]
+    groups, said = plan_module.pooled_groups(wide + narrow + gpu)
+    assert {k: len(v) for k, v in groups.items()} == {"AMD EPYC (AVX-512 BF16)": 4, "AMD EPYC (AVX2)": 4,
+                                                      "NVIDIA H200": 4} and said == []
+    check = {**narrow[0], "seed": 0, "recheck": "AMD EPYC (AVX2)"}  # seed 0 again, on the AVX2 machine
+    groups, said = plan_module.pooled_groups(wide + narrow + [check])
+    assert {k: len(v) for k, v in groups.items()} == {"AMD EPYC (AVX-512 BF16) + AMD EPYC (AVX2)": 8}
+    assert "AMD EPYC (AVX-512 BF16) / AMD EPYC (AVX2)" in said[0]
+
+
+def test_a_new_ledger_line_records_the_cpus_units(tmp_path, monkeypatch):
+    from provq.common import machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMD EPYC", "units": "AVX2"})
+    row = Ledger(tmp_path / "l.jsonl", "p").append(KEY, {"psnr": 1.0}, 1.0)
+    assert (row["cpu"], row["cpu_units"]) == ("AMD EPYC", "AVX2") and trained_on(row) == "AMD EPYC (AVX2)"
+    assert trained_on({"cpu": "AMD EPYC", "device": "cpu"}) == "AMD EPYC"  # a line from before units were kept
+
+
 def test_recheck_trains_a_ledger_run_again_in_its_own_folder_and_adds_a_check_line(tmp_path, monkeypatch):
     ledger, folders = tmp_path / "ledger.jsonl", []
 
@@ -277,7 +301,7 @@ def test_recheck_trains_a_ledger_run_again_in_its_own_folder_and_adds_a_check_li
     assert folders == [tmp_path / "out" / "recheck" / "vq+kmeans+l2" / "seed0"]  # never the study's own folder
     assert ablation.folder(VARIANTS["vq+kmeans+l2"], 0) == tmp_path / "out" / "vq+kmeans+l2" / "seed0"
     rows = Ledger(ledger, "pilot-1").rows()
-    assert len(rows) == 2 and rows[1]["recheck"] == rows[1]["cpu"] and original["metrics"] == metrics
+    assert len(rows) == 2 and rows[1]["recheck"] == trained_on(rows[1]) and original["metrics"] == metrics
     ablation.recheck(VARIANTS["vq+kmeans+l2"], 0)  # checked already on this CPU: not trained again
     assert len(folders) == 1 and len(Ledger(ledger, "pilot-1").rows()) == 2
     groups, said = plan_module.pooled_groups(rows)
@@ -356,12 +380,15 @@ for j, variant in enumerate(args.variants.split(",")):
 """
 
 
-def _fake_plan(tmp_path, versions: dict, seeds: int = 1, config: str | None = None) -> tuple:
+def _fake_plan(tmp_path, versions: dict, seeds: int = 1, config: str | dict | None = None) -> tuple:
+    """A plan of ``versions`` (name: variants) run by FAKE_STUDY; ``config``: every version's preset, or
+    a preset per version."""
     script, ledger = tmp_path / "fake_study.py", tmp_path / "ledger.jsonl"
     script.write_text(FAKE_STUDY)
     lines = ["versions:"]
     for name, variants in versions.items():
-        setting = f"seeds: {seeds}" + (f", config: {config}" if config else "")
+        preset = config.get(name) if isinstance(config, dict) else config
+        setting = f"seeds: {seeds}" + (f", config: {preset}" if preset else "")
         lines += [f"  {name}:", f"    setting: {{{setting}}}", f"    variants: [{', '.join(variants)}]",
                   f"    command: OMP_NUM_THREADS=1 python {script} --plan {name} --ledger {ledger} "
                   f"--output_dir {tmp_path} --shard 0/2 --variants <the variants below>"]
@@ -416,6 +443,32 @@ def test_a_bf16_study_is_not_started_on_a_cpu_that_would_emulate_bf16(tmp_path, 
     assert not ledger.exists() and not (tmp_path / "logs").exists()  # nothing was started
     monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMX CPU", "bf16_units": True})
     assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 0
+
+
+def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_the_bf16_ones(
+        tmp_path, monkeypatch, capsys):
+    from provq.common import machine
+
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMD EPYC", "bf16_units": False, "units": "AVX2"})
+    plan, ledger = _fake_plan(tmp_path, {"bf16": ["a", "b"], "old": ["c"], "fp32": ["d", "e"]},
+                              config={"bf16": "emoji32", "old": "configs/emoji32_fp32.yaml",
+                                      "fp32": "configs/emoji32_fp32.yaml"})
+    plan.write_text(plan.read_text().replace("  old:\n", "  old:\n    superseded_by: fp32\n"))
+    report = tmp_path / "report.md"
+    assert plan_module.continue_study(plan, ledger, report, 2, tmp_path / "logs") == 1
+    out = capsys.readouterr().out
+    assert "bf16: mixed_precision bf16 on a CPU without bf16 units" in out and "on to the next version" in out
+    assert "left for a machine with bf16 units: bf16" in out
+    rows = Ledger(ledger, "").rows()
+    assert sorted((r["plan"], r["variant"]) for r in rows) == [("fp32", "d"), ("fp32", "e")]  # never the superseded
+    assert {trained_on(r) for r in rows} == {"AMD EPYC (AVX2)"}
+    assert "Superseded by `fp32`" in report.read_text()
+    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMD EPYC", "bf16_units": True,
+                                                            "units": "AVX-512 BF16"})
+    assert plan_module.continue_study(plan, ledger, report, 2, tmp_path / "logs") == 0
+    assert sorted(r["plan"] for r in Ledger(ledger, "").rows()) == ["bf16", "bf16", "fp32", "fp32"]
 
 
 def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(tmp_path):

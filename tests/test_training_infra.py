@@ -133,9 +133,9 @@ def test_preset_base_is_deep_merged(tmp_path):
 
 
 PRESETS = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-CODE_GRID = {"emoji32": 8, "emoji32_fsq": 8, "emoji32_lfq": 8, "imagenet256": 16, "imagenet100_256": 16,
+CODE_GRID = {"emoji32": 8, "emoji32_fp32": 8, "emoji32_fsq": 8, "emoji32_lfq": 8, "imagenet256": 16, "imagenet100_256": 16,
              "imagenet256_fsq": 16, "imagenet256_lfq": 16}
-CODES = {"emoji32": 1024, "emoji32_fsq": 1000, "emoji32_lfq": 1024, "imagenet256": 16384,
+CODES = {"emoji32": 1024, "emoji32_fp32": 1024, "emoji32_fsq": 1000, "emoji32_lfq": 1024, "imagenet256": 16384,
          "imagenet100_256": 16384, "imagenet256_fsq": 15360, "imagenet256_lfq": 16384}
 
 
@@ -194,22 +194,24 @@ def test_mixed_precision_auto_picks_by_a_probe_and_says_why(monkeypatch, caplog,
 CPUINFO = "processor\t: {n}\nmodel name\t: {model}\nflags\t\t: {flags}\n\n"
 
 
-@pytest.mark.parametrize("flags, units", [
-    ("fpu sse2 avx avx2 fma", False),  # an AVX2-only AMD EPYC: bf16 emulated
-    ("fpu sse2 avx2 avx512f avx512bw", False),  # AVX-512 without its BF16 extension
-    ("fpu sse2 avx2 avx512f avx512_bf16", True),
-    ("fpu sse2 avx2 avx512f amx_bf16 amx_tile", True),
+@pytest.mark.parametrize("flags, units, widest", [
+    ("fpu sse2 avx avx2 fma", False, "AVX2"),  # an AVX2-only AMD EPYC: bf16 emulated
+    ("fpu sse2 avx2 avx512f avx512bw", False, "AVX-512"),  # AVX-512 without its BF16 extension
+    ("fpu sse2 avx2 avx512f avx512_bf16", True, "AVX-512 BF16"),
+    ("fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile", True, "AMX"),
+    ("fpu sse2 avx", False, "no AVX2"),
 ])
-def test_cpu_description_reads_the_bf16_units_from_the_flags(tmp_path, flags, units):
+def test_cpu_description_reads_the_bf16_units_from_the_flags(tmp_path, flags, units, widest):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("".join(CPUINFO.format(n=n, model="Some CPU", flags=flags) for n in range(2)))
     described = machine.cpu_description(cpuinfo)
-    assert described["model"] == "Some CPU" and described["bf16_units"] is units
+    assert described["model"] == "Some CPU" and described["bf16_units"] is units and described["units"] == widest
     assert described["avx512_bf16"] is ("avx512_bf16" in flags) and described["amx_bf16"] is ("amx_bf16" in flags)
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n")
-    assert machine.cpu_description(arm)["bf16_units"] is True
-    assert machine.cpu_description(tmp_path / "absent")["bf16_units"] is None  # no /proc: cannot tell
+    assert machine.cpu_description(arm)["bf16_units"] is True and machine.cpu_description(arm)["units"] == "BF16"
+    absent = machine.cpu_description(tmp_path / "absent")
+    assert absent["bf16_units"] is None and absent["units"] is None  # no /proc: cannot tell
 
 
 def test_explicit_bf16_on_a_cpu_without_bf16_units_is_refused_with_the_measured_rate(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from provq.ablation.ledger import trained_on
 from provq.ablation.plan import CHECKED
 from provq.ablation.report import strongest, write_report, write_sweep_report
 from provq.ablation.runner import (
@@ -52,7 +53,7 @@ def recheck(args, ablation: Ablation, variants: list) -> Path:
         raise ConfigError("--recheck checks a run of a study's ledger: give --ledger and --plan too")
     original, metrics = ablation.recheck(variants[0], args.first_seed)
     for key in CHECKED:
-        print(f"[recheck] {variants[0].name} seed {args.first_seed} {key}: ledger ({original['cpu']}) "
+        print(f"[recheck] {variants[0].name} seed {args.first_seed} {key}: ledger ({trained_on(original)}) "
               f"{original['metrics'].get(key)!r}, here {metrics.get(key)!r}", flush=True)
     return ablation.ledger.path
 

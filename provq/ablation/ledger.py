@@ -49,6 +49,20 @@ def key_of(row: dict) -> tuple:
     return tuple(row.get(k) for k in KEY)
 
 
+def trained_on(row: dict) -> str:
+    """Where a ledger line's run trained, as the report groups runs: the GPU's name, else the CPU's model
+    and its widest unit (``machine.vector_units``: one model name covers CPUs with and without bf16
+    units); the model alone on a line that does not record its units."""
+    if row.get("device", "cpu") != "cpu":
+        return row["device"]
+    return f"{row['cpu']} ({row['cpu_units']})" if row.get("cpu_units") else row["cpu"]
+
+
+def this_machine() -> str:
+    """``trained_on`` for a run on this machine."""
+    return trained_on(machine())
+
+
 # The command-line shortcuts of a training run and the fields they set.
 SHORTCUTS = {"seed": "tokenizer.train.seed", "max_steps": "tokenizer.train.max_steps"}
 
@@ -117,7 +131,8 @@ class Ledger:
         """Add the run's line (unless a concurrent writer added the same run first); the line."""
         where = machine()
         row = {"plan": self.plan, **key, **({"recipe": recipe} if recipe else {}),
-               "commit": self.commit, "cpu": where["cpu"], "torch": where["torch"],
+               "commit": self.commit, "cpu": where["cpu"],
+               **({"cpu_units": where["cpu_units"]} if where.get("cpu_units") else {}), "torch": where["torch"],
                "threads": where["threads"], "device": where["device"], "wall_s": round(wall_s, 1),
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "metrics": metrics}
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,10 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
-from provq.ablation.ledger import Ledger, key_of
+from provq.ablation.ledger import Ledger, key_of, this_machine, trained_on
 from provq.ablation.report import GENERATION_METRICS, METRICS, interval_plot
 from provq.ablation.statistics import (
     holm,
@@ -81,7 +82,9 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
     # runs_per_seed: 2 where each variant x seed is a tokenizer line and a generation line
     planned = planned_runs(version)
     lines = [f"## Plan version `{name}`", "", " ".join(str(version.get("purpose", "")).split()), ""]
-    if version.get("command"):
+    if version.get("superseded_by"):
+        lines += [f"Superseded by `{version['superseded_by']}`: not run further (`--continue` skips it).", ""]
+    elif version.get("command"):
         command = version_command(version)
         lines += ["Command (continues where the ledger stops; `--shard 0/2` and `--shard 1/2` share two cores, one "
                   "thread each; `make study-continue` runs both shards of every unfinished version in order):", "",
@@ -121,12 +124,13 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
 
 
 def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
-    """The runs (check lines left out) grouped by CPU model, two models pooled when a check line
-    (--recheck: a run trained again on another machine) matches its original on CHECKED within
-    CHECK_TOLERANCE (relative); and a sentence per check saying what it found."""
+    """The runs (check lines left out) grouped by where they trained (ledger.trained_on: the GPU, or the
+    CPU model and its units), two groups pooled when a check line (--recheck: a run trained again on
+    another machine) matches its original on CHECKED within CHECK_TOLERANCE (relative); and a sentence
+    per check saying what it found."""
     checks = [r for r in rows if r.get("recheck")]
     runs = [r for r in rows if not r.get("recheck")]
-    parent = {r["cpu"]: r["cpu"] for r in runs + checks}
+    parent = {trained_on(r): trained_on(r) for r in runs + checks}
 
     def root(cpu: str) -> str:
         while parent[cpu] != cpu:
@@ -138,7 +142,7 @@ def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
         original = next((r for r in runs if key_of({**r, "recheck": check["recheck"]}) == key_of(check)), None)
         name = f"{check['variant']} seed {check['seed']}"
         if original is None:
-            said.append(f"check of {name} on {check['cpu']}: its original is not in the ledger")
+            said.append(f"check of {name} on {trained_on(check)}: its original is not in the ledger")
             continue
         pairs = [(original["metrics"].get(k), check["metrics"].get(k)) for k in CHECKED]
         same = all(a is not None and b is not None and abs(a - b) <= CHECK_TOLERANCE * max(1.0, abs(a))
@@ -146,15 +150,15 @@ def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
         shown = ", ".join(f"{LABEL[k]} {a:.6g} / {b:.6g}" for k, (a, b) in zip(CHECKED, pairs, strict=True)
                           if a is not None and b is not None)
         if same:
-            parent[root(check["cpu"])] = root(original["cpu"])
-        said.append(f"check of {name}, {original['cpu']} / {check['cpu']}: {shown}: "
+            parent[root(trained_on(check))] = root(trained_on(original))
+        said.append(f"check of {name}, {trained_on(original)} / {trained_on(check)}: {shown}: "
                     + ("the same within 1e-4 relative, pooled" if same else "not the same, kept apart"))
     groups: dict[str, list[dict]] = defaultdict(list)
     members = defaultdict(set)
     for cpu in parent:
         members[root(cpu)].add(cpu)
     for row in runs:
-        groups[" + ".join(sorted(members[root(row["cpu"])]))].append(row)
+        groups[" + ".join(sorted(members[root(trained_on(row))]))].append(row)
     return dict(sorted(groups.items())), said
 
 
@@ -322,11 +326,14 @@ def version_command(version: dict) -> str:
     return " ".join(version["command"].split()).replace("<the variants below>", f'"{variants}"')
 
 
-def next_version(plan: dict, rows: list[dict]) -> str | None:
-    """The first version, in the plan's order, with a command and runs still missing from the ledger."""
+def next_version(plan: dict, rows: list[dict], skip: Iterable[str] = ()) -> str | None:
+    """The first version, in the plan's order, with a command and runs still missing from the ledger;
+    neither one in ``skip`` nor one the plan says was superseded (``superseded_by``: replaced by a later
+    version before it ran to its end)."""
     for name, version in plan["versions"].items():
         done = sum(1 for r in rows if r["plan"] == name and not r.get("recheck"))
-        if version.get("command") and done < planned_runs(version):
+        if (version.get("command") and not version.get("superseded_by") and name not in skip
+                and done < planned_runs(version)):
             return name
     return None
 
@@ -375,20 +382,21 @@ def last_line(log: Path) -> str:
 def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, logs: Path) -> int:
     """Run the next unfinished version's command as ``shards`` one-thread processes, wait for them, write
     the report, and go on to the next version until the plan is done or a shard stops (a signal: the
-    shards stop after a step, keeping their checkpoints; run this again to continue). Returns the exit
-    status: 0 when every version has its planned runs."""
-    from provq.common.machine import machine
-
-    plan, cpu = load_yaml(plan_path), machine()["cpu"]
-    while (name := next_version(plan, rows := Ledger(ledger_path, plan="").rows())) is not None:
-        others = sorted({r["cpu"] for r in rows if r["plan"] == name} - {cpu})
-        if others and not any(r["plan"] == name and r["cpu"] == cpu for r in rows):
-            print(f"[plan] {name}: its runs so far come from {', '.join(others)}; this CPU ({cpu}) starts a group "
-                  "the report keeps apart until a check matches: run its command once with --recheck", flush=True)
+    shards stop after a step, keeping their checkpoints; run this again to continue). A version whose
+    recipe trains in bf16 is left, on a CPU that would emulate bf16, for a machine with bf16 units, and
+    the next one runs. Returns the exit status: 0 when every version has its planned runs."""
+    plan, here, left = load_yaml(plan_path), this_machine(), {}
+    while (name := next_version(plan, rows := Ledger(ledger_path, plan="").rows(), left)) is not None:
         if refusal := precision_refusal(plan["versions"][name]):
-            print(f"[plan] {name}: {refusal}; the study's recipe is fixed, so its runs continue on a machine with "
-                  "bf16 units (AMX, AVX-512 BF16) or a GPU", flush=True)
-            return 1
+            print(f"[plan] {name}: {refusal}; its recipe is fixed, so its runs wait for a machine with bf16 units "
+                  "(AMX, AVX-512 BF16) or a GPU; on to the next version", flush=True)
+            left[name] = refusal
+            continue
+        others = sorted({trained_on(r) for r in rows if r["plan"] == name} - {here})
+        if others and not any(r["plan"] == name and trained_on(r) == here for r in rows):
+            print(f"[plan] {name}: its runs so far come from {', '.join(others)}; this machine ({here}) starts a "
+                  "group the report keeps apart until a check matches: run its command once with --recheck",
+                  flush=True)
         processes = [launch(argv, logs / f"{name}_shard{i}.log")
                      for i, argv in enumerate(shard_commands(version_command(plan["versions"][name]), shards))]
         print(f"[plan] {name}: {shards} shard(s), one thread each; logs {logs}/{name}_shard*.log", flush=True)
@@ -416,11 +424,16 @@ def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, l
             print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_shard*.log. "
                   "Run the same command again to continue.", flush=True)
             return status
-        if next_version(plan, Ledger(ledger_path, plan="").rows()) == name:  # its command cannot finish it
+        if next_version(plan, Ledger(ledger_path, plan="").rows(), left) == name:  # its command cannot finish it
             planned = planned_runs(plan["versions"][name])
             print(f"[plan] {name}: its command finished, yet the ledger has fewer than the {planned} runs the "
                   "plan's setting counts: the plan's variants, seeds and command disagree", flush=True)
             return 1
+    if left:
+        write_plan_report(plan_path, ledger_path, out)
+        print(f"[plan] every version this machine can train has its planned runs; left for a machine with bf16 "
+              f"units: {', '.join(left)}; report: {out}", flush=True)
+        return 1
     print(f"[plan] every version of {plan_path} has its planned runs; report: {out}", flush=True)
     return 0
 

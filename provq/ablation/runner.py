@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
-from provq.ablation.ledger import Ledger, recipe
+from provq.ablation.ledger import Ledger, recipe, this_machine
 from provq.ablation.variants import DEFAULT, QUICK, Variant, preset_ramp, select
 from provq.common.errors import ConfigError
 from provq.common.files import write_json_atomic
@@ -83,13 +83,11 @@ class Ablation:
         a folder of its own (<out>/recheck), and add it as a check line (its key and ``recheck``: this
         CPU's model). The plan's report pools two CPUs' runs when a check matches (plan.pooled_groups).
         Returns the ledger's line and the check's metrics."""
-        from provq.common.machine import machine
-
         original = self.ledger.find(self.ledger_key(variant, seed))
         if original is None:
             raise ConfigError(f"--recheck: the ledger {self.ledger.path} has no {variant.name} seed {seed} of plan "
                               f"{self.ledger.plan!r} to check; run the study's command first")
-        key = {**self.ledger_key(variant, seed), "recheck": machine()["cpu"]}
+        key = {**self.ledger_key(variant, seed), "recheck": this_machine()}
         found = self.ledger.find(key)
         if found is not None:
             return original, found["metrics"]

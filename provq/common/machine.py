@@ -15,6 +15,9 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     ``bf16_units``: True where the CPU computes bf16 itself (AMX or AVX-512 BF16 on x86, the BF16
     extension on Arm), False where the flags were read and show none (torch then emulates bf16: a
     bf16 matmul ran at 0.02x the fp32 rate on an AVX2-only AMD EPYC), None where they could not be read.
+    ``units``: the widest of those units in a word (``AMX``, ``AVX-512 BF16``, ``AVX-512``, ``AVX2``...),
+    None where unread: one model name ("AMD EPYC") covers CPUs with and without bf16 units, whose
+    kernels, speed and last digits differ.
     """
     model, flags, arm = platform.processor() or platform.machine(), None, False
     try:
@@ -30,7 +33,16 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     flags = flags or set()
     units = ("bf16" in flags) if arm else bool({"amx_bf16", "avx512_bf16"} & flags)
     return {"model": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "avx512f": "avx512f" in flags, "bf16_units": units if known else None}
+            "avx512f": "avx512f" in flags, "bf16_units": units if known else None,
+            "units": vector_units(flags, arm) if known else None}
+
+
+def vector_units(flags: set, arm: bool = False) -> str:
+    """The widest matrix or vector unit among a CPU's flags, in a word."""
+    if arm:
+        return "BF16" if "bf16" in flags else "no BF16"
+    named = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+    return next((name for flag, name in named if flag in flags), "no AVX2")
 
 
 def machine() -> dict:
@@ -38,6 +50,6 @@ def machine() -> dict:
     import torch
 
     cpu = cpu_description()
-    return {"cpu": cpu["model"], "cpu_flags": cpu, "torch": torch.__version__,
+    return {"cpu": cpu["model"], "cpu_units": cpu.get("units"), "cpu_flags": cpu, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
