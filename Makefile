@@ -49,7 +49,7 @@ $(APP_STAMP): $(STAMP)
 # to pay); the slow tests start first (tests/conftest.py) and an idle worker takes over queued ones.
 # At most 4 workers: each holds its own torch and test fixtures (up to ~4 GiB at the suite's peak).
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test: setup-app
 	$(PYTEST) tests

@@ -179,13 +179,16 @@ def test_a_bad_number_is_one_line_on_its_tab_and_clears_the_samples_it_replaced(
     for element, value, default, line in refused:
         generate.click()
         picture(browser, "samples")
-        until(lambda: text(browser, "#seconds"), "the generation finished")  # a click while it runs is dropped
+        # A click while it runs is dropped; and the page draws one update's outputs one by one: the last
+        # error line may still show after the seconds appear, and be read as the next one's.
+        until(lambda: text(browser, "#seconds") and text(browser, "#generate_error") == "",
+              "the generation finished and the last error line cleared")
         set_number(browser, f"#{element} input", value)
         generate.click()
         until(lambda: text(browser, "#generate_error"), f"an error line for {element} {value}")
         assert text(browser, "#generate_error") == f"python -m provq.app: error: {line}"
-        until(lambda: source(browser, "samples") is None, "the old samples cleared")
-        assert text(browser, "#seconds") == ""
+        until(lambda: source(browser, "samples") is None and text(browser, "#seconds") == "",
+              "the old samples and the line under them cleared")
         set_number(browser, f"#{element} input", default)
     assert text_on_tab(browser, "Tokenizer", "#tokenizer_error") == ""  # the error stays on its tab
     assert text_on_tab(browser, "Codebook", "#codebook_error") == ""
@@ -197,7 +200,8 @@ def test_a_bad_number_is_one_line_on_its_tab_and_clears_the_samples_it_replaced(
     shown, _ = picture(browser, "samples")
     expected, _ = session.generate(0, SamplingConfig(cfg_scale=50.0, temperature=0.0), 0, 8)
     assert np.array_equal(shrink(shown, expected.shape[0]), expected)
-    assert "CFG 50, temperature 0 (greedy: top-k and top-p do not apply)" in text(browser, "#seconds")
+    summary = until(lambda: text(browser, "#seconds"), "the line under the samples")  # drawn after the picture
+    assert "CFG 50, temperature 0 (greedy: top-k and top-p do not apply)" in summary
     assert text(browser, "#generate_error") == "" and errors_on_the_page(browser) == []
 
 
