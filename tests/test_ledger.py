@@ -486,3 +486,33 @@ def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(
     for i in (0, 1):
         assert (logs / f"v1_shard{i}.log").read_text().count("got 15") == 1
     assert report.is_file() and not ledger.exists()  # no run finished: the ledger has no line
+
+
+def test_this_code_gives_each_plan_versions_runs_the_recipe_their_ledger_lines_carry(tmp_path):
+    """The committed study continues with this code: for every version of docs/results/study_plan.yaml
+    whose ledger lines carry a recipe, its command resolves to that recipe here. A new config field or a
+    changed default fails this (the runner would refuse the version's next run on the next machine):
+    keep the old behaviour's hash, or plan a new version."""
+    import shlex
+
+    from training_helpers import REPO
+
+    from provq.ablation.__main__ import build_parser, setting_of
+
+    plan = plan_module.load_yaml(REPO / "docs" / "results" / "study_plan.yaml")
+    rows = Ledger(REPO / "docs" / "results" / "ledger.jsonl", "").rows()
+    checked = {}
+    for name, version in plan["versions"].items():
+        recipes = {r["recipe"] for r in rows if r["plan"] == name and r.get("recipe")}
+        if not recipes or not version.get("command"):
+            continue
+        assert len(recipes) == 1, f"{name}: its lines carry several recipes {sorted(recipes)}"
+        words = shlex.split(plan_module.version_command(version))
+        words = words[words.index("provq.ablation") + 1:]
+        words[words.index("--output_dir") + 1] = str(tmp_path / name)
+        words[words.index("--ledger") + 1] = str(tmp_path / "ledger.jsonl")
+        args = build_parser().parse_args(words)
+        ablation = runner.Ablation(args, setting_of(args), tmp_path / name)
+        checked[name] = ablation.recipe(args.first_seed)
+        assert checked[name] == recipes.pop(), f"{name}: this code gives recipe {checked[name]}"
+    assert "study-1" in checked  # the ledger holds study-1's runs: at least that one is checked
