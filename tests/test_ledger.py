@@ -360,13 +360,20 @@ def test_a_changed_preset_is_refused_before_training_and_names_both_recipes(tmp_
 FAKE_STUDY = """
 import argparse, os, signal, sys, time
 from pathlib import Path
-from provq.ablation.ledger import Ledger
+from provq.ablation.ledger import Ledger, this_machine
 parser = argparse.ArgumentParser()
 for name in ("--shard", "--plan", "--ledger", "--variants", "--output_dir"):
     parser.add_argument(name)
+parser.add_argument("--recheck", action="store_true")
 args = parser.parse_args()
 shard, shards = (int(x) for x in args.shard.split("/"))
 print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+METRICS = {"rfid": 80.0, "codebook_usage": 0.9}
+if args.recheck:  # the first variant's seed 0 again: as variant 0's line, or off by 0.5 dB
+    psnr = 20.0 + float(os.environ.get("FAKE_STUDY_OFF", "0"))
+    key = {"variant": args.variants.split(",")[0], "seed": 0, "recheck": this_machine()}
+    Ledger(args.ledger, args.plan).append(key, {"psnr": psnr, **METRICS}, 1.0)
+    sys.exit(0)
 if os.environ.get("FAKE_STUDY_FAIL") == str(shard):
     print("run 1/2:  50%|#####     | 1/2\\rpython -m provq.ablation: error: shard " + str(shard) + " broke", end="")
     sys.exit(1)
@@ -376,7 +383,7 @@ if os.environ.get("FAKE_STUDY_WAIT"):
     time.sleep(60)
 for j, variant in enumerate(args.variants.split(",")):
     if j % shards == shard:
-        Ledger(args.ledger, args.plan).append({"variant": variant, "seed": 0}, {"psnr": 20.0 + j}, 1.0)
+        Ledger(args.ledger, args.plan).append({"variant": variant, "seed": 0}, {"psnr": 20.0 + j, **METRICS}, 1.0)
 """
 
 
@@ -460,7 +467,7 @@ def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_
     assert plan_module.continue_study(plan, ledger, report, 2, tmp_path / "logs") == 1
     out = capsys.readouterr().out
     assert "bf16: mixed_precision bf16 on a CPU without bf16 units" in out and "on to the next version" in out
-    assert "left for a machine with bf16 units: bf16" in out
+    assert "left for other machines: bf16 (bf16 recipe: a machine with bf16 units)" in out
     rows = Ledger(ledger, "").rows()
     assert sorted((r["plan"], r["variant"]) for r in rows) == [("fp32", "d"), ("fp32", "e")]  # never the superseded
     assert {trained_on(r) for r in rows} == {"AMD EPYC (AVX2)"}
@@ -469,6 +476,51 @@ def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_
                                                             "units": "AVX-512 BF16"})
     assert plan_module.continue_study(plan, ledger, report, 2, tmp_path / "logs") == 0
     assert sorted(r["plan"] for r in Ledger(ledger, "").rows()) == ["bf16", "bf16", "fp32", "fp32"]
+
+
+def _elsewhere(ledger, plan, variant):
+    """A line of ``variant`` seed 0 as the fake study writes it, from another machine."""
+    row = {"plan": plan, "variant": variant, "seed": 0, "cpu": "Elsewhere CPU", "cpu_units": "AMX", "device": "cpu",
+           "torch": "t", "threads": 1, "commit": "c",
+           "wall_s": 1.0, "metrics": {"psnr": 20.0, "rfid": 80.0, "codebook_usage": 0.9}}
+    with open(ledger, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def test_a_version_begun_elsewhere_is_checked_here_first_and_continued_when_the_check_matches(tmp_path, monkeypatch,
+                                                                                               capsys):
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"]})
+    _elsewhere(ledger, "v1", "a")
+    assert plan_module.standing(Ledger(ledger, "").rows(), trained_on({"cpu": "Here", "device": "cpu"})) == "unchecked"
+    logs = tmp_path / "logs"
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, logs) == 0
+    out = capsys.readouterr().out
+    assert "v1: its runs so far come from Elsewhere CPU (AMX); first a check on this machine" in out
+    rows = Ledger(ledger, "").rows()
+    here = plan_module.this_machine()
+    assert [(r["variant"], trained_on(r), bool(r.get("recheck"))) for r in rows] == [
+        ("a", "Elsewhere CPU (AMX)", False), ("a", here, True), ("b", here, False)]  # a is not run again
+    assert plan_module.standing(rows, here) == "member"
+    assert sorted(p.name for p in logs.iterdir()) == ["v1_recheck.log", "v1_shard0.log", "v1_shard1.log"]
+    assert "pooled" in (tmp_path / "report.md").read_text()
+
+
+def test_a_version_whose_runs_this_machines_check_does_not_match_is_left_and_the_next_runs(tmp_path, monkeypatch,
+                                                                                             capsys):
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    monkeypatch.setenv("FAKE_STUDY_OFF", "0.5")
+    plan, ledger = _fake_plan(tmp_path, {"v1": ["a", "b"], "v2": ["c"]})
+    _elsewhere(ledger, "v1", "a")
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
+    out = capsys.readouterr().out
+    assert "v1: its runs come from Elsewhere CPU (AMX), and this machine's check" in out and "did not match" in out
+    assert "left for other machines: v1 (its runs come from Elsewhere CPU (AMX))" in out
+    rows = Ledger(ledger, "").rows()
+    assert [(r["plan"], r["variant"], bool(r.get("recheck"))) for r in rows] == [
+        ("v1", "a", False), ("v1", "a", True), ("v2", "c", False)]  # b is not started: it would stand apart
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 1
+    assert len(Ledger(ledger, "").rows()) == 3  # checked once: not trained again
 
 
 def test_a_signal_to_continue_reaches_each_shard_once_and_the_report_is_written(tmp_path):

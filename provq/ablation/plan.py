@@ -379,60 +379,100 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(empty log)"
 
 
+def standing(rows: list[dict], here: str) -> str:
+    """Where the machine ``here`` (ledger.trained_on) stands in one version's ledger lines, check lines
+    included: ``first`` (no run yet), ``member`` (some runs are its own, or pooled with its own by a
+    matching check), ``unchecked`` (every run is from elsewhere and it has no check yet) or ``apart``
+    (its check did not match: the report keeps its runs apart)."""
+    if not any(not r.get("recheck") for r in rows):
+        return "first"
+    groups, _ = pooled_groups(rows)
+    if any(here in key.split(" + ") for key in groups):
+        return "member"
+    return "apart" if any(r.get("recheck") and trained_on(r) == here for r in rows) else "unchecked"
+
+
+def run_processes(argvs: list[list[str]], logs: list[Path]) -> tuple[list[int], list[int]]:
+    """Start each argument list (``launch``: one thread, a session of its own), pass SIGINT and SIGTERM
+    on to each once, and wait for all: their exit codes and the signals received."""
+    processes = [launch(argv, log) for argv, log in zip(argvs, logs, strict=True)]
+    stopped = []
+
+    def forward(signum, frame):
+        stopped.append(signum)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [process.wait() for process in processes]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return codes, stopped
+
+
 def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, logs: Path) -> int:
     """Run the next unfinished version's command as ``shards`` one-thread processes, wait for them, write
     the report, and go on to the next version until the plan is done or a shard stops (a signal: the
-    shards stop after a step, keeping their checkpoints; run this again to continue). A version whose
-    recipe trains in bf16 is left, on a CPU that would emulate bf16, for a machine with bf16 units, and
-    the next one runs. Returns the exit status: 0 when every version has its planned runs."""
-    plan, here, left = load_yaml(plan_path), this_machine(), {}
+    shards stop after a step, keeping their checkpoints; run this again to continue).
+
+    A version this machine cannot add to usefully is left for another, and the next one runs: a recipe
+    in bf16 on a CPU that would emulate it; runs from another machine that this machine's check (the
+    command with ``--recheck``, run first: the first variant's first seed trained again here) does not
+    match, since the report keeps such runs apart. Returns the exit status: 0 when every version has
+    its planned runs."""
+    plan, here, left, checked = load_yaml(plan_path), this_machine(), {}, set()
     while (name := next_version(plan, rows := Ledger(ledger_path, plan="").rows(), left)) is not None:
-        if refusal := precision_refusal(plan["versions"][name]):
+        version = plan["versions"][name]
+        if refusal := precision_refusal(version):
             print(f"[plan] {name}: {refusal}; its recipe is fixed, so its runs wait for a machine with bf16 units "
                   "(AMX, AVX-512 BF16) or a GPU; on to the next version", flush=True)
-            left[name] = refusal
+            left[name] = "bf16 recipe: a machine with bf16 units"
             continue
-        others = sorted({trained_on(r) for r in rows if r["plan"] == name} - {here})
-        if others and not any(r["plan"] == name and trained_on(r) == here for r in rows):
-            print(f"[plan] {name}: its runs so far come from {', '.join(others)}; this machine ({here}) starts a "
-                  "group the report keeps apart until a check matches: run its command once with --recheck",
+        mine = [r for r in rows if r["plan"] == name]
+        where, others = standing(mine, here), ", ".join(sorted({trained_on(r) for r in mine} - {here}))
+        if where == "apart":
+            print(f"[plan] {name}: its runs come from {others}, and this machine's check ({here}) did not match them "
+                  "(the report keeps them apart); on to the next version", flush=True)
+            left[name] = f"its runs come from {others}"
+            continue
+        if where == "unchecked":
+            if name in checked:  # the check ran and added nothing: do not loop
+                print(f"[plan] {name}: its check finished without a check line in {ledger_path}", flush=True)
+                return 1
+            checked.add(name)
+            print(f"[plan] {name}: its runs so far come from {others}; first a check on this machine ({here}): "
+                  f"the first variant's first seed trained again, one thread; log {logs}/{name}_recheck.log",
                   flush=True)
-        processes = [launch(argv, logs / f"{name}_shard{i}.log")
-                     for i, argv in enumerate(shard_commands(version_command(plan["versions"][name]), shards))]
-        print(f"[plan] {name}: {shards} shard(s), one thread each; logs {logs}/{name}_shard*.log", flush=True)
-
-        stopped = []
-
-        def forward(signum, frame, running=processes, stopped=stopped):
-            stopped.append(signum)
-            for process in running:
-                if process.poll() is None:
-                    process.send_signal(signum)
-
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            codes = [process.wait() for process in processes]
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            argvs, names = [[*shard_commands(version_command(version), 1)[0], "--recheck"]], ["recheck"]
+        else:
+            argvs = shard_commands(version_command(version), shards)
+            names = [f"shard{i}" for i in range(shards)]
+            print(f"[plan] {name}: {shards} shard(s), one thread each; logs {logs}/{name}_shard*.log", flush=True)
+        codes, stopped = run_processes(argvs, [logs / f"{name}_{n}.log" for n in names])
         write_plan_report(plan_path, ledger_path, out)
         if any(codes) or stopped:
             status = max(codes, key=abs) or 128 + stopped[0]
-            for i, code in enumerate(codes):
-                if code and not stopped:  # a shard that failed on its own: its error is its log's last line
-                    print(f"[plan] {name} shard {i}: {last_line(logs / f'{name}_shard{i}.log')}", flush=True)
-            print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_shard*.log. "
+            for n, code in zip(names, codes, strict=True):
+                if code and not stopped:  # a process that failed on its own: its error is its log's last line
+                    print(f"[plan] {name} {n.replace('shard', 'shard ')}: {last_line(logs / f'{name}_{n}.log')}",
+                          flush=True)
+            print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_*.log. "
                   "Run the same command again to continue.", flush=True)
             return status
+        if names == ["recheck"]:
+            continue  # its check is in: pooled, or kept apart
         if next_version(plan, Ledger(ledger_path, plan="").rows(), left) == name:  # its command cannot finish it
-            planned = planned_runs(plan["versions"][name])
+            planned = planned_runs(version)
             print(f"[plan] {name}: its command finished, yet the ledger has fewer than the {planned} runs the "
                   "plan's setting counts: the plan's variants, seeds and command disagree", flush=True)
             return 1
     if left:
         write_plan_report(plan_path, ledger_path, out)
-        print(f"[plan] every version this machine can train has its planned runs; left for a machine with bf16 "
-              f"units: {', '.join(left)}; report: {out}", flush=True)
+        print("[plan] every version this machine can add to has its planned runs; left for other machines: "
+              + "; ".join(f"{n} ({why})" for n, why in left.items()) + f"; report: {out}", flush=True)
         return 1
     print(f"[plan] every version of {plan_path} has its planned runs; report: {out}", flush=True)
     return 0
