@@ -51,16 +51,21 @@ def start_and_batches(tmp_path, image_folder, monkeypatch, name: str, codes: int
     return seen
 
 
-@pytest.mark.parametrize("other", OTHERS)
-def test_a_seed_is_the_same_start_and_the_same_batches_in_every_variant(other, tmp_path, image_folder,
+# The lookup-free families' pairs of study-1-fsq-lfq-fp32: hard codes against the ramp and the switch.
+FAMILY_PAIRS = (("fsq", "cosine+fsq"), ("fsq", "step@mid+fsq"), ("lfq", "cosine+lfq"), ("lfq", "step@mid+lfq"))
+
+
+@pytest.mark.parametrize("hard_name, other", [*(("vq+kmeans+l2", other) for other in OTHERS), *FAMILY_PAIRS])
+def test_a_seed_is_the_same_start_and_the_same_batches_in_every_variant(hard_name, other, tmp_path, image_folder,
                                                                         monkeypatch):
-    hard = start_and_batches(tmp_path, image_folder, monkeypatch, "vq+kmeans+l2")
-    them = start_and_batches(tmp_path, image_folder, monkeypatch, other)
+    codes = 256 if hard_name == "fsq" else 32  # FSQ's smallest count with levels
+    hard = start_and_batches(tmp_path, image_folder, monkeypatch, hard_name, codes)
+    them = start_and_batches(tmp_path, image_folder, monkeypatch, other, codes)
     assert them["indices"] == hard["indices"] and len(hard["indices"]) == 6
     shared = [k for k in hard["start"] if not k.startswith("quantizer.")]
     assert shared and all(k in them["start"] for k in shared)
     differ = [k for k in shared if not torch.equal(hard["start"][k], them["start"][k])]
-    assert differ == [], f"{other}: initial weights differ from hard VQ's in {differ[:4]}"
+    assert differ == [], f"{other}: initial weights differ from {hard_name}'s in {differ[:4]}"
 
 
 def test_another_code_count_keeps_the_encoder_and_decoder(tmp_path, image_folder, monkeypatch):
