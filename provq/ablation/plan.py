@@ -91,7 +91,13 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
                   "```", command, "```", ""]
     groups, said = pooled_groups(rows)
     rows = [r for r in rows if not r.get("recheck")]
-    lines += [f"Runs: {len(rows)} of {planned} planned ({max(planned - len(rows), 0)} remaining). "
+    remaining = max(planned - len(rows), 0)
+    pace = ""
+    if rows and remaining:
+        minutes = statistics.fmean(r["wall_s"] for r in rows) / 60
+        pace = (f"At its runs' pace so far ({minutes:.1f} min each, two at once on two cores), the remaining "
+                f"{remaining} take about {remaining * minutes / 2 / 60:.1f} hours. ")
+    lines += [f"Runs: {len(rows)} of {planned} planned ({remaining} remaining). {pace}"
               f"Setting: {', '.join(f'{k} {v}' for k, v in setting.items())}.", ""]
     if not rows:
         return lines + ["No run of this version is in the ledger yet.", ""]
