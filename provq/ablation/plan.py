@@ -468,7 +468,7 @@ def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, l
             print(f"[plan] {name}: stopped (exit {status}); see {logs}/{name}_*.log. "
                   "Run the same command again to continue.", flush=True)
             return status
-        if names == ["recheck"]:
+        if where == "unchecked":
             continue  # its check is in: pooled, or kept apart
         if next_version(plan, Ledger(ledger_path, plan="").rows(), left) == name:  # its command cannot finish it
             planned = planned_runs(version)

@@ -29,16 +29,19 @@ def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
                 flags, arm = set(value.split()), key.strip() == "Features"
     except OSError:
         pass
-    known = flags is not None
+    units = None if flags is None else vector_units(flags, arm)
     flags = flags or set()
-    units = ("bf16" in flags) if arm else bool({"amx_bf16", "avx512_bf16"} & flags)
     return {"model": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "avx512f": "avx512f" in flags, "bf16_units": units if known else None,
-            "units": vector_units(flags, arm) if known else None}
+            "avx512f": "avx512f" in flags, "bf16_units": None if units is None else units in BF16_UNITS,
+            "units": units}
+
+
+# The units of vector_units that compute bf16 themselves.
+BF16_UNITS = ("AMX", "AVX-512 BF16", "BF16")
 
 
 def vector_units(flags: set, arm: bool = False) -> str:
-    """The widest matrix or vector unit among a CPU's flags, in a word."""
+    """The widest matrix or vector unit among a CPU's flags, in a word (BF16_UNITS compute bf16)."""
     if arm:
         return "BF16" if "bf16" in flags else "no BF16"
     named = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
