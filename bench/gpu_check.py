@@ -12,7 +12,8 @@ the discriminator step, train_prior.train_step, generator.sampling.sample, eval.
 2. GPT-B of the same preset on 16x16 codes of 16,384, batch 32, bf16: tokens/s and the model-FLOPs
    utilisation (PaLM's 6N + 12 L H Q T FLOPs per token) against the GPU's dense bf16 peak (from
    NVIDIA's datasheet, named in the JSON) and against a bf16 matmul measured in the same run;
-3. KV-cached sampling of 32 images with CFG 2.0 (bf16 autocast): images/s and tokens/s;
+3. KV-cached sampling of 32 images with CFG 2.0 (bf16 autocast), eager as the sample command runs it:
+   images/s and tokens/s;
 4. Inception features (the FID extractor, fp32) of 1,000 images at 256 px: images/s.
 
 Every figure carries the peak GPU memory and whether any loss was non-finite. On a CPU the sizes
@@ -210,7 +211,9 @@ def utilisation(prior_result: dict, device: torch.device) -> dict:
 def check_sampling(prior, sizes: Sizes, precision: str) -> dict:
     labels = torch.arange(sizes.samples) % prior.config.num_classes
     device = prior.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    # eager, as the sample command and the training grids sample (the layers were compiled for training)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+            torch.compiler.set_stance("force_eager"):
         sample(prior, labels[:1], cfg_scale=2.0)  # warm-up
         synchronize(device)
         start = time.perf_counter()

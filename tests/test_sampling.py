@@ -1,5 +1,6 @@
 """Tests of generator/sampling.py: KV cache, CFG, temperature, top-k/top-p, seeds, validation."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,32 @@ def test_label_minus_one_samples_the_null_class(prior):
     """-1 is "no class": the unconditional samples that guidance starts from."""
     unconditional = reference_sample(prior, [-1] * 4, 0.0, seed=0)
     assert torch.equal(sample(prior, [-1] * 4, temperature=0.0), unconditional)
+
+
+def test_a_training_sample_grid_samples_the_compiled_layers_eagerly(tmp_path):
+    """train.compile compiles the decoder layers for the training shapes; the grid's KV-cached decode must not
+    compile them again (about 20 s on a CPU for a grid of 2 s: bench/results/sample_grid.json). Under
+    fail_on_recompile any compilation raises; the grid is the eager one, pixel for pixel."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from training_helpers import save_tiny_models
+
+    from provq.commands.train_prior import write_samples
+    from provq.data.pixels import save_image_grid
+    from tokenizer import ProVQTokenizer
+
+    models = save_tiny_models(tmp_path / "models")
+    tok, prior = ProVQTokenizer.from_pretrained(models["tok"]), ARPrior.from_pretrained(models["prior"])
+    labels = torch.arange(4).repeat_interleave(2)  # write_samples' rows: each class, 2 per class
+    save_image_grid(tok.decode(sample(prior, labels, cfg_scale=2.0, seed=0)), tmp_path / "eager.png", nrow=2)
+    for layer in prior.llama.model.layers:  # as train.compile does; dynamo's eager backend: no inductor to wait for
+        layer.compile(backend="eager")
+    prior.train()
+    prior(torch.randint(16, (4, 8, 8)), torch.arange(4), generator=torch.Generator().manual_seed(0))
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, is_main_process=True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        write_samples(prior, tok, accelerator, tmp_path / "grid.png", cfg_scale=2.0, per_class=2)
+    assert prior.training  # sampling gave the training mode back
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "eager.png") as eager:
+        assert np.array_equal(np.asarray(grid), np.asarray(eager))

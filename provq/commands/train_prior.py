@@ -154,7 +154,10 @@ def write_samples(model, tok, accelerator, path: Path, cfg_scale: float | None, 
         labels = torch.arange(min(prior.config.num_classes, 10)).repeat_interleave(per_class)
     else:  # unlabelled data: samples of the null class, unguided
         labels, cfg_scale = torch.full((2 * per_class,), -1), 1.0
-    codes = sample(prior, labels, cfg_scale=cfg_scale, seed=0)
+    # Eager, as the sample command runs: decoder layers compiled for training (train.compile) would compile
+    # the KV-cached decode shapes too, about 20 s on a CPU for a grid that takes 2 s (bench/results/prior_step.json)
+    with torch.compiler.set_stance("force_eager"):
+        codes = sample(prior, labels, cfg_scale=cfg_scale, seed=0)
     if accelerator.is_main_process:
         save_image_grid(tok.decode(codes), path, nrow=per_class)
 
