@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 import warnings
 
@@ -103,8 +102,7 @@ def main(argv=None) -> dict:
                     else "bf16 moves FID by 0.1% or more: the default stays fp32, do not use --bf16"),
         "fid_sets": f"emoji test vs emoji train, {len(set_a)} + {len(set_b)} images",
         "batch_size": args.batch_size, "device": "cpu", "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "protocol": protocol(model),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "protocol": protocol(model),
     }
     return write_result(result, args.out)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -257,8 +256,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # bf16 on the GPU; on a CPU, bf16 only where it computes it (training.resolve_precision's "auto")
         precision = "bf16" if device.type == "cuda" else resolve_precision("auto")[0]
-        result = {"benchmark": "gpu_check", "device": torch.cuda.get_device_name(device)
-                  if device.type == "cuda" else platform.processor() or platform.machine(),
+        result = {"benchmark": "gpu_check",
                   "sizes": sizes.__dict__, "torch": torch.__version__, "torch_threads": threads,
                   "tokenizer": check_tokenizer(sizes, Path(tmp) / "tok", precision)}
         result["prior"], prior = check_prior(sizes, Path(tmp), precision)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -78,7 +77,7 @@ def main(argv=None) -> dict:
     threads = training.configure_threads()
     result = {"benchmark": "prior training step (train_prior.train_step), bf16", "torch_threads": threads,
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "torch": torch.__version__,
               "load_average_before": os.getloadavg(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

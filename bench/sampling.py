@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -154,7 +153,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     results = {
         "threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": SETTINGS, "load_average_before": os.getloadavg(), "models": {},
     }

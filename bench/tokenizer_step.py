@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -157,7 +156,7 @@ def main() -> None:
         + " + backward + AdamW",
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "machine": platform.processor(),
+        "cpu_count": os.cpu_count(), "torch": torch.__version__,
         "timed_steps": args.steps, "load_average_before": os.getloadavg(), "results": {},
     }
     for precision in args.precisions.split(","):

@@ -21,7 +21,6 @@ import argparse
 import functools
 import importlib.util
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -130,7 +129,7 @@ def main(argv=None) -> dict:
               "batch": args.batch, "steps": args.steps, "channels_last": args.channels_last, "compile": args.compile,
               "step": "forward + L2 + VQ losses + backward + clip 1.0 + Adam",
               "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-              "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "load_average_before": os.getloadavg()}
     for precision in ("fp32", "bf16"):
         result[precision] = compare(Path(root), precision == "bf16", args)
