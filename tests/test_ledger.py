@@ -356,11 +356,15 @@ def test_a_changed_preset_is_refused_before_training_and_names_both_recipes(tmp_
 
 
 # A stand-in for `python -m provq.ablation`: its share of the variants (variant j goes to shard j % n),
-# one ledger line each, and the thread count it was given; with FAKE_STUDY_WAIT it waits for a signal.
+# one ledger line each, and the thread count it was given; with FAKE_STUDY_WAIT it waits for a signal;
+# with FAKE_STUDY_CPU (cpu_description's JSON) its lines say it trained on that CPU, not on this one.
 FAKE_STUDY = """
-import argparse, os, signal, sys, time
+import argparse, json, os, signal, sys, time
 from pathlib import Path
 from provq.ablation.ledger import Ledger, this_machine
+from provq.common import machine
+if os.environ.get("FAKE_STUDY_CPU"):
+    machine.cpu_description = lambda: json.loads(os.environ["FAKE_STUDY_CPU"])
 parser = argparse.ArgumentParser()
 for name in ("--shard", "--plan", "--ledger", "--variants", "--output_dir"):
     parser.add_argument(name)
@@ -458,7 +462,9 @@ def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_
 
     monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMD EPYC", "bf16_units": False, "units": "AVX2"})
+    avx2 = {"model": "AMD EPYC", "bf16_units": False, "units": "AVX2"}
+    monkeypatch.setattr(machine, "cpu_description", lambda: avx2)
+    monkeypatch.setenv("FAKE_STUDY_CPU", json.dumps(avx2))  # the shards too, whatever CPU runs the test
     plan, ledger = _fake_plan(tmp_path, {"bf16": ["a", "b"], "old": ["c"], "fp32": ["d", "e"]},
                               config={"bf16": "emoji32", "old": "configs/emoji32_fp32.yaml",
                                       "fp32": "configs/emoji32_fp32.yaml"})
@@ -472,10 +478,14 @@ def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_
     assert sorted((r["plan"], r["variant"]) for r in rows) == [("fp32", "d"), ("fp32", "e")]  # never the superseded
     assert {trained_on(r) for r in rows} == {"AMD EPYC (AVX2)"}
     assert "Superseded by `fp32`" in report.read_text()
-    monkeypatch.setattr(machine, "cpu_description", lambda: {"model": "AMD EPYC", "bf16_units": True,
-                                                            "units": "AVX-512 BF16"})
+    bf16 = {"model": "AMD EPYC", "bf16_units": True, "units": "AVX-512 BF16"}
+    monkeypatch.setattr(machine, "cpu_description", lambda: bf16)
+    monkeypatch.setenv("FAKE_STUDY_CPU", json.dumps(bf16))
     assert plan_module.continue_study(plan, ledger, report, 2, tmp_path / "logs") == 0
-    assert sorted(r["plan"] for r in Ledger(ledger, "").rows()) == ["bf16", "bf16", "fp32", "fp32"]
+    rows = Ledger(ledger, "").rows()
+    assert sorted((r["plan"], trained_on(r)) for r in rows) == [
+        ("bf16", "AMD EPYC (AVX-512 BF16)"), ("bf16", "AMD EPYC (AVX-512 BF16)"),
+        ("fp32", "AMD EPYC (AVX2)"), ("fp32", "AMD EPYC (AVX2)")]
 
 
 def _elsewhere(ledger, plan, variant):
