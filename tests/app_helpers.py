@@ -133,9 +133,14 @@ return [...box.querySelectorAll('*')].filter(e => e !== shown && !e.contains(sho
 """
 
 
-def covering(driver, element_id: str, what: str = "img") -> list[str]:
-    """What inside #element_id is drawn over its picture (labels, buttons): nothing, on this page."""
-    return driver.execute_script(COVERING, element_id, what)
+def covering(driver, element_id: str, what: str = "img", settle: float = 10.0) -> list[str]:
+    """What inside #element_id stays drawn over its picture (labels, buttons): nothing, on this page.
+    Read again for up to ``settle`` seconds while something covers it: gradio's progress overlay (an empty
+    DIV) fades out after the picture is drawn, and a CI run once read it mid-fade."""
+    deadline = time.monotonic() + settle
+    while (found := driver.execute_script(COVERING, element_id, what)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def shot(driver, name: str) -> None:
