@@ -14,34 +14,24 @@ import time
 import torch
 
 from bench.results_io import write_result
-from provq.pipeline.presets import preset_models
-from tokenizer import ProVQTokenizer, reconstruction_loss
+from bench.tokenizer_step import build, train_step
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def build(layout):
-    torch.manual_seed(0)
-    model = ProVQTokenizer(preset_models("emoji32", num_classes=10)[0]).train().to(memory_format=layout)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-
 def step(state, images, bf16: bool) -> tuple[float, float]:
-    model, optimizer = state
+    """bench.tokenizer_step's training step at mid-ramp: its seconds and its loss."""
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = model(images, 0.5)
-        loss = reconstruction_loss(out.reconstruction, images) + out.quantizer.loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - start, loss.item()
+    loss = train_step(state, images, 0.5, bf16)
+    return time.perf_counter() - start, loss
 
 
 def compare(bf16: bool, steps: int, warmup: int) -> dict:
     images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     batches = {name: images.contiguous(memory_format=layout) for name, layout in LAYOUTS.items()}
-    states = {name: build(layout) for name, layout in LAYOUTS.items()}
+    states = {name: build("provq", False, 0) for name in LAYOUTS}
+    for name, layout in LAYOUTS.items():
+        states[name][0].to(memory_format=layout)  # in place: the optimizer keeps its parameters
     first_loss = {}
     for name in LAYOUTS:  # the first step runs the k-means init
         first_loss[name] = step(states[name], batches[name], bf16)[1]

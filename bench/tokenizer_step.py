@@ -51,7 +51,8 @@ def build(variant: str, gan: bool, disc_channels: int):
     return model, disc, opt, opt_d
 
 
-def train_step(state, images, hardness: float, bf16: bool) -> None:
+def train_step(state, images, hardness: float, bf16: bool) -> float:
+    """One step; its generator-side loss."""
     model, disc, opt, opt_d = state
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(images, hardness)
@@ -69,6 +70,7 @@ def train_step(state, images, hardness: float, bf16: bool) -> None:
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
+    return loss.item()
 
 
 def time_steps(args, bf16: bool) -> dict:

@@ -117,7 +117,6 @@ def test_the_frechet_bench_times_each_route_and_compares_it_with_the_exact_value
     assert {"seconds", "fid"} <= set(full["eigh"]) and result["cpu"]["model"]
 
 
-
 def test_the_channels_last_bench_times_one_function_in_both_layouts(tmp_path):
     import bench.channels_last as channels_last
 
@@ -127,6 +126,7 @@ def test_the_channels_last_bench_times_one_function_in_both_layouts(tmp_path):
     fp32 = result["results"]["fp32"]
     assert fp32["first_step_loss"]["channels_last"] == pytest.approx(fp32["first_step_loss"]["contiguous"], rel=1e-4)
     assert fp32["channels_last_speedup"] > 0 and result["cpu"]["model"]
+
 
 @pytest.mark.slow
 def test_the_command_start_bench_times_help_here_and_at_an_old_commit(tmp_path):
