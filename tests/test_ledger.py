@@ -488,6 +488,29 @@ def test_on_a_cpu_without_bf16_units_continue_runs_the_fp32_versions_and_leaves_
         ("fp32", "AMD EPYC (AVX2)"), ("fp32", "AMD EPYC (AVX2)")]
 
 
+def test_on_a_cpu_with_bf16_units_continue_runs_the_bf16_versions_before_the_fp32_ones(tmp_path, monkeypatch):
+    """Any machine can add to an fp32 version, only one with bf16 units (or a GPU) to a bf16 one."""
+    from provq.common import machine
+
+    monkeypatch.delenv("FAKE_STUDY_WAIT", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bf16 = {"model": "AMD EPYC", "bf16_units": True, "units": "AVX-512 BF16"}
+    monkeypatch.setattr(machine, "cpu_description", lambda: bf16)
+    monkeypatch.setenv("FAKE_STUDY_CPU", json.dumps(bf16))
+    plan, ledger = _fake_plan(tmp_path, {"fp32": ["d", "e"], "bf16": ["a", "b"]},
+                              config={"fp32": "configs/emoji32_fp32.yaml", "bf16": "emoji32"})
+    assert plan_module.next_version(plan_module.load_yaml(plan), []) == "bf16"
+    assert plan_module.continue_study(plan, ledger, tmp_path / "report.md", 2, tmp_path / "logs") == 0
+    assert [r["plan"] for r in Ledger(ledger, "").rows()][:2] == ["bf16", "bf16"]
+    assert sorted(r["variant"] for r in Ledger(ledger, "").rows()) == ["a", "b", "d", "e"]
+    # the committed plan: its fp32 version (FSQ and LFQ) after every bf16 one, whatever its place in the file
+    from training_helpers import REPO
+
+    order = [name for name, _ in plan_module.run_order(plan_module.load_yaml(REPO / "docs/results/study_plan.yaml"))]
+    assert order.index("study-1-fsq-lfq-fp32") > max(order.index(n) for n in ("study-1", "study-1-gen", "study-1-64"))
+    assert order.index("study-1-gen") > order.index("study-1")  # the plan's order within each group
+
+
 def _elsewhere(ledger, plan, variant):
     """A line of ``variant`` seed 0 as the fake study writes it, from another machine."""
     row = {"plan": plan, "variant": variant, "seed": 0, "cpu": "Elsewhere CPU", "cpu_units": "AMX", "device": "cpu",

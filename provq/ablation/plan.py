@@ -87,7 +87,7 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
     elif version.get("command"):
         command = version_command(version)
         lines += ["Command (continues where the ledger stops; `--shard 0/2` and `--shard 1/2` share two cores, one "
-                  "thread each; `make study-continue` runs both shards of every unfinished version in order):", "",
+                  "thread each; `make study-continue` runs both shards of every unfinished version, the bf16 ones first):", "",
                   "```", command, "```", ""]
     groups, said = pooled_groups(rows)
     rows = [r for r in rows if not r.get("recheck")]
@@ -333,10 +333,10 @@ def version_command(version: dict) -> str:
 
 
 def next_version(plan: dict, rows: list[dict], skip: Iterable[str] = ()) -> str | None:
-    """The first version, in the plan's order, with a command and runs still missing from the ledger;
-    neither one in ``skip`` nor one the plan says was superseded (``superseded_by``: replaced by a later
-    version before it ran to its end)."""
-    for name, version in plan["versions"].items():
+    """The first version with a command and runs still missing from the ledger, the versions in bf16
+    first (``run_order``); neither one in ``skip`` nor one the plan says was superseded (``superseded_by``:
+    replaced by a later version before it ran to its end)."""
+    for name, version in run_order(plan):
         done = sum(1 for r in rows if r["plan"] == name and not r.get("recheck"))
         if (version.get("command") and not version.get("superseded_by") and name not in skip
                 and done < planned_runs(version)):
@@ -364,15 +364,29 @@ def launch(argv: list[str], log: Path) -> subprocess.Popen:
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def recipe_precision(version: dict) -> str:
+    """The mixed precision a version's preset trains its tokenizers in ("no" without a preset)."""
+    from provq.common.presets import load_preset
+
+    preset = version.get("setting", {}).get("config")
+    return load_preset(preset)["tokenizer"]["train"].get("mixed_precision", "no") if preset else "no"
+
+
+def run_order(plan: dict) -> list[tuple[str, dict]]:
+    """The plan's versions in the order ``--continue`` takes them: those whose recipe is in bf16 first,
+    then the others, each group in the plan's order. Only a machine with bf16 units (AMX, AVX-512 BF16)
+    or a GPU can add to a bf16 version, any machine to an fp32 one: such a machine spends its time where
+    no other can (one without bf16 units refuses the bf16 versions and goes on to the rest)."""
+    versions = list(plan["versions"].items())
+    return sorted(versions, key=lambda item: item[1].get("command") is None or recipe_precision(item[1]) != "bf16")
+
+
 def precision_refusal(version: dict) -> str | None:
     """Why this machine cannot train a version's runs at its recipe's precision (None when it can): a
     preset in bf16 on a CPU that would emulate it (training.accelerator.resolve_precision refuses it)."""
-    from provq.common.presets import load_preset
     from provq.training.accelerator import emulated_bf16
 
-    preset = version.get("setting", {}).get("config")
-    precision = load_preset(preset)["tokenizer"]["train"].get("mixed_precision", "no") if preset else "no"
-    return emulated_bf16() if precision == "bf16" else None
+    return emulated_bf16() if recipe_precision(version) == "bf16" else None
 
 
 def last_line(log: Path) -> str:
@@ -420,7 +434,8 @@ def run_processes(argvs: list[list[str]], logs: list[Path]) -> tuple[list[int], 
 
 
 def continue_study(plan_path: Path, ledger_path: Path, out: Path, shards: int, logs: Path) -> int:
-    """Run the next unfinished version's command as ``shards`` one-thread processes, wait for them, write
+    """Run the next unfinished version's command (``run_order``: the bf16 versions first) as ``shards``
+    one-thread processes, wait for them, write
     the report, and go on to the next version until the plan is done or a shard stops (a signal: the
     shards stop after a step, keeping their checkpoints; run this again to continue).
 
@@ -490,7 +505,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--ledger", default="docs/results/ledger.jsonl")
     parser.add_argument("--out", default="docs/results/study_ledger_report.md")
     parser.add_argument("--continue", dest="continue_", action="store_true",
-                        help="run the next unfinished version's command (the plan's order), shard by shard, until "
+                        help="run the next unfinished version's command (bf16 versions first, then the plan's order), shard by "
+                             "shard, until "
                              "the plan is done; the report is written after each version and at every stop")
     parser.add_argument("--shards", type=int, default=2, help="with --continue: one-thread processes (default 2)")
     parser.add_argument("--logs", default="runs/study_logs", help="with --continue: the shards' logs")
