@@ -257,6 +257,33 @@ def test_two_cpus_pool_only_when_a_check_run_matches_its_original():
     assert len(groups) == 2 and "kept apart" in said[0]
 
 
+def test_a_tokenizer_another_version_trained_again_is_compared_with_its_first_line(tmp_path):
+    """study-1-gen retrains study-1's tokenizers where their folders are gone: the report says whether
+    each retrained line gives its first line's metrics (seed s the same run in another invocation)."""
+    first = [{**r, "recipe": "r1", "commit": "old"} for r in _rows("AMD EPYC", [0, 1])]
+    again = [{**r, "plan": "gen", "commit": "new"} for r in first]
+    again[3]["metrics"] = {**again[3]["metrics"], "rfid": 80.0 - 1 + 0.5}  # b seed 1: another rFID
+    generation = {**again[0], "prior_steps": 400, "num_samples": 500, "metrics": {"fid": 90.0}}
+    elsewhere = {**first[0], "plan": "gen", "seed": 0, "cpu": "Intel Xeon"}  # another machine: not compared
+    rows = first + again + [generation, elsewhere]
+    assert plan_module.retrained("s1", rows) == []  # the first lines are no retraining
+    said = plan_module.retrained("gen", rows)
+    assert said[0].startswith("4 of its tokenizers were trained again as `s1` trained them")
+    assert "commits new against old" in said[0]
+    assert "1 differ beyond 1e-4 relative: b seed 1 (`s1` rFID 79, here 79.5)" in said[0]
+    again[3]["metrics"]["rfid"] = 79.0 + 79.0 * 5e-5  # within 1e-4 relative
+    said = plan_module.retrained("gen", first + again)
+    assert "all 4 give the same PSNR, rFID and usage within 1e-4 relative (largest relative difference 5e-05)" in (
+        said[0])
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("versions:\n  s1: {variants: [a, b], setting: {seeds: 2}}\n"
+                    "  gen: {variants: [a, b], setting: {seeds: 2}}\n")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in first + again))
+    text = plan_module.write_plan_report(plan, ledger, tmp_path / "report.md").read_text()
+    assert text.count("trained again as `s1`") == 1 and text.index("trained again") > text.index("`gen`")
+
+
 def test_one_cpu_model_with_and_without_bf16_units_and_a_gpu_are_three_groups():
     rows = _rows("AMD EPYC", range(2))
     wide = [{**r, "cpu_units": "AVX-512 BF16"} for r in rows]

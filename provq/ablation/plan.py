@@ -74,9 +74,10 @@ def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def version_section(name: str, version: dict, rows: list[dict], margins: dict, folder: Path,
-                    family: int = 0) -> list[str]:
+                    family: int = 0, everything: list[dict] = ()) -> list[str]:
     """One plan version's section; ``family``: the size of the plan's largest primary family, for the
-    seed counts a pilot implies at its Holm-adjusted alpha."""
+    seed counts a pilot implies at its Holm-adjusted alpha; ``everything``: the whole ledger, for the
+    tokenizers this version trained again (``retrained``)."""
     setting, variants = version.get("setting", {}), version.get("variants", [])
     metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
     # runs_per_seed: 2 where each variant x seed is a tokenizer line and a generation line
@@ -101,6 +102,7 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
               f"Setting: {', '.join(f'{k} {v}' for k, v in setting.items())}.", ""]
     if not rows:
         return lines + ["No run of this version is in the ledger yet.", ""]
+    said = said + retrained(name, list(everything))
     lines += [f"- {line}" for line in said] + ([""] if said else [])
     if len(groups) > 1:
         lines += [f"Runs from {len(groups)} groups of CPU models, kept apart (no check run matched across them: "
@@ -166,6 +168,45 @@ def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
     for row in runs:
         groups[" + ".join(sorted(members[root(trained_on(row))]))].append(row)
     return dict(sorted(groups.items())), said
+
+
+# A tokenizer run is the same experiment in two plan versions when these fields and the machine agree.
+SAME_RUN = ("variant", "seed", "steps", "codebook_size", "resolution", "dataset", "config", "compile", "recipe")
+
+
+def retrained(name: str, everything: list[dict]) -> list[str]:
+    """Where version ``name`` trained a tokenizer that another version's line earlier in the ledger
+    holds (the same SAME_RUN fields, on the same machine: study-1-gen retrains study-1's tokenizers where
+    their folders are gone), whether the two lines agree on CHECKED within CHECK_TOLERANCE: seed s
+    meaning the same run across invocations, processes and commits. One sentence, or none."""
+    earlier, pairs = {}, []
+    for row in everything:
+        if row.get("recheck") or row.get("prior_steps") is not None or not row.get("recipe"):
+            continue  # check lines, generation lines, and lines from before the recipe was recorded
+        key = (*(row.get(k) for k in SAME_RUN), trained_on(row))
+        if row["plan"] != name:
+            earlier.setdefault(key, row)
+        elif key in earlier:
+            pairs.append((earlier[key], row))
+    if not pairs:
+        return []
+    worst, differ = 0.0, []
+    for before, again in pairs:
+        gaps = [abs(before["metrics"][k] - again["metrics"][k]) / max(1.0, abs(before["metrics"][k]))
+                for k in CHECKED if before["metrics"].get(k) is not None and again["metrics"].get(k) is not None]
+        worst = max([worst, *gaps])
+        if not gaps or max(gaps) > CHECK_TOLERANCE:
+            differ.append(f"{again['variant']} seed {again['seed']} (`{before['plan']}` rFID "
+                          f"{before['metrics'].get('rfid', float('nan')):.6g}, here "
+                          f"{again['metrics'].get('rfid', float('nan')):.6g})")
+    versions = ", ".join(f"`{v}`" for v in sorted({b["plan"] for b, _ in pairs}))
+    head = (f"{len(pairs)} of its tokenizers were trained again as {versions} trained them (the same variant, "
+            f"seed, steps, recipe and machine; commits {', '.join(sorted({str(a.get('commit')) for _, a in pairs}))} "
+            f"against {', '.join(sorted({str(b.get('commit')) for b, _ in pairs}))}): ")
+    if not differ:
+        return [head + f"all {len(pairs)} give the same PSNR, rFID and usage within 1e-4 relative (largest relative "
+                       f"difference {worst:.2g}): a seed is the same run across invocations and commits."]
+    return [head + f"{len(differ)} differ beyond 1e-4 relative: {'; '.join(differ)}."]
 
 
 def variant_table(variants: list[str], runs: dict, metrics: list[str]) -> list[str]:
@@ -310,7 +351,7 @@ def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
     family = max((len(v.get("primary") or []) for v in plan["versions"].values()), default=0)
     for name, version in plan["versions"].items():
         lines += version_section(name, version, [r for r in rows if r["plan"] == name], plan.get("margins", {}),
-                                 out.parent, family)
+                                 out.parent, family, rows)
     others = sorted({r["plan"] for r in rows} - set(plan["versions"]))
     if others:
         lines += [f"Runs of no planned version (exploratory, not reported): {', '.join(others)}.", ""]
