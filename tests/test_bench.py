@@ -78,6 +78,26 @@ def test_the_test_suite_bench_reads_pytests_last_line():
     assert summary_line("")["pytest_s"] is None
 
 
+def test_the_test_suite_bench_keeps_the_slowest_tests_and_runs_this_tree_alone_without_before(tmp_path, monkeypatch):
+    import bench.test_suite as suite
+
+    output = ("=== slowest 15 durations ===\n"  # as the fresh-clone CI run printed them
+              "110.28s call     tests/test_recipe.py::test_the_imagenet256_recipe_runs_at_its_real_shapes\n"
+              "22.25s call     tests/test_scripts.py::test_each_lookup_free_family[lfq-fields1-32]\n"
+              "3.10s setup    tests/test_app.py::test_x\n512 passed, 77 warnings in 417.16s (0:06:57)\n")
+    assert suite.slowest(output) == [
+        {"seconds": 110.28, "phase": "call", "test": "tests/test_recipe.py::test_the_imagenet256_recipe_runs_at_its_real_shapes"},
+        {"seconds": 22.25, "phase": "call", "test": "tests/test_scripts.py::test_each_lookup_free_family[lfq-fields1-32]"},
+        {"seconds": 3.10, "phase": "setup", "test": "tests/test_app.py::test_x"}]
+    ran = []
+    monkeypatch.setattr(suite, "run", lambda command, cwd: ran.append((command, cwd)) or {"pytest_s": 1.0})
+    result = suite.main(["--subsets", "fast,full", "--out", str(tmp_path / "now.json")])
+    assert [cwd for _, cwd in ran] == [suite.REPO, suite.REPO]  # no scratch worktree: this tree only
+    assert all("-n " in c and "--durations=15" in c for c, _ in ran) and '-m "not slow"' in ran[0][0]
+    assert set(result["results"]) == {"after_fast", "after_full"} and result["before"] is None
+    assert json.loads((tmp_path / "now.json").read_text())["cpu"]["model"]
+
+
 QUICK_TEST = "tests/test_house_style.py::test_libraries_do_not_import_each_other"
 
 
