@@ -40,6 +40,32 @@ def test_a_run_is_found_by_its_key_and_its_plan(tmp_path):
     assert len(ledger.rows()) == 1
 
 
+def test_a_commit_is_dirty_for_changed_code_and_not_for_the_studys_own_ledger_and_report(tmp_path):
+    from provq.ablation.ledger import commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    files = {"code.py": "x = 1\n", "docs/results/ledger.jsonl": "", "docs/results/study_ledger_report.md": "# r\n",
+             "docs/results/study_plan.yaml": "versions: {}\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = commit(tmp_path)
+    assert clean and "+" not in clean
+    (tmp_path / "docs/results/ledger.jsonl").write_text('{"plan": "p"}\n')  # the study appends as it goes
+    (tmp_path / "docs/results/study_ledger_report.md").write_text("# r2\n")
+    assert commit(tmp_path) == clean
+    (tmp_path / "docs/results/study_plan.yaml").write_text("versions: {a: {}}\n")  # not an output: dirty
+    assert commit(tmp_path) == clean + "+dirty"
+    git("checkout", "docs/results/study_plan.yaml")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert commit(tmp_path) == clean + "+dirty"
+
+
 def test_a_torn_line_is_named(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text(json.dumps({"plan": "p", **KEY}) + "\n{\"plan\": \"p\", \"vari")

@@ -30,13 +30,21 @@ KEY = ("plan", "variant", "seed", "steps", "codebook_size", "resolution", "datas
        "prior_steps", "num_samples", "recheck")
 
 
-def commit() -> str | None:
-    """The repository's commit, with ``+dirty`` when tracked files differ from it; None outside a clone."""
-    root = Path(__file__).resolve().parents[2]
+# What a study writes as it goes (the ledger, the report and its pictures): changed, they do not make
+# the code that trains a run differ from its commit.
+STUDY_OUTPUTS = ("docs/results/ledger.jsonl", "docs/results/study_ledger_*")
+
+
+def commit(root: Path | None = None) -> str | None:
+    """The commit of the clone at ``root`` (this code's by default), with ``+dirty`` when tracked files
+    other than STUDY_OUTPUTS differ from it (a study's second version starts after its first has appended
+    to the ledger); None outside a clone."""
+    root = root or Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude,glob){path}" for path in STUDY_OUTPUTS)],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
