@@ -249,6 +249,29 @@ def test_generation_runs_are_ledger_lines_of_their_own_shared_out_like_the_token
     assert runs["vq+kmeans+l2"][1]["metrics"] == {"psnr": 21.0, "fid": 51.0}
 
 
+def test_a_generation_version_reports_its_tokenizer_lines_before_any_gfid_is_in(tmp_path):
+    """study-1-gen's shards train every tokenizer before any prior: the report must read a ledger where
+    the seeds have their tokenizer line and no generation line yet (it raised on the missing gFID)."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("versions:\n  gen:\n    runs_per_seed: 2\n    variants: [a, b]\n    setting: {seeds: 2}\n"
+                    "    primary: [[a, b, fid], [a, b, bits_per_code]]\n    comparisons: [[a, b]]\n"
+                    "    metrics: [fid, bits_per_code, rfid, psnr]\n"
+                    "margins: {psnr: 0.2, rfid_relative: 0.05, fid_relative: 0.05, bits_per_code_relative: 0.02}\n")
+    rows = [{**r, "plan": "gen"} for r in _rows("AMD EPYC", [0, 1])]
+    generation = {**rows[0], "prior_steps": 400, "num_samples": 500, "metrics": {"fid": 90.0, "bits_per_code": 8.0}}
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = plan_module.write_plan_report(plan, ledger, tmp_path / "report.md").read_text()
+    assert "Runs: 4 of 8 planned (4 remaining)" in text
+    assert text.count("interim (undecided at n = 0)") == 2
+    assert "| a - b | rFID | 2 | +0 |" in text and "| a - b | PSNR (dB) | 2 | +1 |" in text  # _rows' metrics
+    assert text.count("| a - b | gFID |") == 1  # its verdict row; no pair measured yet: no comparison row
+    with open(ledger, "a") as f:
+        f.write(json.dumps(generation) + "\n")  # a's seed 0 has its gFID, b's none yet: still no pair
+    text = plan_module.write_plan_report(plan, ledger, tmp_path / "report.md").read_text()
+    assert "| a | 2 | 90 | 8 | " in text and text.count("interim (undecided at n = 0)") == 2
+
+
 def test_a_version_short_of_its_planned_runs_labels_its_verdicts_interim(tmp_path):
     plan, ledger = _plan_and_ledger(tmp_path, "s1", seeds=4, primary="[[a, b, psnr]]")
     for seed in range(3):  # 6 of 8 runs

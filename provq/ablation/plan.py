@@ -57,9 +57,11 @@ def margin_of(margins: dict, metric: str, baseline_mean: float) -> float | None:
 
 
 def paired(runs: dict, a: str, b: str, metric: str) -> tuple[list, list]:
-    """``metric`` of variants ``a`` and ``b`` over the seeds both ran, in seed order."""
-    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
-    return ([runs[a][s]["metrics"].get(metric) for s in seeds], [runs[b][s]["metrics"].get(metric) for s in seeds])
+    """``metric`` of variants ``a`` and ``b`` over the seeds where both runs have it, in seed order (a
+    generation version's seed has its tokenizer line before its generation line adds gFID)."""
+    seeds = sorted(s for s in set(runs.get(a, {})) & set(runs.get(b, {}))
+                   if runs[a][s]["metrics"].get(metric) is not None and runs[b][s]["metrics"].get(metric) is not None)
+    return ([runs[a][s]["metrics"][metric] for s in seeds], [runs[b][s]["metrics"][metric] for s in seeds])
 
 
 def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
@@ -272,13 +274,15 @@ def verdict_table(primary: list, runs: dict, margins: dict, complete: bool = Tru
 def comparison_table(comparisons: list, runs: dict, metrics: list[str], margins: dict) -> list[str]:
     table, waiting = [], []
     for a, b in comparisons:
-        if not paired(runs, a, b, metrics[0])[0]:
+        if not any(paired(runs, a, b, metric)[0] for metric in metrics):
             waiting.append(f"`{a} - {b}`")
             continue
         for metric in metrics:
             x, y = paired(runs, a, b, metric)
+            if not x:  # not measured yet (gFID before the seed's generation line)
+                continue
             diff, sd = paired_difference(x, y), paired_sd(x, y)
-            margin = margin_of(margins, metric, statistics.fmean(v for v in y if v is not None))
+            margin = margin_of(margins, metric, statistics.fmean(y))
             need = seeds_for_equivalence(sd, margin) if sd and margin else None
             table.append({
                 "comparison": f"{a} - {b}", "metric": LABEL.get(metric, metric), "seeds": diff.seeds,
