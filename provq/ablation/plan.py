@@ -75,11 +75,12 @@ def by_variant(rows: list[dict]) -> dict[str, dict[int, dict]]:
     return found
 
 
-def version_section(name: str, version: dict, rows: list[dict], margins: dict, folder: Path,
-                    family: int = 0, everything: list[dict] = ()) -> list[str]:
-    """One plan version's section; ``family``: the size of the plan's largest primary family, for the
-    seed counts a pilot implies at its Holm-adjusted alpha; ``everything``: the whole ledger, for the
-    tokenizers this version trained again (``retrained``)."""
+def version_section(name: str, version: dict, everything: list[dict], margins: dict, folder: Path,
+                    family: int = 0) -> list[str]:
+    """One plan version's section, from the whole ledger ``everything`` (its own lines, and the others for
+    the tokenizers it trained again: ``retrained``); ``family``: the size of the plan's largest primary
+    family, for the seed counts a pilot implies at its Holm-adjusted alpha."""
+    rows = [r for r in everything if r["plan"] == name]
     setting, variants = version.get("setting", {}), version.get("variants", [])
     metrics = version.get("metrics", ["psnr", "rfid", "codebook_usage"])
     # runs_per_seed: 2 where each variant x seed is a tokenizer line and a generation line
@@ -104,7 +105,7 @@ def version_section(name: str, version: dict, rows: list[dict], margins: dict, f
               f"Setting: {', '.join(f'{k} {v}' for k, v in setting.items())}.", ""]
     if not rows:
         return lines + ["No run of this version is in the ledger yet.", ""]
-    said = said + retrained(name, list(everything))
+    said = said + retrained(name, everything)
     lines += [f"- {line}" for line in said] + ([""] if said else [])
     if len(groups) > 1:
         lines += [f"Runs from {len(groups)} groups of CPU models, kept apart (no check run matched across them: "
@@ -354,8 +355,7 @@ def write_plan_report(plan_path: Path, ledger_path: Path, out: Path) -> Path:
              f"`{ledger_path.as_posix()}` ({len(rows)} runs); do not edit by hand.", ""]
     family = max((len(v.get("primary") or []) for v in plan["versions"].values()), default=0)
     for name, version in plan["versions"].items():
-        lines += version_section(name, version, [r for r in rows if r["plan"] == name], plan.get("margins", {}),
-                                 out.parent, family, rows)
+        lines += version_section(name, version, rows, plan.get("margins", {}), out.parent, family)
     others = sorted({r["plan"] for r in rows} - set(plan["versions"]))
     if others:
         lines += [f"Runs of no planned version (exploratory, not reported): {', '.join(others)}.", ""]
