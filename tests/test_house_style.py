@@ -18,7 +18,7 @@ BASE = ("provq/common",)  # imports no room of the project
 
 
 def project_files() -> list[Path]:
-    skip = {".venv", "tests", "runs", ".git"}
+    skip = {".venv", "tests", "runs", ".git", "build"}  # build/: setuptools' copies of the code, not the code
     return sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts))
 
 

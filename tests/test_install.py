@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,6 +33,18 @@ print("api ok", provq.__file__, provq.DEFAULT_CFG_SCALE)
 """
 
 
+def tracked_copy(dest: Path) -> Path:
+    """The clone's tracked files as the working tree has them, copied to ``dest``: the wheel is built
+    from what a clone holds, and setuptools' in-tree build/ folder (stale files of an earlier build would
+    go into the wheel) is made in the copy, not in the clone."""
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True, check=True)
+    for name in filter(None, listed.stdout.split("\0")):
+        if (REPO / name).is_file():  # a tracked file deleted in the working tree is not copied
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """A venv with the wheel (no dependencies: those come from this environment's site-packages,
@@ -39,7 +52,7 @@ def installed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("install")
     # setuptools at hand: no isolated build environment to download (pip makes one otherwise)
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", *isolation,
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(tracked_copy(root / "src")), "--no-deps", *isolation,
                     "-w", str(root / "dist"), "-q"], check=True, cwd=root)
     wheel = next((root / "dist").glob("provq-*.whl"))
     env_dir = root / "venv"
