@@ -76,10 +76,10 @@ def main(argv=None) -> dict:
     before_runner = SERIAL if args.before_runner == "serial" else XDIST
     cores = len(os.sched_getaffinity(0))
     fill = {"cores": cores, "python": sys.executable}
-    results = {}
+    after, results = XDIST.format(**fill) + SLOWEST, {}
     if args.before is None:
         for subset, selection in subsets.items():
-            results[f"after_{subset}"] = run(f"{XDIST.format(**fill)}{SLOWEST} {selection} {args.paths}", REPO)
+            results[f"after_{subset}"] = run(f"{after} {selection} {args.paths}", REPO)
         return write_result({"benchmark": "test_suite", "before": None, "paths": args.paths, "cores": cores,
                              "results": results}, args.out)
     with tempfile.TemporaryDirectory(prefix="provq-before-", dir=args.scratch) as scratch:
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         try:
             for subset, selection in subsets.items():
                 results[f"before_{subset}"] = run(f"{before_runner.format(**fill)} {selection} {args.paths}", before)
-                results[f"after_{subset}"] = run(f"{XDIST.format(**fill)}{SLOWEST} {selection} {args.paths}", REPO)
+                results[f"after_{subset}"] = run(f"{after} {selection} {args.paths}", REPO)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
     speedup = {subset: round(results[f"before_{subset}"]["pytest_s"] / results[f"after_{subset}"]["pytest_s"], 2)

@@ -48,6 +48,11 @@ HIGHER = {key: higher for key, _, higher in METRICS + GENERATION_METRICS}
 LABEL = {key: label for key, label, _ in METRICS + GENERATION_METRICS}
 
 
+def relative_gap(a: float, b: float) -> float:
+    """|a - b| relative to a (absolute below 1): what CHECK_TOLERANCE bounds for two runs to be the same."""
+    return abs(a - b) / max(1.0, abs(a))
+
+
 def margin_of(margins: dict, metric: str, baseline_mean: float) -> float | None:
     if metric in margins:
         return float(margins[metric])
@@ -156,8 +161,7 @@ def pooled_groups(rows: list[dict]) -> tuple[dict[str, list[dict]], list[str]]:
             said.append(f"check of {name} on {trained_on(check)}: its original is not in the ledger")
             continue
         pairs = [(original["metrics"].get(k), check["metrics"].get(k)) for k in CHECKED]
-        same = all(a is not None and b is not None and abs(a - b) <= CHECK_TOLERANCE * max(1.0, abs(a))
-                   for a, b in pairs)
+        same = all(a is not None and b is not None and relative_gap(a, b) <= CHECK_TOLERANCE for a, b in pairs)
         shown = ", ".join(f"{LABEL[k]} {a:.6g} / {b:.6g}" for k, (a, b) in zip(CHECKED, pairs, strict=True)
                           if a is not None and b is not None)
         if same:
@@ -195,7 +199,7 @@ def retrained(name: str, everything: list[dict]) -> list[str]:
         return []
     worst, differ = 0.0, []
     for before, again in pairs:
-        gaps = [abs(before["metrics"][k] - again["metrics"][k]) / max(1.0, abs(before["metrics"][k]))
+        gaps = [relative_gap(before["metrics"][k], again["metrics"][k])
                 for k in CHECKED if before["metrics"].get(k) is not None and again["metrics"].get(k) is not None]
         worst = max([worst, *gaps])
         if not gaps or max(gaps) > CHECK_TOLERANCE:
@@ -309,9 +313,8 @@ def pooled_table(comparisons: list, runs: dict, metrics: list[str], margins: dic
     for metric in metrics:
         pairs = [paired(runs, a, b, metric) for a, b in comparisons]
         pairs = [(x, y) for x, y in pairs if len(x) > 1]
-        sd, df = pooled_sd([[p - q for p, q in zip(x, y, strict=True) if p is not None and q is not None]
-                            for x, y in pairs])
-        baselines = [v for _, y in pairs for v in y if v is not None]
+        sd, df = pooled_sd([[p - q for p, q in zip(x, y, strict=True)] for x, y in pairs])
+        baselines = [v for _, y in pairs for v in y]
         margin = margin_of(margins, metric, statistics.fmean(baselines)) if baselines else None
         if sd is None or margin is None:
             continue
